@@ -1,0 +1,147 @@
+"""Shared plumbing: the run directory, user-facing errors, atomic writes, logging, seeding.
+
+Every stage reads and writes through the run directory so that stages can be chained by
+paths alone (by Prefect or by hand) and a crash never leaves a half-written file where a
+later stage would read it: all writes go to a temporary file in the same directory and are
+renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+HOME_ENV = "MLXCHAT_HOME"
+
+
+class MlxchatError(RuntimeError):
+    """An error caused by the user's input or environment.
+
+    Its message is one line that names the file or value at fault and what to do; the CLI
+    prints it without a traceback.
+    """
+
+
+def home(override: str | os.PathLike | None = None) -> Path:
+    """The run-directory root: `override`, else `$MLXCHAT_HOME`, else `./artifacts`."""
+    root = override or os.environ.get(HOME_ENV) or "artifacts"
+    return Path(root).expanduser().resolve()
+
+
+def run_dir(run: str, root: str | os.PathLike | None = None, must_exist: bool = False) -> Path:
+    """`<home>/runs/<run>`; with `must_exist`, a missing run is a user error."""
+    if not run or "/" in run or run.startswith("."):
+        raise MlxchatError(f"invalid run name {run!r}: use letters, digits, '-' or '_'")
+    path = home(root) / "runs" / run
+    if must_exist and not path.is_dir():
+        raise MlxchatError(
+            f"unknown run {run!r} (no directory {path}); train its tokenizer first: "
+            f"mlxchat tokenizer train --run {run}"
+        )
+    return path
+
+
+def data_dir(source: str, root: str | os.PathLike | None = None) -> Path:
+    """`<home>/data/<source>`: the shared shard cache of one text source."""
+    return home(root) / "data" / source
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Read JSON, turning a missing or corrupt file into a one-line user error."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MlxchatError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MlxchatError(f"{what} {path} is corrupt ({e}); delete it and rerun the stage that writes it") from None
+
+
+def fingerprint_files(paths: list[Path]) -> str:
+    """A content hash of files (names and bytes), used as a stage output's identity."""
+    h = hashlib.sha256()
+    for p in sorted(Path(p) for p in paths):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and MLX so initialisation and sampling are reproducible."""
+    import mlx.core as mx
+
+    random.seed(seed)
+    np.random.seed(seed)
+    mx.random.seed(seed)
+
+
+def default_dtype() -> str:
+    """bfloat16 on GPUs (Metal, CUDA), float32 on CPU, as nanochat does per device."""
+    import mlx.core as mx
+
+    return "bfloat16" if mx.default_device() == mx.gpu else "float32"
+
+
+def device_name() -> str:
+    import mlx.core as mx
+
+    if mx.default_device() == mx.gpu:
+        try:
+            return mx.device_info().get("device_name", "gpu")
+        except Exception:
+            return "gpu"
+    return "cpu"
+
+
+def get_logger(name: str = "mlxchat") -> logging.Logger:
+    """A plain stderr logger; Prefect tasks attach their own handler to the same name."""
+    logger = logging.getLogger(name)
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return logger

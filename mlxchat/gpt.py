@@ -1,0 +1,234 @@
+"""nanochat's GPT (Oct 2025) in MLX.
+
+Notable features, as nanochat:
+- rotary embeddings (no positional embeddings), QK norm, untied wte / lm_head
+- relu^2 MLP, parameter-free RMSNorm (also right after the token embedding), no biases
+- logits softcap 15·tanh(x/15), GQA through n_kv_head
+
+Parameter names follow nanochat (`transformer.wte.weight`, `transformer.h.{i}.attn.c_q.weight`,
+`lm_head.weight`, ...) so checkpoints map 1:1 onto nanochat's and mlx-lm's `nanochat` model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxchat.common import MlxchatError
+
+SOFTCAP = 15.0
+ROPE_BASE = 10000.0
+# mlx-lm's nanochat model uses eps 1e-5; matching it makes a published model's logits agree.
+NORM_EPS = 1e-5
+# Rows of the (rows × vocab) fp32 logits materialised at once by the chunked loss (≈ 1 GiB at vocab 65536).
+LOSS_CHUNK_ELEMENTS = 1 << 28
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+
+    @classmethod
+    def from_depth(cls, depth: int, vocab_size: int = 65536, sequence_len: int = 2048) -> "GPTConfig":
+        """nanochat's single dial: dim = 64·depth, head_dim 128 (ceil-divided heads), no GQA."""
+        if depth < 1:
+            raise MlxchatError(f"--depth must be >= 1, got {depth}")
+        model_dim = depth * 64
+        n_head = max(1, (model_dim + 127) // 128)
+        return cls(sequence_len, vocab_size, depth, n_head, n_head, model_dim).validated()
+
+    def validated(self) -> "GPTConfig":
+        if self.n_embd % self.n_head:
+            raise MlxchatError(
+                f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: choose a head count that divides it"
+            )
+        if (self.n_embd // self.n_head) % 2:
+            raise MlxchatError(f"head dim {self.n_embd // self.n_head} must be even for rotary embeddings")
+        if self.n_kv_head > self.n_head or self.n_head % self.n_kv_head:
+            raise MlxchatError(f"n_kv_head {self.n_kv_head} must divide n_head {self.n_head}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def norm(x: mx.array) -> mx.array:
+    """Parameter-free RMSNorm."""
+    return mx.fast.rms_norm(x, None, NORM_EPS)
+
+
+class CastLinear(nn.Linear):
+    """A bias-free Linear that computes in its input's dtype.
+
+    Master weights stay fp32 (so the optimizer math is fp32) while matmuls run in the
+    activation dtype (bfloat16 on GPUs): MLX's equivalent of nanochat's torch autocast.
+    """
+
+    def __init__(self, in_dims: int, out_dims: int):
+        super().__init__(in_dims, out_dims, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x @ self.weight.astype(x.dtype).T
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.c_q = CastLinear(config.n_embd, config.n_head * self.head_dim)
+        self.c_k = CastLinear(config.n_embd, config.n_kv_head * self.head_dim)
+        self.c_v = CastLinear(config.n_embd, config.n_kv_head * self.head_dim)
+        self.c_proj = CastLinear(config.n_embd, config.n_embd)
+        half = self.head_dim // 2
+        # Negated frequencies turn mx.fast.rope's rotation into nanochat's (y1 = x1·cos + x2·sin).
+        self._freqs = -mx.exp(mx.arange(0.0, half, dtype=mx.float32) * (math.log(ROPE_BASE) / half))
+
+    def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
+        B, T, _ = x.shape
+        q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim).transpose(0, 2, 1, 3)
+        offset = 0 if cache is None else cache.offset
+        rope = dict(dims=self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+        q, k = norm(mx.fast.rope(q, **rope)), norm(mx.fast.rope(k, **rope))  # rotary, then QK norm
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        # "causal" is aligned bottom-right, so a prefill chunk also sees the cached prefix.
+        mask = "causal" if T > 1 else None
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        return self.c_proj(y.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = CastLinear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = CastLinear(4 * config.n_embd, config.n_embd)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.c_proj(mx.square(nn.relu(self.c_fc(x))))  # relu^2
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.attn = CausalSelfAttention(config)
+        self.mlp = MLP(config)
+
+    def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
+        x = x + self.attn(norm(x), cache)
+        return x + self.mlp(norm(x))
+
+
+class Transformer(nn.Module):
+    """Holds `wte` and `h` so parameter paths read `transformer.wte…`, `transformer.h.{i}…`."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.h = [Block(config) for _ in range(config.n_layer)]
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, compute_dtype: mx.Dtype = mx.float32):
+        super().__init__()
+        self.config = config.validated()
+        self.compute_dtype = compute_dtype
+        self.transformer = Transformer(config)
+        self.lm_head = CastLinear(config.n_embd, config.vocab_size)  # untied from wte
+
+    def init_weights(self, seed: int = 0) -> None:
+        """nanochat's init: N(0, 1/√fan_in·min(1, √(fan_out/fan_in))) linears, N(0,1) embedding,
+        zero lm_head and zero c_proj (every block starts as the identity)."""
+        key = mx.random.key(seed)
+        new = {}
+        for i, (name, p) in enumerate(sorted(nn.utils.tree_flatten(self.parameters()))):
+            k = mx.random.fold_in(key, i) if hasattr(mx.random, "fold_in") else mx.random.split(key, i + 1)[i]
+            if name == "lm_head.weight" or name.endswith("c_proj.weight"):
+                new[name] = mx.zeros(p.shape, mx.float32)
+            elif name == "transformer.wte.weight":
+                new[name] = mx.random.normal(p.shape, key=k)
+            else:
+                fan_out, fan_in = p.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                new[name] = mx.random.normal(p.shape, scale=std, key=k)
+        self.update(nn.utils.tree_unflatten(list(new.items())))
+        mx.eval(self.parameters())
+
+    def num_params(self) -> int:
+        return sum(p.size for _, p in nn.utils.tree_flatten(self.parameters()))
+
+    def estimate_flops(self) -> int:
+        """FLOPs per token (PaLM appendix B), as nanochat: 6·(non-embedding params) + attention."""
+        c = self.config
+        nparams_embedding = self.transformer.wte.weight.size
+        return 6 * (self.num_params() - nparams_embedding) + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
+    def hidden(self, idx: mx.array, cache: list | None = None) -> mx.array:
+        """The trunk: final normalised hidden states (B, T, C) in the compute dtype."""
+        x = norm(self.transformer.wte(idx).astype(self.compute_dtype))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if cache is None else cache[i])
+        return norm(x)
+
+    def logits(self, h: mx.array) -> mx.array:
+        """lm_head + softcap, in fp32."""
+        return softcapped_logits(self.lm_head, h)
+
+    def __call__(
+        self, idx: mx.array, targets: mx.array | None = None, cache: list | None = None, reduction: str = "mean"
+    ) -> mx.array:
+        """Logits (B, T, V) without targets; with targets the loss (targets < 0 are ignored):
+        'mean' over valid tokens, or 'none' for per-token losses (B, T)."""
+        h = self.hidden(idx, cache)
+        if targets is None:
+            return self.logits(h)
+        per_token = chunked_cross_entropy(self, h, targets)
+        if reduction == "none":
+            return per_token
+        valid = (targets >= 0).sum()
+        return per_token.sum() / mx.maximum(valid, 1)
+
+
+def chunked_cross_entropy(model: "GPT", h: mx.array, targets: mx.array) -> mx.array:
+    """Per-token losses (B, T), computing lm_head → softcap → cross-entropy a block of rows at a
+    time so the full (B·T × vocab) fp32 logits never exist: at B32×2048×65536 they have more
+    than 2^32 elements (MLX crashes) and dominate memory. Each chunk is checkpointed, so the
+    backward pass recomputes its logits instead of keeping them alive."""
+    B, T, C = h.shape
+    rows = B * T
+    h2, t2 = h.reshape(rows, C), targets.reshape(rows)
+    chunk = max(1, min(rows, LOSS_CHUNK_ELEMENTS // model.config.vocab_size))
+    head = model.lm_head
+    if chunk >= rows:
+        return _token_losses(head, h2, t2).reshape(B, T)
+    chunk_fn = nn.utils.checkpoint(head, lambda hh, tt: _token_losses(head, hh, tt))
+    parts = [chunk_fn(h2[s : s + chunk], t2[s : s + chunk]) for s in range(0, rows, chunk)]
+    return mx.concatenate(parts).reshape(B, T)
+
+
+def softcapped_logits(head: nn.Module, h: mx.array) -> mx.array:
+    logits = head(h).astype(mx.float32)
+    return SOFTCAP * mx.tanh(logits / SOFTCAP)
+
+
+def _token_losses(head: nn.Module, h: mx.array, targets: mx.array) -> mx.array:
+    logits = softcapped_logits(head, h)
+    targets = mx.stop_gradient(targets)
+    valid = targets >= 0
+    safe = mx.where(valid, targets, 0)
+    picked = mx.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]
+    return mx.where(valid, mx.logsumexp(logits, axis=-1) - picked, 0.0)

@@ -1,0 +1,142 @@
+"""The model matches nanochat: names, sizes, init, attention, RoPE, chunked loss."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlxchat import gpt
+from mlxchat.common import MlxchatError
+from mlxchat.gpt import GPT, GPTConfig
+
+TINY = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+
+
+@pytest.mark.parametrize("depth,expected", [(12, 185_597_952), (20, 560_988_160)])
+def test_parameter_count_equals_nanochat(depth, expected):
+    assert GPT(GPTConfig.from_depth(depth)).num_params() == expected
+
+
+def test_parameter_names_follow_nanochat():
+    names = {k for k, _ in tree_flatten(GPT(GPTConfig.from_depth(2, vocab_size=512)).parameters())}
+    expected = {"transformer.wte.weight", "lm_head.weight"}
+    for i in range(2):
+        expected |= {f"transformer.h.{i}.attn.{n}.weight" for n in ("c_q", "c_k", "c_v", "c_proj")}
+        expected |= {f"transformer.h.{i}.mlp.{n}.weight" for n in ("c_fc", "c_proj")}
+    assert names == expected
+
+
+def test_from_depth_derives_nanochat_shapes():
+    c = GPTConfig.from_depth(20)
+    assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.vocab_size, c.sequence_len) == (
+        20, 1280, 10, 10, 128, 65536, 2048)
+
+
+def test_impossible_config_is_a_one_line_error():
+    with pytest.raises(MlxchatError, match="not divisible"):
+        GPT(GPTConfig(n_embd=100, n_head=3, n_kv_head=3))
+    with pytest.raises(MlxchatError, match="must divide"):
+        GPT(GPTConfig(n_embd=64, n_head=4, n_kv_head=3))
+
+
+def test_init_zeroes_projections_and_scales_linears():
+    m = GPT(GPTConfig.from_depth(2, vocab_size=512))
+    m.init_weights(seed=0)
+    params = dict(tree_flatten(m.parameters()))
+    assert not params["lm_head.weight"].any().item()
+    assert not params["transformer.h.0.attn.c_proj.weight"].any().item()
+    assert not params["transformer.h.1.mlp.c_proj.weight"].any().item()
+    assert abs(np.std(np.array(params["transformer.wte.weight"])) - 1.0) < 0.02
+    fc = np.array(params["transformer.h.0.mlp.c_fc.weight"])  # fan_out 512 > fan_in 128: std 1/sqrt(128)
+    assert abs(fc.std() - 1 / math.sqrt(128)) < 0.005
+    proj_in = np.array(params["transformer.h.0.attn.c_q.weight"])
+    assert abs(proj_in.std() - 1 / math.sqrt(128)) < 0.005
+
+
+def _nanochat_rope(x):
+    """nanochat's apply_rotary_emb on (B, H, T, D): y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos."""
+    B, H, T, D = x.shape
+    inv = 1.0 / (10000 ** (np.arange(0, D, 2) / D))
+    freqs = np.outer(np.arange(T), inv)
+    cos, sin = np.cos(freqs), np.sin(freqs)
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    return np.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], -1)
+
+
+def _rms(x, eps=gpt.NORM_EPS):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+
+
+def test_attention_equals_naive_causal_softmax_reference():
+    mx.random.seed(0)
+    attn = gpt.CausalSelfAttention(TINY)
+    x = mx.random.normal((2, 7, TINY.n_embd))
+    got = np.array(attn(x))
+    xn = np.array(x, dtype=np.float64)
+    w = {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(attn.parameters())}
+    H, KV, D = TINY.n_head, TINY.n_kv_head, TINY.head_dim
+    split = lambda t, h: t.reshape(2, 7, h, D).transpose(0, 2, 1, 3)
+    q = _rms(_nanochat_rope(split(xn @ w["c_q.weight"].T, H)))
+    k = _rms(_nanochat_rope(split(xn @ w["c_k.weight"].T, KV)))
+    v = split(xn @ w["c_v.weight"].T, KV)
+    k, v = np.repeat(k, H // KV, axis=1), np.repeat(v, H // KV, axis=1)
+    scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(D)
+    scores = np.where(np.tril(np.ones((7, 7), bool)), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    y = (p / p.sum(-1, keepdims=True)) @ v
+    ref = y.transpose(0, 2, 1, 3).reshape(2, 7, -1) @ w["c_proj.weight"].T
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
+
+
+def _random_model(seed=0):
+    mx.random.seed(seed)
+    m = GPT(TINY)
+    m.init_weights(seed)
+    # give the zero-initialised projections some weight so every path matters
+    m.update(nn.utils.tree_map(lambda p: p + 0.02 * mx.random.normal(p.shape), m.parameters()))
+    return m
+
+
+def test_chunked_loss_and_gradients_equal_unchunked(monkeypatch):
+    m = _random_model()
+    idx = mx.random.randint(0, 256, (2, 16))
+    tgt = mx.random.randint(0, 256, (2, 16))
+    tgt[0, :3] = -1  # ignored positions
+    loss_grad = nn.value_and_grad(m, lambda mm: mm(idx, tgt))
+    full_loss, full_grads = loss_grad(m)
+    logits = m(idx)
+    ref = nn.losses.cross_entropy(logits.reshape(-1, 256), mx.maximum(tgt, 0).reshape(-1), reduction="none")
+    ref = (ref * (tgt.reshape(-1) >= 0)).sum() / (tgt >= 0).sum()
+    assert abs(full_loss.item() - ref.item()) < 1e-5
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_ELEMENTS", 256 * 5)  # chunks of 5 rows, uneven split of 32
+    chunk_loss, chunk_grads = loss_grad(m)
+    assert abs(chunk_loss.item() - full_loss.item()) < 1e-6
+    for (name, a), (_, b) in zip(tree_flatten(full_grads), tree_flatten(chunk_grads)):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6, err_msg=name)
+
+
+def test_logits_are_softcapped():
+    m = _random_model()
+    m.lm_head.weight = m.lm_head.weight * 1000
+    logits = m(mx.random.randint(0, 256, (1, 8)))
+    assert mx.abs(logits).max().item() <= gpt.SOFTCAP
+
+
+def test_bfloat16_compute_keeps_fp32_master_weights():
+    m = _random_model()
+    m.compute_dtype = mx.bfloat16
+    idx = mx.random.randint(0, 256, (1, 8))
+    loss, grads = nn.value_and_grad(m, lambda mm: mm(idx, idx))(m)
+    assert m.hidden(idx).dtype == mx.bfloat16
+    assert all(g.dtype == mx.float32 for _, g in tree_flatten(grads))
+    assert math.isfinite(loss.item())
+
+
+def test_estimate_flops_matches_nanochat_formula():
+    m = GPT(GPTConfig.from_depth(12))
+    c = m.config
+    non_emb = m.num_params() - c.vocab_size * c.n_embd
+    assert m.estimate_flops() == 6 * non_emb + 12 * 12 * 6 * 128 * 2048

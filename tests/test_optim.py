@@ -1,0 +1,109 @@
+"""Optimizer semantics match nanochat's Muon / AdamW setup and schedules."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlxchat.gpt import GPT, GPTConfig
+from mlxchat.optim import OptimConfig, build_optimizer, lr_multiplier, muon_momentum, param_group
+
+
+def _nanochat_lr(it, n, warmup_ratio=0.0, warmdown_ratio=0.2, final=0.0):
+    warmup, warmdown = round(warmup_ratio * n), round(warmdown_ratio * n)
+    if it < warmup:
+        return (it + 1) / warmup
+    if it <= n - warmdown:
+        return 1.0
+    progress = (n - it) / warmdown
+    return progress * 1.0 + (1 - progress) * final
+
+
+def _ns_reference(G, steps=5):
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.T if G.shape[0] > G.shape[1] else G
+    X = X / (np.linalg.norm(X) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if G.shape[0] > G.shape[1] else X
+
+
+def test_every_parameter_is_in_exactly_one_group():
+    m = GPT(GPTConfig.from_depth(3, vocab_size=512))
+    groups = {}
+    for name, _ in tree_flatten(m.parameters()):
+        groups.setdefault(param_group(name), []).append(name)
+    assert groups["lm_head"] == ["lm_head.weight"]
+    assert groups["embedding"] == ["transformer.wte.weight"]
+    assert len(groups["matrix"]) == 3 * 6
+    assert sum(len(v) for v in groups.values()) == len(tree_flatten(m.parameters()))
+    opt = build_optimizer(m, OptimConfig(), 10)
+    opt.init(m.trainable_parameters())
+    owned = [sorted(k for k, v in tree_flatten(s) if k.endswith((".m", ".v")) and "weight" in k) for s in opt.state["states"]]
+    flat = [k.rsplit(".", 1)[0] for o in owned for k in o]
+    # AdamW holds m and v per parameter, Muon holds v: every parameter appears in exactly one optimizer
+    assert sorted(set(flat)) == sorted(k for k, _ in tree_flatten(m.parameters()))
+    assert len(set(k.rsplit(".", 1)[0] for k in owned[0] + owned[1]) & set(k.rsplit(".", 1)[0] for k in owned[2])) == 0
+
+
+@pytest.mark.parametrize("it", [0, 1, 500, 799, 800, 801, 900, 999, 1000])
+def test_lr_schedule_matches_nanochat(it):
+    cfg = OptimConfig()
+    assert lr_multiplier(it, 1000, cfg) == pytest.approx(_nanochat_lr(it, 1000))
+    assert lr_multiplier(mx.array(float(it)), 1000, cfg).item() == pytest.approx(_nanochat_lr(it, 1000), abs=1e-6)
+    warm = OptimConfig(warmup_ratio=0.1, final_lr_frac=0.1)
+    assert lr_multiplier(it, 1000, warm) == pytest.approx(_nanochat_lr(it, 1000, 0.1, 0.2, 0.1))
+
+
+@pytest.mark.parametrize("it,expected", [(0, 0.85), (150, 0.90), (300, 0.95), (5000, 0.95)])
+def test_muon_momentum_warmup_matches_nanochat(it, expected):
+    assert muon_momentum(it) == pytest.approx(expected)
+    assert muon_momentum(mx.array(float(it))).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_newton_schulz_output_is_near_orthogonal():
+    from mlxchat.optim import NanoMuon
+
+    G = mx.random.normal((64, 256))
+    X = np.array(NanoMuon(0.02, 0.95)._zeropower_via_newtonschulz5(G, steps=5))
+    s = np.linalg.svd(X, compute_uv=False)
+    assert s.min() > 0.5 and s.max() < 1.5  # nanochat: S' ~ Uniform(0.5, 1.5), not exactly 1
+    np.testing.assert_allclose(X, _ns_reference(np.array(G, dtype=np.float64)), atol=1e-4)
+
+
+def test_one_step_equals_nanochat_muon_and_adamw_update():
+    """Two steps of the MLX optimizers reproduce nanochat's update rules written out in NumPy."""
+    cfg = GPTConfig(sequence_len=8, vocab_size=32, n_layer=1, n_head=1, n_kv_head=1, n_embd=16)
+    m = GPT(cfg)
+    m.init_weights(0)
+    n = 100
+    opt = build_optimizer(m, OptimConfig(), n)
+    params0 = {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(m.parameters())}
+    grads = [{k: np.random.default_rng(s).normal(size=v.shape) for k, v in params0.items()} for s in (1, 2)]
+    scale = (16 / 768) ** -0.5
+    ref = {k: v.copy() for k, v in params0.items()}
+    buf = {k: np.zeros_like(v) for k, v in params0.items()}
+    adam_m = {k: np.zeros_like(v) for k, v in params0.items()}
+    adam_v = {k: np.zeros_like(v) for k, v in params0.items()}
+    for it, g in enumerate(grads):
+        opt.update(m, nn.utils.tree_unflatten([(k, mx.array(v, dtype=mx.float32)) for k, v in g.items()]))
+        lrm = _nanochat_lr(it, n)
+        mom = (1 - min(it / 300, 1)) * 0.85 + min(it / 300, 1) * 0.95
+        for k, gk in g.items():
+            group = param_group(k)
+            if group == "matrix":
+                buf[k] = buf[k] + (1 - mom) * (gk - buf[k])  # lerp_
+                upd = gk + mom * (buf[k] - gk)  # nesterov lerp
+                upd = _ns_reference(upd)
+                ref[k] -= 0.02 * lrm * max(1, upd.shape[0] / upd.shape[1]) ** 0.5 * upd
+            else:
+                lr = (0.004 if group == "lm_head" else 0.2) * scale * lrm
+                b1, b2, step = 0.8, 0.95, it + 1
+                adam_m[k] = b1 * adam_m[k] + (1 - b1) * gk
+                adam_v[k] = b2 * adam_v[k] + (1 - b2) * gk * gk
+                mhat, vhat = adam_m[k] / (1 - b1**step), adam_v[k] / (1 - b2**step)
+                ref[k] -= lr * mhat / (np.sqrt(vhat) + 1e-10)
+    for k, v in tree_flatten(m.parameters()):
+        np.testing.assert_allclose(np.array(v), ref[k], atol=2e-5, err_msg=k)
