@@ -1,0 +1,428 @@
+"""Training loops: nanochat's base_train, with exact resume.
+
+One loop (`train_loop`) serves every stage; a stage only decides where its batches come from
+and how many steps it takes. Settings are a frozen `TrainConfig`; the derived quantities
+(model shape from depth, steps from the Chinchilla ratio, gradient-accumulation steps from
+the total batch) are computed once in `plan()` and logged, so a run explains itself.
+
+Resume: a checkpoint holds model, optimizer (including its step counter, which drives the LR
+and momentum schedules), data-loader cursor and RNG state. Restarting from it replays exactly
+the computation the uninterrupted run would have done, so the final weights are bitwise equal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+
+from mlxchat import checkpoint as ckpt_lib
+from mlxchat.common import MlxchatError, default_dtype, get_logger, run_dir, seed_everything
+from mlxchat.dataloader import DataLoader
+from mlxchat.evaluation.bpb import evaluate_bpb
+from mlxchat.gpt import GPT, GPTConfig
+from mlxchat.optim import OptimConfig, build_optimizer, clip_gradients
+
+log = get_logger()
+
+# Peak dense bf16 FLOP/s by device, for MFU (nanochat uses the H100's 989 TFLOP/s).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str = "base"
+    depth: int = 20
+    seq_len: int = 2048
+    device_batch_size: int = 32
+    total_batch_size: int = 524288  # tokens per optimizer step, across ranks
+    max_steps: int = -1  # explicit horizon; -1 derives it from target_param_data_ratio
+    target_param_data_ratio: float = 20.0  # Chinchilla
+    eval_every: int = 250
+    eval_tokens: int = 20 * 524288
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    dtype: str = ""  # "" = bfloat16 on GPU, float32 on CPU
+    seed: int = 0
+    source: str = "smoke"
+    peak_flops: float = 0.0  # for MFU; 0 = look the device up
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return cls(**{**d, "optim": OptimConfig(**d.get("optim", {}))})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything derived from a TrainConfig, the tokenizer and the world size."""
+
+    model: GPTConfig
+    num_params: int
+    flops_per_token: int
+    num_iterations: int
+    grad_accum_steps: int
+    world_size: int
+    dtype: str
+
+    def describe(self, cfg: TrainConfig) -> str:
+        tokens = cfg.total_batch_size * self.num_iterations
+        return (
+            f"model {self.model.to_dict()} | params {self.num_params:,} | FLOPs/token {self.flops_per_token:.3e} | "
+            f"micro-batch {cfg.device_batch_size}x{cfg.seq_len} x {self.world_size} ranks, grad accum {self.grad_accum_steps} "
+            f"=> {cfg.total_batch_size:,} tokens/step | {self.num_iterations:,} steps, {tokens:,} tokens "
+            f"(tokens:params {tokens / self.num_params:.2f}) | dtype {self.dtype}"
+        )
+
+
+def plan(cfg: TrainConfig, vocab_size: int, world_size: int = 1) -> Plan:
+    model_cfg = GPTConfig.from_depth(cfg.depth, vocab_size=vocab_size, sequence_len=cfg.seq_len)
+    for name in ("device_batch_size", "seq_len", "total_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise MlxchatError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    per_step = cfg.device_batch_size * cfg.seq_len * world_size
+    if cfg.total_batch_size % per_step:
+        raise MlxchatError(
+            f"total batch {cfg.total_batch_size} tokens is not a multiple of device batch × seq len × ranks = {per_step}; "
+            f"change --device-batch-size, --seq-len or --total-batch-size"
+        )
+    shape_only = GPT(model_cfg)  # parameters stay lazy: nothing is allocated
+    num_params, flops = shape_only.num_params(), shape_only.estimate_flops()
+    if cfg.max_steps > 0:
+        iters = cfg.max_steps
+    elif cfg.target_param_data_ratio > 0:
+        iters = int(cfg.target_param_data_ratio * num_params // cfg.total_batch_size)
+    else:
+        raise MlxchatError("no training horizon: give --max-steps or a positive target param:data ratio")
+    if iters < 1:
+        raise MlxchatError(f"the training horizon is {iters} steps; raise --max-steps")
+    dtype = cfg.dtype or default_dtype()
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise MlxchatError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return Plan(model_cfg, num_params, flops, iters, cfg.total_batch_size // per_step, world_size, dtype)
+
+
+def peak_flops(cfg: TrainConfig) -> float:
+    if cfg.peak_flops > 0:
+        return cfg.peak_flops
+    from mlxchat.common import device_name
+
+    name = device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+
+
+def reuse_large_cpu_buffers() -> None:
+    """On the CPU, let MLX keep large freed buffers for reuse, as its GPU allocators do.
+
+    MLX's CPU allocator caches at most 32 MB of freed buffers by default; anything larger (the
+    (rows × vocab) logits, their exp/tanh temporaries and gradients) goes back to the OS and is
+    page-faulted in again on the next step. Raising the cache limit to a quarter of the memory
+    limit made the d4 / B8×256 / vocab 8192 fp32 step ~25-35% faster on a 2-core x86 VM with
+    the same RSS (bench/README.md). Only ever raises the limit; a no-op on GPUs.
+    """
+    if mx.default_device() != mx.cpu:
+        return
+    wanted = mx.get_memory_limit() // 4
+    previous = mx.set_cache_limit(wanted)
+    if previous > wanted:
+        mx.set_cache_limit(previous)
+
+
+class TrainStep:
+    """The compiled optimizer step: micro-batch gradients, accumulation, clipping, update.
+
+    With one micro-batch per step, forward, backward and update are a single compiled graph.
+    """
+
+    def __init__(self, model: GPT, optimizer, grad_accum_steps: int, grad_clip: float, world_size: int):
+        reuse_large_cpu_buffers()
+        self.model, self.optimizer = model, optimizer
+        self.accum = grad_accum_steps
+        state = [model.state, optimizer.state]
+        loss_and_grad = nn.value_and_grad(model, lambda m, x, y: m(x, y))
+
+        def grads_of(x, y):
+            loss, grads = loss_and_grad(model, x, y)
+            if world_size > 1:
+                grads = nn.average_gradients(grads)
+            return loss, grads
+
+        def apply(grads):
+            grads, norm = clip_gradients(grads, grad_clip)
+            optimizer.update(model, grads)
+            return norm
+
+        def fused(x, y):
+            loss, grads = grads_of(x, y)
+            return loss, apply(grads)
+
+        self._fused = mx.compile(fused, inputs=state, outputs=state)
+        self._grads = mx.compile(grads_of, inputs=state, outputs=state)
+        self._apply = mx.compile(apply, inputs=state, outputs=state)
+
+    def __call__(self, batches) -> tuple[float, float]:
+        """One optimizer step over `accum` micro-batches; returns (mean loss, grad norm)."""
+        if self.accum == 1:
+            loss, norm = self._fused(*next(batches))
+            mx.eval(loss, norm, self.model.parameters(), self.optimizer.state)
+            return loss.item(), norm.item()
+        total_loss, total = 0.0, None
+        for _ in range(self.accum):
+            loss, grads = self._grads(*next(batches))
+            total = grads if total is None else tree_map(mx.add, total, grads)
+            mx.eval(loss, total)
+            total_loss += loss.item()
+        norm = self._apply(tree_map(lambda g: g / self.accum, total))
+        mx.eval(norm, self.model.parameters(), self.optimizer.state)
+        return total_loss / self.accum, norm.item()
+
+
+class StopRequested:
+    """Turns SIGINT into a flag checked between steps, so Ctrl-C ends on a consistent state."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._previous = signal.getsignal(signal.SIGINT)
+        try:
+            signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
+            self._previous = None
+        return self
+
+    def _handle(self, *_):
+        if self.requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt received: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclass
+class TrainResult:
+    stage_dir: Path
+    checkpoint: Path
+    step: int
+    num_iterations: int
+    interrupted: bool
+    metrics: dict
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "stage_dir": str(self.stage_dir), "checkpoint": str(self.checkpoint)}
+
+
+def train_base(
+    run: str,
+    cfg: TrainConfig,
+    root=None,
+    fresh: bool = False,
+    on_progress: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """nanochat's base_train on a run's tokenizer and a text source; resumes from `latest`."""
+    from mlxchat.dataset import get_source
+    from mlxchat.tokenizer import Tokenizer
+
+    rdir = run_dir(run, root, must_exist=True)
+    tokenizer = Tokenizer.load(rdir / "tokenizer")
+    group = mx.distributed.init()
+    p = plan(cfg, tokenizer.vocab_size, group.size())
+    source = get_source(cfg.source, root=root)
+    token_bytes = tokenizer.token_bytes()
+
+    def loader(split: str, state: dict | None = None) -> DataLoader:
+        return DataLoader(source, tokenizer, cfg.device_batch_size, cfg.seq_len, split, group.rank(), group.size(), state=state)
+
+    return train_loop(rdir / cfg.stage, cfg, p, loader, token_bytes, fresh=fresh, on_progress=on_progress)
+
+
+def build_model(p: Plan, seed: int) -> GPT:
+    model = GPT(p.model, compute_dtype=getattr(mx, p.dtype))
+    model.init_weights(seed)
+    return model
+
+
+def train_loop(
+    stage_dir: Path,
+    cfg: TrainConfig,
+    p: Plan,
+    make_loader: Callable[..., DataLoader],
+    token_bytes,
+    fresh: bool = False,
+    init_from: Path | None = None,
+    on_progress: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train `p.num_iterations` steps into `stage_dir`, resuming from its `latest` checkpoint.
+
+    `init_from` (a checkpoint directory) seeds the weights of a fresh run (mid/SFT start from
+    the previous stage)."""
+    stage_dir = Path(stage_dir)
+    group = mx.distributed.init()
+    is_main = group.rank() == 0
+    seed_everything(cfg.seed)
+    model = build_model(p, cfg.seed)
+    optimizer = build_optimizer(model, cfg.optim, p.num_iterations)
+    optimizer.init(model.trainable_parameters())
+    log.info(p.describe(cfg))
+
+    resume = None if fresh else ckpt_lib.latest_checkpoint(stage_dir)
+    start_step, loader_state, history = 0, None, []
+    if resume is not None:
+        _check_compatible(resume, cfg, p)
+        ckpt_lib.load_model_weights(model, resume)
+        optimizer.state = ckpt_lib.load_arrays(resume.path / "optim.safetensors")
+        optimizer.init(model.trainable_parameters())
+        mx.random.seed(resume.state["rng_seed"])
+        start_step, loader_state = resume.step, resume.state["loader"]
+        history = resume.state.get("history", [])
+        log.info(f"resuming {stage_dir.name} from {resume.path.name} (step {start_step} of {p.num_iterations})")
+    elif init_from is not None:
+        model.load_weights(str(Path(init_from) / "model.safetensors"), strict=True)
+    elif fresh and stage_dir.exists():
+        log.info(f"--fresh: ignoring existing checkpoints in {stage_dir}")
+
+    train_batches = make_loader("train", loader_state)
+    step_fn = TrainStep(model, optimizer, p.grad_accum_steps, cfg.optim.grad_clip, p.world_size)
+    peak = peak_flops(cfg)
+    eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.seq_len * p.world_size))
+    metrics_file = stage_dir / "metrics.jsonl"
+    if is_main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_file, start_step)
+
+    def evaluate(step: int) -> float:
+        bpb = evaluate_bpb(model, make_loader("val"), eval_steps, token_bytes)
+        history.append({"step": step, "val_bpb": bpb})
+        _append_metrics(metrics_file, {"step": step, "val_bpb": bpb}, is_main)
+        log.info(f"step {step:05d} | validation bpb {bpb:.4f}")
+        return bpb
+
+    def save(step: int) -> Path:
+        # MLX's generator state cannot be restored, so every checkpoint reseeds it from
+        # (seed, step): the uninterrupted and the resumed run then draw the same numbers.
+        rng_seed = cfg.seed * 1_000_003 + step
+        mx.random.seed(rng_seed)
+        state = {
+            "loader": train_batches.state_dict(),
+            "rng_seed": rng_seed,
+            "config": cfg.to_dict(),
+            "model_config": p.model.to_dict(),
+            "num_iterations": p.num_iterations,
+            "history": history,
+            "val_bpb": history[-1]["val_bpb"] if history else None,
+        }
+        if not is_main:
+            return stage_dir / ckpt_lib.step_dir_name(step)
+        return ckpt_lib.save_checkpoint(
+            stage_dir, step, model.parameters(), optimizer.state, state, keep=cfg.keep_checkpoints
+        )
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=p.num_iterations, initial=start_step, desc=stage_dir.name, disable=not is_main, dynamic_ncols=True)
+    smooth, tokens_per_step = 0.0, cfg.total_batch_size
+    step, interrupted, last_ckpt = start_step, False, None
+    t_train = 0.0
+    if start_step == 0 and resume is None and cfg.eval_every > 0:
+        evaluate(0)
+    with StopRequested() as stop:
+        while step < p.num_iterations:
+            t0 = time.perf_counter()
+            loss, gnorm = step_fn(train_batches)
+            dt = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                last = ckpt_lib.latest_checkpoint(stage_dir)
+                kept = f"the last good checkpoint {last.path} is kept" if last else "no checkpoint was written"
+                raise MlxchatError(
+                    f"training loss became {loss} at step {step}; {kept}: lower the learning rates or check the data"
+                )
+            step += 1
+            t_train += dt
+            smooth = 0.9 * smooth + 0.1 * loss
+            debiased = smooth / (1 - 0.9 ** (step - start_step))
+            tok_s = tokens_per_step / dt
+            mfu = 100 * p.flops_per_token * tok_s / peak if peak else None
+            row = {"step": step, "loss": loss, "smooth_loss": debiased, "grad_norm": gnorm, "dt": dt, "tok_per_s": tok_s, "mfu": mfu}
+            _append_metrics(metrics_file, row, is_main)
+            bar.update(1)
+            bar.set_postfix(loss=f"{debiased:.4f}", tok_s=f"{tok_s:,.0f}", **({"mfu": f"{mfu:.1f}%"} if mfu else {}))
+            if on_progress is not None:
+                eta = (p.num_iterations - step) * (t_train / (step - start_step))
+                on_progress({**row, "num_iterations": p.num_iterations, "eta_s": eta})
+            last_step = step == p.num_iterations
+            if cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0):
+                evaluate(step)
+            if last_step or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or stop.requested:
+                last_ckpt = save(step)
+            if stop.requested:
+                interrupted = True
+                break
+    bar.close()
+    if last_ckpt is None:  # resumed at the very end: nothing left to do
+        last_ckpt = ckpt_lib.latest_checkpoint(stage_dir).path
+    final = {
+        "step": step,
+        "num_iterations": p.num_iterations,
+        "num_params": p.num_params,
+        "flops_per_token": p.flops_per_token,
+        "tokens": cfg.total_batch_size * step,
+        "train_time_s": t_train,
+        "val_bpb": history[-1]["val_bpb"] if history else None,
+        "min_val_bpb": min((h["val_bpb"] for h in history), default=None),
+    }
+    if interrupted:
+        log.warning(f"stopped at step {step}; rerun the same command to resume from {last_ckpt}")
+    return TrainResult(stage_dir, last_ckpt, step, p.num_iterations, interrupted, final)
+
+
+def _check_compatible(resume: ckpt_lib.Checkpoint, cfg: TrainConfig, p: Plan) -> None:
+    saved = TrainConfig.from_dict(resume.state["config"])
+    keys = ("depth", "seq_len", "device_batch_size", "total_batch_size", "source", "seed", "optim")
+    diff = [k for k in keys if getattr(saved, k) != getattr(cfg, k)]
+    if resume.state["model_config"] != p.model.to_dict():
+        diff.append("model")
+    if resume.state.get("num_iterations") != p.num_iterations:
+        diff.append("num_iterations")
+    if diff:
+        raise MlxchatError(
+            f"checkpoint {resume.path} was trained with different settings ({', '.join(diff)}); "
+            f"use the same settings to resume, or --fresh to start over"
+        )
+
+
+def _append_metrics(path: Path, row: dict, is_main: bool) -> None:
+    if is_main:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows past the resumed step, so a resumed run's log reads as one run."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def load_trained_model(stage_dir: Path, hint: str) -> tuple[GPT, ckpt_lib.Checkpoint]:
+    """The model of a stage's `latest` checkpoint, in inference mode."""
+    ck = ckpt_lib.require_checkpoint(stage_dir, hint)
+    cfg = TrainConfig.from_dict(ck.state["config"])
+    model = GPT(GPTConfig(**ck.state["model_config"]), compute_dtype=getattr(mx, cfg.dtype or default_dtype()))
+    ckpt_lib.load_model_weights(model, ck)
+    return model, ck
+

@@ -1,0 +1,155 @@
+"""Base training learns, and a killed run resumes to bitwise the same weights."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from mlxchat import stages
+from mlxchat.checkpoint import latest_checkpoint
+from mlxchat.common import MlxchatError
+from mlxchat.train import TrainConfig, train_base
+
+TINY = dict(depth=2, seq_len=64, device_batch_size=4, total_batch_size=256, eval_tokens=4096, dtype="float32")
+TINY_ARGS = ["--depth", "2", "--seq-len", "64", "--device-batch-size", "4", "--total-batch-size", "256",
+             "--eval-tokens", "4096", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def home(smoke_root, tmp_path_factory):
+    """A home with the smoke corpus and a small tokenizer in run 'tok'."""
+    root = tmp_path_factory.mktemp("train_home")
+    shutil.copytree(smoke_root / "data", root / "data")
+    stages.train_tokenizer("tok", vocab_size=512, max_chars=300_000, root=root)
+    return root
+
+
+def _new_run(home, name):
+    shutil.copytree(home / "runs" / "tok" / "tokenizer", home / "runs" / name / "tokenizer")
+    return name
+
+
+def test_training_on_smoke_corpus_lowers_validation_bpb(home):
+    run = _new_run(home, "learns")
+    cfg = TrainConfig(**TINY, max_steps=60, eval_every=60, checkpoint_every=0)
+    result = train_base(run, cfg, root=home)
+    history = latest_checkpoint(home / "runs" / run / "base").state["history"]
+    first, last = history[0]["val_bpb"], history[-1]["val_bpb"]
+    assert history[0]["step"] == 0 and history[-1]["step"] == 60
+    assert last < 0.8 * first, (first, last)
+    assert result.metrics["val_bpb"] == last
+    assert (home / "runs" / run / "base" / "metrics.jsonl").read_text().count('"loss"') == 60
+
+
+def _cli(home, *args):
+    env = {**os.environ, "MLXCHAT_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    return [sys.executable, "-m", "mlxchat.cli", *args], env
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run_bitwise(home):
+    common = ["train", "base", *TINY_ARGS, "--max-steps", "40", "--checkpoint-every", "4", "--eval-every", "10"]
+    ref = _new_run(home, "ref")
+    cmd, env = _cli(home, *common, "--run", ref)
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+
+    run = _new_run(home, "killed")
+    cmd, env = _cli(home, *common, "--run", run)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stage = home / "runs" / run / "base"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ck = latest_checkpoint(stage) if (stage / "latest").is_symlink() else None
+        if ck is not None and ck.step >= 12:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = latest_checkpoint(stage).step
+    assert 12 <= killed_at < 40, "the run should have been killed part-way"
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming base from step_{killed_at:06d}" in done.stderr or "resuming base from" in done.stderr
+    a = (home / "runs" / ref / "base" / "latest" / "model.safetensors").read_bytes()
+    b = (stage / "latest" / "model.safetensors").read_bytes()
+    assert latest_checkpoint(stage).step == 40
+    assert a == b
+    ref_opt = mx.load(str(home / "runs" / ref / "base" / "latest" / "optim.safetensors"))
+    got_opt = mx.load(str(stage / "latest" / "optim.safetensors"))
+    assert ref_opt.keys() == got_opt.keys()
+    assert all(mx.array_equal(ref_opt[k], got_opt[k]).item() for k in ref_opt)
+
+
+def test_interrupt_writes_a_checkpoint_and_resume_continues(home):
+    run = _new_run(home, "ctrlc")
+    cmd, env = _cli(home, "train", "base", *TINY_ARGS, "--max-steps", "400", "--checkpoint-every", "0",
+                    "--eval-every", "0", "--run", run)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = home / "runs" / run / "base" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    ck = latest_checkpoint(home / "runs" / run / "base")
+    assert ck is not None and 5 <= ck.step < 400
+
+
+def test_nonfinite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(home, monkeypatch):
+    from mlxchat import train
+
+    run = _new_run(home, "diverges")
+    cfg = TrainConfig(**TINY, max_steps=6, eval_every=0, checkpoint_every=3)
+    real_step = train.TrainStep.__call__
+    calls = []
+
+    def diverges_at_step_5(self, batches):
+        calls.append(1)
+        loss, norm = real_step(self, batches)
+        return (float("nan") if len(calls) == 5 else loss), norm
+
+    monkeypatch.setattr(train.TrainStep, "__call__", diverges_at_step_5)
+    with pytest.raises(MlxchatError, match="loss became nan at step 4; the last good checkpoint .*step_000003"):
+        train_base(run, cfg, root=home)
+    assert latest_checkpoint(home / "runs" / run / "base").step == 3
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "base", "--run", "nosuchrun"], "unknown run 'nosuchrun'"),
+        (["train", "base", "--run", "notok", "--depth", "2"], "no tokenizer at"),
+        (["train", "base", "--run", "tok", "--depth", "2", "--seq-len", "64", "--device-batch-size", "3",
+          "--total-batch-size", "1000"], "not a multiple"),
+        (["eval", "bpb", "--run", "tok", "--stage", "base"], "no checkpoint in"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(home, args, message, capsys):
+    from mlxchat.cli import main
+
+    (home / "runs" / "notok").mkdir(exist_ok=True)
+    assert main(["--home", str(home), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_changed_settings_refuse_to_resume(home):
+    run = _new_run(home, "mismatch")
+    train_base(run, TrainConfig(**TINY, max_steps=2, eval_every=0, checkpoint_every=2), root=home)
+    with pytest.raises(MlxchatError, match="different settings .*--fresh"):
+        train_base(run, TrainConfig(**{**TINY, "depth": 3}, max_steps=2, eval_every=0), root=home)
+
+
+def test_eval_bpb_stage_writes_results(home):
+    run = _new_run(home, "evals")
+    train_base(run, TrainConfig(**TINY, max_steps=2, eval_every=0, checkpoint_every=2), root=home)
+    result = stages.eval_bpb(run, "base", eval_tokens=2048, root=home)
+    assert 0 < result["val_bpb"] < 10 and 0 < result["train_bpb"] < 10
+    assert (Path(home) / "runs" / run / "eval" / "bpb.json").exists()
