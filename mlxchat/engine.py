@@ -1,0 +1,227 @@
+"""Inference: a KV cache, sampling, and token-level generation, as nanochat's engine.
+
+The engine works on token ids only; `sample_prompts` is the one place that touches text, for
+the fixed prompts training prints (and writes to `samples/<stage>.md`) after each stage.
+
+Generation prefills the prompt once at batch 1, then repeats the cache to `num_samples` rows
+and decodes all rows together, one token per step. Every row samples its own first token
+(nanochat broadcasts a single one, leaving a TODO), so rows are independent from the start.
+
+Tool use (nanochat's calculator) plugs in through `tool`: after each sampled token it sees the
+row's tokens so far and returns tokens to force into that row next (e.g. `<|output_start|>`,
+the result, `<|output_end|>`); forced tokens go through the model like sampled ones, so the
+cache stays consistent with what the row says.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Iterator, Sequence
+
+import mlx.core as mx
+
+from mlxchat.common import MlxchatError
+
+# nanochat's base_train sample prompts: a glance at facts, reasoning and arithmetic per stage.
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+# A tool sees a row's tokens (prompt + generated) after each sampled token and returns tokens
+# to force into that row next (an empty list for none).
+Tool = Callable[[list[int]], list[int]]
+
+
+class KVCache:
+    """One layer's keys and values, preallocated as (B, n_kv_head, capacity, head_dim).
+
+    Writing into a preallocated buffer costs one slice update per step instead of a
+    concatenation that copies the whole history (quadratic over a generation). If a caller
+    writes past the capacity, the buffer grows by whole `step`s, as mlx-lm's cache does.
+    Follows mlx-lm's protocol (`offset`, `update_and_fetch`), which `gpt.py` relies on.
+    """
+
+    step = 256
+
+    def __init__(self, batch_size: int, n_kv_head: int, head_dim: int, capacity: int, dtype: mx.Dtype):
+        shape = (batch_size, n_kv_head, max(1, capacity), head_dim)
+        self.keys = mx.zeros(shape, dtype)
+        self.values = mx.zeros(shape, dtype)
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append (B, n_kv_head, T, head_dim) keys/values; return everything cached so far."""
+        prev, end = self.offset, self.offset + keys.shape[2]
+        if end > self.keys.shape[2]:
+            self._grow(end)
+        self.keys[..., prev:end, :] = keys
+        self.values[..., prev:end, :] = values
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def _grow(self, needed: int) -> None:
+        B, H, _, D = self.keys.shape
+        capacity = -(-needed // self.step) * self.step
+        grown = []
+        for old in (self.keys, self.values):
+            new = mx.zeros((B, H, capacity, D), old.dtype)
+            new[..., : self.offset, :] = old[..., : self.offset, :]
+            grown.append(new)
+        self.keys, self.values = grown
+
+    def repeat_batch(self, n: int) -> None:
+        """Turn a batch-1 cache (a prefilled prompt) into n identical rows to decode apart."""
+        if self.keys.shape[0] != 1:
+            raise MlxchatError(f"only a batch-1 cache can be repeated, this one has {self.keys.shape[0]} rows")
+        self.keys = mx.repeat(self.keys, n, axis=0)
+        self.values = mx.repeat(self.values, n, axis=0)
+
+
+def make_cache(model, batch_size: int, max_len: int) -> list[KVCache]:
+    """One KVCache per layer, sized for `max_len` tokens in the model's compute dtype."""
+    c = model.config
+    return [KVCache(batch_size, c.n_kv_head, c.head_dim, max_len, model.compute_dtype) for _ in range(c.n_layer)]
+
+
+def sample_next_token(logits: mx.array, temperature: float, top_k: int | None, key: mx.array) -> mx.array:
+    """Next token per row (B,) from (B, V) logits: argmax at temperature 0, else a draw from
+    softmax(logits / temperature), restricted to the top_k logits when top_k is set."""
+    if temperature == 0.0:
+        return mx.argmax(logits, axis=-1)
+    if top_k is not None and top_k < logits.shape[-1]:
+        idx = mx.argpartition(-logits, kth=top_k - 1, axis=-1)[:, :top_k]
+        vals = mx.take_along_axis(logits, idx, axis=-1)
+        choice = mx.random.categorical(vals / temperature, axis=-1, key=key)
+        return mx.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+    return mx.random.categorical(logits / temperature, axis=-1, key=key)
+
+
+class _Row:
+    """One sample's state: its tokens, the tokens a tool queued to force next, and whether it
+    has emitted a stop token."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens = tokens
+        self.forced: deque[int] = deque()
+        self.done = False
+
+    def advance(self, sampled: int, stop: set[int], tool: Tool | None) -> int:
+        """Take the next token (a queued forced one before the sampled one) and return it."""
+        forced = bool(self.forced)
+        token = self.forced.popleft() if forced else sampled
+        self.tokens.append(token)
+        if token in stop:
+            self.done = True
+        elif tool is not None and not forced:
+            self.forced.extend(tool(self.tokens))
+        return token
+
+
+def generate(
+    model,
+    tokens: list[int],
+    max_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 42,
+    num_samples: int = 1,
+    stop_tokens: Sequence[int] = (),
+    tool: Tool | None = None,
+) -> Iterator[list[int]]:
+    """Yield, per step, the next token of each of `num_samples` rows continuing `tokens`.
+
+    Stops after `max_tokens` steps or once every row has emitted one of `stop_tokens`. A row
+    that has stopped keeps decoding (the batch stays rectangular) until the others stop, so
+    consumers truncate each row at its first stop token (as `generate_batch` does).
+    Sampling draws from keys split off `seed`, so equal arguments give equal samples.
+    """
+    _check_arguments(tokens, max_tokens, temperature, top_k, num_samples)
+    cache = make_cache(model, 1, len(tokens) + max_tokens)
+    logits = model(mx.array([tokens]), cache=cache)[:, -1, :]
+    if num_samples > 1:
+        for layer in cache:
+            layer.repeat_batch(num_samples)
+        logits = mx.repeat(logits, num_samples, axis=0)
+    rows = [_Row(list(tokens)) for _ in range(num_samples)]
+    stop = set(stop_tokens)
+    key = mx.random.key(seed)
+    column: list[int] = []
+    for step in range(max_tokens):
+        if step:
+            logits = model(mx.array(column)[:, None], cache=cache)[:, -1, :]
+        key, subkey = mx.random.split(key)
+        sampled = sample_next_token(logits, temperature, top_k, subkey).tolist()
+        column = [row.advance(tok, stop, tool) for row, tok in zip(rows, sampled)]
+        yield column
+        if all(row.done for row in rows):
+            return
+
+
+def generate_batch(model, tokens: list[int], max_tokens: int, **kwargs) -> list[list[int]]:
+    """Each row's generated tokens (prompt excluded), cut before its first stop token.
+    Takes `generate`'s keyword arguments."""
+    stop = set(kwargs.get("stop_tokens", ()))
+    num_samples = kwargs.get("num_samples", 1)
+    results: list[list[int]] = [[] for _ in range(num_samples)]
+    finished = [False] * num_samples
+    for column in generate(model, tokens, max_tokens, **kwargs):
+        for i, token in enumerate(column):
+            if finished[i]:
+                continue
+            if token in stop:
+                finished[i] = True
+            else:
+                results[i].append(token)
+    return results
+
+
+def sample_prompts(
+    model, tokenizer, prompts: Sequence[str], max_tokens: int = 16, temperature: float = 0.0
+) -> list[dict]:
+    """Complete each prompt (one row each); a `<|bos|>` ends a completion, as it ends a document."""
+    samples = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
+        (completion,) = generate_batch(
+            model, ids, max_tokens, temperature=temperature, stop_tokens=(tokenizer.bos_id,)
+        )
+        samples.append({"prompt": prompt, "completion": tokenizer.decode(completion)})
+    return samples
+
+
+def render_samples_markdown(stage: str, samples: list[dict]) -> str:
+    """`samples/<stage>.md`: each prompt and its completion, verbatim in a fenced block (the
+    fence is longer than any backtick run in the text, so model output cannot break out)."""
+    parts = [f"# Samples after {stage}\n"]
+    for sample in samples:
+        text = sample["prompt"] + sample["completion"]
+        fence = "`" * max(3, _longest_backtick_run(text) + 1)
+        parts.append(f"{fence}text\n{text}\n{fence}\n")
+    return "\n".join(parts)
+
+
+def _longest_backtick_run(text: str) -> int:
+    longest = run = 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    return longest
+
+
+def _check_arguments(tokens, max_tokens, temperature, top_k, num_samples) -> None:
+    if not tokens or not all(isinstance(t, int) for t in tokens):
+        raise MlxchatError("generate needs a non-empty list of int token ids as the prompt")
+    if max_tokens < 1:
+        raise MlxchatError(f"max_tokens must be >= 1, got {max_tokens}")
+    if temperature < 0:
+        raise MlxchatError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise MlxchatError(f"top_k must be >= 1 or None, got {top_k}")
+    if num_samples < 1:
+        raise MlxchatError(f"num_samples must be >= 1, got {num_samples}")
