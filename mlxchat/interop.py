@@ -78,8 +78,9 @@ def publish(run_dir: Path, stage: str, out_dir: Path, metrics: dict | None = Non
     source = {"run": run_dir.name, "stage": stage, "step": ck.step, "checkpoint": str(ck.path)}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*-*"):  # left by a publish that crashed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})

@@ -2,11 +2,11 @@
 tokenizer that mlxchat trained, token for token and logit for logit."""
 
 import json
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from pydoc_data.topics import topics
 
 from mlxchat.checkpoint import save_checkpoint
@@ -36,19 +36,13 @@ def run(tmp_path_factory):
     # init zeroes lm_head and every c_proj; without noise all logits would be 0 and agree trivially
     noisy = {
         k: v + 0.02 * mx.random.normal(v.shape, key=mx.random.key(i)) if k.endswith("c_proj.weight") or k == "lm_head.weight" else v
-        for i, (k, v) in enumerate(_flat(model.parameters()))
+        for i, (k, v) in enumerate(tree_flatten(model.parameters()))
     }
     model.load_weights(list(noisy.items()))
     save_checkpoint(run_dir / "base", 1, model.parameters(), None, {"model_config": cfg.to_dict(), "config": {}})
     out = run_dir.parent.parent / "published" / "tiny-base"
     publish(run_dir, "base", out, {"val_bpb": 1.2345})
     return run_dir, out, model, tok
-
-
-def _flat(params):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(params)
 
 
 def test_mlx_lm_logits_match(run):
@@ -125,6 +119,7 @@ def test_published_folder_contents(run):
 def test_republish_replaces_atomically(run):
     run_dir, out, _, _ = run
     (out / "stale.txt").write_text("from an older publish")
+    (out.parent / ".tiny-base.tmp-999").mkdir()  # what a publish killed mid-way leaves
     result = publish(run_dir, "base", out, {"val_bpb": 0.5})
     assert result["step"] == 1 and not (out / "stale.txt").exists()
     assert "| val_bpb | 0.5000 |" in (out / "README.md").read_text()
