@@ -7,7 +7,33 @@ Prefect. Each returns a plain dict (paths and metrics) small enough to pass betw
 from __future__ import annotations
 
 import time
-from mlxchat.common import atomic_write_json, read_json, run_dir
+import hashlib
+from pathlib import Path
+
+from mlxchat.common import atomic_write_json, fingerprint_files, read_json, run_dir
+
+
+def code_version() -> str:
+    """Hash of the mlxchat sources: part of every stage's cache key, so a code change recomputes."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(path.relative_to(Path(__file__).parent).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def prepare_data(source: str = "smoke", num_shards: int | None = None, root=None) -> dict:
+    """Make a text source ready: build the smoke corpus, or download hub shards (train + val)."""
+    from mlxchat import dataset
+
+    if source == "smoke":
+        path = dataset.prepare_smoke(root=root)
+    elif source.startswith("hub"):
+        path = dataset.download(num_shards or 1, root=root)[0].parent
+    else:
+        path = None
+    src = dataset.get_source(source, root=root, num_shards=num_shards)
+    return {"source": source, "path": str(path or ""), "fingerprint": src.fingerprint(), "num_shards": src.num_shards()}
 
 
 def train_tokenizer(run: str, vocab_size: int = 65536, source: str = "smoke", max_chars: int = 2_000_000_000,
@@ -18,7 +44,7 @@ def train_tokenizer(run: str, vocab_size: int = 65536, source: str = "smoke", ma
     src = dataset.get_source(source, root=root)
     out = run_dir(run, root) / "tokenizer"
     meta = tokenizer.train_tokenizer(dataset.iter_texts(src, "train"), vocab_size, out, max_chars=max_chars, doc_cap=doc_cap)
-    return {"tokenizer_dir": str(out), **meta}
+    return {"tokenizer_dir": str(out), "fingerprint": fingerprint_files([out / "tokenizer.pkl"]), **meta}
 
 
 def eval_tokenizer(run: str, source: str = "smoke", max_chars: int = 1_000_000, root=None) -> dict:
@@ -59,3 +85,68 @@ def eval_bpb(run: str, stage: str = "base", eval_tokens: int | None = None, root
     existing = read_json(path, "bpb results") if path.exists() else {}
     atomic_write_json(path, {**existing, stage: result})
     return result
+
+
+def train_base(run: str, config: dict, root=None, fresh: bool = False, on_progress=None) -> dict:
+    """Base pretraining from a config dict (as stored in run.json); resumes from `latest`."""
+    from mlxchat.train import TrainConfig, train_base as _train
+
+    result = _train(run, TrainConfig.from_dict(config), root=root, fresh=fresh, on_progress=on_progress)
+    out = result.to_dict()
+    out["fingerprint"] = fingerprint_files([result.checkpoint / "model.safetensors"])
+    return out
+
+
+STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "base-train", "base-eval", "sample", "publish", "report"]
+
+
+def existing_output(stage: str, run: str, source: str = "smoke", num_shards: int | None = None, root=None) -> dict:
+    """The record of a stage that is not being run (`--only`/`--from`), read from the run
+    directory; a missing output is a user error that names the stage to run first."""
+    from mlxchat import checkpoint, dataset
+    from mlxchat.common import MlxchatError
+
+    rdir = run_dir(run, root)
+    missing = MlxchatError(f"stage {stage!r} has no results for run {run!r}: run it first (--from {stage})")
+    if stage == "prepare-data":
+        try:
+            return {"fingerprint": dataset.get_source(source, root=root, num_shards=num_shards).fingerprint()}
+        except MlxchatError:
+            raise missing from None
+    paths = {
+        "tokenizer-train": rdir / "tokenizer" / "tokenizer.pkl",
+        "tokenizer-eval": rdir / "tokenizer" / "tok_eval.json",
+        "base-eval": rdir / "eval" / "bpb.json",
+        "sample": rdir / "samples" / "base.md",
+    }
+    if stage == "base-train":
+        ck = checkpoint.latest_checkpoint(rdir / "base")
+        if ck is None or ck.step < ck.state.get("num_iterations", 0):
+            raise missing
+        return {"checkpoint": str(ck.path), "step": ck.step, "fingerprint": fingerprint_files([ck.model_file])}
+    if stage in paths:
+        if not paths[stage].exists():
+            raise missing
+        return {"path": str(paths[stage]), "fingerprint": fingerprint_files([paths[stage]])}
+    raise missing
+
+
+def write_run_json(run: str, preset: dict, root=None) -> Path:
+    """run.json: the preset as resolved, versions and the git commit, for the report and for humans."""
+    import platform
+    import subprocess
+
+    import mlx.core as mx
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    path = run_dir(run, root) / "run.json"
+    atomic_write_json(path, {
+        "run": run, "preset": preset, "code_version": code_version(), "git_commit": commit,
+        "versions": {"python": platform.python_version(), "mlx": mx.__version__},
+        "platform": platform.platform(),
+    })
+    return path

@@ -1,0 +1,109 @@
+"""nanochat's speedrun as one Prefect flow: data -> tokenizer -> base-train -> base-eval -> report.
+
+Every stage is a cached task (see tasks/caching.py): a rerun reuses finished stages, and a
+killed training stage resumes from its latest checkpoint. `--only`/`--from` run a subset
+(the stages before must already have results), `--force STAGE` recomputes a stage and
+everything after it.
+
+    python flows/speedrun.py --preset smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlxchat.common import MlxchatError, home  # noqa: E402
+
+
+def _prefect_env(root: Path) -> None:
+    """Keep Prefect's ephemeral database under the run home unless the user chose otherwise,
+    and route mlxchat's own log lines into the Prefect run logs."""
+    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    # Task results (the stage records) persist in the run home, so reruns in new processes hit the cache.
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(root / ".cache" / "prefect-results")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mlxchat")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def build_flow():
+    from prefect import flow
+
+    from mlxchat import presets, stages
+    from tasks import stages as T
+    from tasks.report import report
+
+    @flow(name="speedrun", log_prints=True)
+    def speedrun(preset: str = "smoke", run: str | None = None, depth: int | None = None,
+                 only: str | None = None, start: str | None = None, force: str | None = None) -> dict:
+        p = presets.resolve(preset, depth)
+        run = run or p.name
+        root = str(home())
+        order = stages.STAGES
+        for name, value in (("--only", only), ("--from", start), ("--force", force)):
+            if value is not None and value not in order:
+                raise MlxchatError(f"{name} {value!r} is not a stage; stages: {', '.join(order)}")
+        first = order.index(start) if start else 0
+        selected = {only} if only else set(order[first:])
+        forced = set(order[order.index(force):]) if force else set()
+        stages.write_run_json(run, p.to_dict(), root=root)
+        records: dict[str, dict] = {}
+
+        def step(name: str, fn, **kwargs) -> dict:
+            if name not in selected:
+                records[name] = stages.existing_output(name, run, p.source, p.num_shards, root=root)
+            else:
+                extra = {"fresh": True} if (name == force and "fresh" in fn.fn.__code__.co_varnames) else {}
+                records[name] = fn.with_options(refresh_cache=name in forced)(**kwargs, **extra)
+            return records[name]
+
+        data = step("prepare-data", T.prepare_data, source=p.source, num_shards=p.num_shards, root=root)
+        tok = step("tokenizer-train", T.tokenizer_train, run=run, vocab_size=p.vocab_size, source=p.source,
+                   max_chars=p.tokenizer_max_chars, data_fingerprint=data["fingerprint"], root=root)
+        step("tokenizer-eval", T.tokenizer_eval, run=run, source=p.source, tokenizer_fingerprint=tok["fingerprint"], root=root)
+        base = step("base-train", T.base_train, run=run, config=p.base.to_dict(), tokenizer_fingerprint=tok["fingerprint"],
+                    data_fingerprint=data["fingerprint"], root=root)
+        step("base-eval", T.base_eval, run=run, eval_tokens=p.bpb_eval_tokens, checkpoint_fingerprint=base["fingerprint"], root=root)
+        fingerprints = {k: v.get("fingerprint") for k, v in records.items()}
+        if "report" in selected:
+            records["report"] = report.with_options(refresh_cache="report" in forced)(
+                run=run, inputs=fingerprints, root=root)
+        return records
+
+    return speedrun
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="smoke", help="tiny | smoke | d12 | d20")
+    parser.add_argument("--run", help="run name (default: the preset's name)")
+    parser.add_argument("--depth", type=int)
+    parser.add_argument("--home", help="run directory root (default $MLXCHAT_HOME or ./artifacts)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--only", metavar="STAGE")
+    group.add_argument("--from", dest="start", metavar="STAGE")
+    parser.add_argument("--force", metavar="STAGE", help="recompute STAGE and everything after it")
+    args = parser.parse_args(argv)
+    if args.home:
+        os.environ["MLXCHAT_HOME"] = args.home
+    _prefect_env(home())
+    speedrun = build_flow()
+    try:
+        records = speedrun(preset=args.preset, run=args.run, depth=args.depth, only=args.only, start=args.start,
+                           force=args.force)
+    except MlxchatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = records.get("report", {}).get("path")
+    print(f"speedrun finished: {report or 'done'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The report card: one markdown file per run, assembled from what each stage left in the run
+directory (like nanochat's report.md), with a loss / bits-per-byte plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlxchat.common import atomic_path, atomic_write_text, run_dir
+
+
+def _read(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def plot_training(metrics_file: Path, out_png: Path) -> Path | None:
+    """Training loss and validation bpb against step, as a PNG."""
+    if not metrics_file.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    train = [(r["step"], r["smooth_loss"]) for r in rows if "smooth_loss" in r]
+    val = [(r["step"], r["val_bpb"]) for r in rows if "val_bpb" in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    if train:
+        ax1.plot(*zip(*train))
+    ax1.set(title="training loss (smoothed)", xlabel="step", ylabel="nats/token")
+    if val:
+        ax2.plot(*zip(*val), marker="o")
+    ax2.set(title="validation bits per byte", xlabel="step", ylabel="bpb")
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def _section(title: str, data: dict | None) -> str:
+    if not data:
+        return ""
+    lines = [f"## {title}", "", "| | |", "|---|---|"]
+    for k, v in data.items():
+        if isinstance(v, float):
+            v = f"{v:.4f}"
+        if not isinstance(v, (dict, list)):
+            lines.append(f"| {k} | {v} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_report(run: str, root=None) -> Path:
+    """Write `runs/<run>/report.md` (and `plots/base.png`) from the run directory."""
+    from mlxchat.checkpoint import latest_checkpoint
+
+    rdir = run_dir(run, root)
+    meta = _read(rdir / "run.json") or {}
+    parts = [f"# mlxchat report: {run}", ""]
+    if meta:
+        parts.append(_section("Environment", {"git commit": meta.get("git_commit"), "code version": meta.get("code_version"),
+                                             "platform": meta.get("platform"), **meta.get("versions", {})}))
+    parts.append(_section("Tokenizer training", _read(rdir / "tokenizer" / "meta.json")))
+    tok_eval = _read(rdir / "tokenizer" / "tok_eval.json")
+    if tok_eval:
+        parts.append(_section("Tokenizer evaluation (bytes per token)", {k: v["ratio"] for k, v in tok_eval.items()}))
+    ck = latest_checkpoint(rdir / "base") if (rdir / "base").exists() else None
+    if ck is not None:
+        cfg = ck.state.get("config", {})
+        parts.append(_section("Base model training", {
+            "depth": cfg.get("depth"), **ck.state.get("model_config", {}), "steps": ck.step,
+            "tokens per step": cfg.get("total_batch_size"), "final val bpb": ck.state.get("val_bpb"),
+        }))
+        png = plot_training(rdir / "base" / "metrics.jsonl", rdir / "plots" / "base.png")
+        if png:
+            parts.append(f"![base training](plots/{png.name})\n")
+    bpb = _read(rdir / "eval" / "bpb.json") or {}
+    for stage, res in bpb.items():
+        parts.append(_section(f"Bits per byte ({stage})", {k: res[k] for k in ("step", "val_bpb", "train_bpb", "eval_tokens")}))
+    samples = rdir / "samples" / "base.md"
+    if samples.exists():
+        parts.append("## Samples (base)\n\n" + samples.read_text())
+    path = rdir / "report.md"
+    atomic_write_text(path, "\n".join(p for p in parts if p))
+    return path

@@ -1,0 +1,1 @@
+"""Prefect tasks: one per speedrun stage, thin wrappers over `mlxchat.stages`."""

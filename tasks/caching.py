@@ -1,0 +1,25 @@
+"""Cache keys and result storage shared by every stage task.
+
+A stage's key is its name, its resolved settings, the fingerprints of its inputs and the
+mlxchat code version: same key -> Prefect returns the persisted result without running the
+stage; any change -> it recomputes. Results persist under the run home (`.cache/`, set by the
+flow), so a new process (or a new Prefect server) still finds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from mlxchat.stages import code_version
+
+# Parameters that do not change what a stage computes.
+NOT_IN_KEY = {"root", "on_progress", "fresh"}
+
+
+def stage_cache_key(context, parameters: dict) -> str:
+    stage = context.task.name
+    settings = {k: v for k, v in parameters.items() if k not in NOT_IN_KEY}
+    blob = json.dumps({"stage": stage, "settings": settings, "code": code_version()}, sort_keys=True, default=str)
+    return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:24]}"
+

@@ -1,0 +1,95 @@
+"""One Prefect task per stage. Each calls `mlxchat.stages` and adds observability: logs through
+the run logger, a live progress artifact while training, a metrics table, links to outputs."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import task
+from prefect.artifacts import (
+    create_link_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.logging import get_run_logger
+
+from mlxchat import stages
+from tasks.caching import stage_cache_key
+
+CACHED = dict(cache_key_fn=stage_cache_key, persist_result=True)
+
+
+def _table(key: str, metrics: dict, description: str) -> None:
+    rows = [{"metric": k, "value": v} for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None]
+    create_table_artifact(key=key, table=rows, description=description)
+
+
+def _artifact_key(run: str, stage: str) -> str:
+    return f"{run}-{stage}".lower().replace("_", "-")
+
+
+@task(name="prepare-data", **CACHED)
+def prepare_data(source: str, num_shards: int | None, root: str) -> dict:
+    result = stages.prepare_data(source, num_shards, root=root)
+    get_run_logger().info(f"data source {source}: {result['num_shards']} shards ({result['path']})")
+    return result
+
+
+@task(name="tokenizer-train", **CACHED)
+def tokenizer_train(run: str, vocab_size: int, source: str, max_chars: int, data_fingerprint: str, root: str) -> dict:
+    result = stages.train_tokenizer(run, vocab_size, source, max_chars, root=root)
+    get_run_logger().info(f"tokenizer: vocab {result['vocab_size']} in {result['train_time_s']:.1f}s")
+    _table(_artifact_key(run, "tokenizer-train"), result, "Tokenizer training")
+    return result
+
+
+@task(name="tokenizer-eval", **CACHED)
+def tokenizer_eval(run: str, source: str, tokenizer_fingerprint: str, root: str) -> dict:
+    result = stages.eval_tokenizer(run, source, root=root)
+    rows = [{"text": name, **vals} for name, vals in result.items()]
+    create_table_artifact(key=_artifact_key(run, "tokenizer-eval"), table=rows, description="Tokenizer compression")
+    get_run_logger().info("tokenizer bytes/token: " + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in result.items()))
+    return result
+
+
+class _Progress:
+    """Feeds training progress into a Prefect progress artifact, at most every few seconds."""
+
+    def __init__(self, run: str, stage: str, every_s: float = 3.0):
+        self.logger = get_run_logger()
+        self.id = create_progress_artifact(progress=0.0, key=_artifact_key(run, f"{stage}-progress"),
+                                           description=f"{stage} training progress")
+        self.every_s, self.last = every_s, 0.0
+
+    def __call__(self, row: dict) -> None:
+        now = time.monotonic()
+        done = row["step"] == row["num_iterations"]
+        if now - self.last < self.every_s and not done:
+            return
+        self.last = now
+        update_progress_artifact(self.id, progress=100.0 * row["step"] / row["num_iterations"])
+        self.logger.info(
+            f"step {row['step']}/{row['num_iterations']} | loss {row['smooth_loss']:.4f} | "
+            f"{row['tok_per_s']:,.0f} tok/s | ETA {row['eta_s'] / 60:.1f} min"
+        )
+
+
+@task(name="base-train", **CACHED)
+def base_train(run: str, config: dict, tokenizer_fingerprint: str, data_fingerprint: str, root: str,
+               fresh: bool = False) -> dict:
+    result = stages.train_base(run, config, root=root, fresh=fresh, on_progress=_Progress(run, "base"))
+    if result["interrupted"]:
+        raise RuntimeError(f"base-train was interrupted at step {result['step']}; rerun the flow to resume")
+    _table(_artifact_key(run, "base-train"), result["metrics"], "Base training")
+    create_link_artifact(key=_artifact_key(run, "base-checkpoint"), link=f"file://{result['checkpoint']}",
+                         link_text=f"base checkpoint (step {result['step']})")
+    return result
+
+
+@task(name="base-eval", **CACHED)
+def base_eval(run: str, eval_tokens: int, checkpoint_fingerprint: str, root: str) -> dict:
+    result = stages.eval_bpb(run, "base", eval_tokens, root=root)
+    get_run_logger().info(f"base val bpb {result['val_bpb']:.4f}, train bpb {result['train_bpb']:.4f}")
+    _table(_artifact_key(run, "base-eval"), result, "Base model bits per byte")
+    return result
