@@ -1,4 +1,4 @@
-"""nanochat's speedrun as one Prefect flow: data -> tokenizer -> base-train -> base-eval -> report.
+"""nanochat's speedrun as one Prefect flow: data -> tokenizer -> base-train -> base-eval -> sample -> publish -> report.
 
 Every stage is a cached task (see tasks/caching.py): a rerun reuses finished stages, and a
 killed training stage resumes from its latest checkpoint. `--only`/`--from` run a subset
@@ -41,8 +41,9 @@ def build_flow():
 
     @flow(name="speedrun", log_prints=True)
     def speedrun(preset: str = "smoke", run: str | None = None, depth: int | None = None,
-                 only: str | None = None, start: str | None = None, force: str | None = None) -> dict:
-        p = presets.resolve(preset, depth)
+                 only: str | None = None, start: str | None = None, force: str | None = None,
+                 max_steps: int | None = None) -> dict:
+        p = presets.resolve(preset, depth, max_steps)
         run = run or p.name
         root = str(home())
         order = stages.STAGES
@@ -69,7 +70,12 @@ def build_flow():
         step("tokenizer-eval", T.tokenizer_eval, run=run, source=p.source, tokenizer_fingerprint=tok["fingerprint"], root=root)
         base = step("base-train", T.base_train, run=run, config=p.base.to_dict(), tokenizer_fingerprint=tok["fingerprint"],
                     data_fingerprint=data["fingerprint"], root=root)
-        step("base-eval", T.base_eval, run=run, eval_tokens=p.bpb_eval_tokens, checkpoint_fingerprint=base["fingerprint"], root=root)
+        bpb = step("base-eval", T.base_eval, run=run, eval_tokens=p.bpb_eval_tokens,
+                   checkpoint_fingerprint=base["fingerprint"], root=root)
+        step("sample", T.sample, run=run, stage="base", max_tokens=p.sample_max_tokens,
+             checkpoint_fingerprint=base["fingerprint"], root=root)
+        step("publish", T.publish, run=run, stage="base", checkpoint_fingerprint=base["fingerprint"],
+             eval_fingerprint=bpb.get("fingerprint", ""), root=root)
         fingerprints = {k: v.get("fingerprint") for k, v in records.items()}
         if "report" in selected:
             records["report"] = report.with_options(refresh_cache="report" in forced)(
@@ -84,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="smoke", help="tiny | smoke | d12 | d20")
     parser.add_argument("--run", help="run name (default: the preset's name)")
     parser.add_argument("--depth", type=int)
+    parser.add_argument("--max-steps", type=int, help="override the preset's base-training steps")
     parser.add_argument("--home", help="run directory root (default $MLXCHAT_HOME or ./artifacts)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--only", metavar="STAGE")
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     speedrun = build_flow()
     try:
         records = speedrun(preset=args.preset, run=args.run, depth=args.depth, only=args.only, start=args.start,
-                           force=args.force)
+                           force=args.force, max_steps=args.max_steps)
     except MlxchatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -60,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", required=True)
     ev.add_argument("--stage", default="base")
     ev.add_argument("--eval-tokens", type=int)
+    sm = sub.add_parser("sample", help="complete nanochat's sample prompts with a stage's checkpoint")
+    sm.add_argument("--run", required=True)
+    sm.add_argument("--stage", default="base")
+    sm.add_argument("--prompt", action="append", help="a prompt (repeatable; default: nanochat's list)")
+    sm.add_argument("--max-tokens", type=int, default=32)
+    sm.add_argument("--temperature", type=float, default=0.0)
+    sm.add_argument("--top-k", type=int)
+
+    pub = sub.add_parser("publish", help="write an mlx-lm loadable model folder from a stage's checkpoint")
+    pub.add_argument("--run", required=True)
+    pub.add_argument("--stage", default="base")
+    pub.add_argument("--out", help="output folder (default <home>/published/<run>-<stage>)")
     return parser
 
 
@@ -92,6 +104,10 @@ def run_command(args: argparse.Namespace) -> dict | list:
         if result.interrupted:
             raise KeyboardInterrupt
         return result.to_dict()
+    if args.command == "sample":
+        return stages.sample(args.run, args.stage, args.prompt, args.max_tokens, args.temperature, args.top_k, root=root)
+    if args.command == "publish":
+        return stages.publish(args.run, args.stage, args.out, root=root)
     if args.command == "eval":
         return stages.eval_bpb(args.run, args.stage, args.eval_tokens, root=root)
     raise AssertionError(args.command)

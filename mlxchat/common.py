@@ -139,9 +139,10 @@ def device_name() -> str:
 def get_logger(name: str = "mlxchat") -> logging.Logger:
     """A plain stderr logger; Prefect tasks attach their own handler to the same name."""
     logger = logging.getLogger(name)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
     if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
     return logger

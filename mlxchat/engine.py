@@ -182,14 +182,14 @@ def generate_batch(model, tokens: list[int], max_tokens: int, **kwargs) -> list[
 
 
 def sample_prompts(
-    model, tokenizer, prompts: Sequence[str], max_tokens: int = 16, temperature: float = 0.0
+    model, tokenizer, prompts: Sequence[str], max_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None
 ) -> list[dict]:
     """Complete each prompt (one row each); a `<|bos|>` ends a completion, as it ends a document."""
     samples = []
     for prompt in prompts:
         ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
         (completion,) = generate_batch(
-            model, ids, max_tokens, temperature=temperature, stop_tokens=(tokenizer.bos_id,)
+            model, ids, max_tokens, temperature=temperature, top_k=top_k, stop_tokens=(tokenizer.bos_id,)
         )
         samples.append({"prompt": prompt, "completion": tokenizer.decode(completion)})
     return samples

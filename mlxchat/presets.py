@@ -50,11 +50,13 @@ PRESETS = {
 }
 
 
-def resolve(preset: str, depth: int | None = None) -> RunPreset:
+def resolve(preset: str, depth: int | None = None, max_steps: int | None = None) -> RunPreset:
     if preset not in PRESETS:
         raise MlxchatError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
     base = replace(p.base, source=p.source)
     if depth is not None:
         base = replace(base, depth=depth)
+    if max_steps is not None:
+        base = replace(base, max_steps=max_steps)
     return replace(p, base=base)

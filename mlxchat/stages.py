@@ -84,7 +84,7 @@ def eval_bpb(run: str, stage: str = "base", eval_tokens: int | None = None, root
     path = rdir / "eval" / "bpb.json"
     existing = read_json(path, "bpb results") if path.exists() else {}
     atomic_write_json(path, {**existing, stage: result})
-    return result
+    return {**result, "fingerprint": fingerprint_files([path])}
 
 
 def train_base(run: str, config: dict, root=None, fresh: bool = False, on_progress=None) -> dict:
@@ -95,6 +95,37 @@ def train_base(run: str, config: dict, root=None, fresh: bool = False, on_progre
     out = result.to_dict()
     out["fingerprint"] = fingerprint_files([result.checkpoint / "model.safetensors"])
     return out
+
+
+def sample(run: str, stage: str = "base", prompts: list[str] | None = None, max_tokens: int = 16,
+           temperature: float = 0.0, top_k: int | None = None, root=None) -> dict:
+    """nanochat's sample prompts through a stage's latest checkpoint, into samples/<stage>.md."""
+    from mlxchat import engine
+    from mlxchat.common import atomic_write_text
+    from mlxchat.tokenizer import Tokenizer
+    from mlxchat.train import load_trained_model
+
+    rdir = run_dir(run, root, must_exist=True)
+    model, ck = load_trained_model(rdir / stage, f"train it first: mlxchat train {stage} --run {run}")
+    tok = Tokenizer.load(rdir / "tokenizer")
+    samples = engine.sample_prompts(model, tok, prompts or engine.SAMPLE_PROMPTS, max_tokens=max_tokens,
+                                    temperature=temperature, top_k=top_k)
+    path = rdir / "samples" / f"{stage}.md"
+    atomic_write_text(path, engine.render_samples_markdown(stage, samples))
+    return {"path": str(path), "step": ck.step, "samples": samples, "fingerprint": fingerprint_files([path])}
+
+
+def publish(run: str, stage: str = "base", out: str | None = None, root=None) -> dict:
+    """An mlx-lm loadable folder (`published/<run>-<stage>/` by default) from a stage's checkpoint."""
+    from mlxchat import interop
+    from mlxchat.common import home
+
+    rdir = run_dir(run, root, must_exist=True)
+    out_dir = Path(out) if out else home(root) / "published" / f"{run}-{stage}"
+    bpb = read_json(rdir / "eval" / "bpb.json", "bpb results").get(stage, {}) if (rdir / "eval" / "bpb.json").exists() else {}
+    metrics = {k: bpb[k] for k in ("val_bpb", "train_bpb") if k in bpb}
+    result = interop.publish(rdir, stage, out_dir, metrics=metrics)
+    return {**result, "out_dir": str(out_dir), "fingerprint": fingerprint_files([out_dir / "model.safetensors"])}
 
 
 STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "base-train", "base-eval", "sample", "publish", "report"]

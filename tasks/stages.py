@@ -93,3 +93,23 @@ def base_eval(run: str, eval_tokens: int, checkpoint_fingerprint: str, root: str
     get_run_logger().info(f"base val bpb {result['val_bpb']:.4f}, train bpb {result['train_bpb']:.4f}")
     _table(_artifact_key(run, "base-eval"), result, "Base model bits per byte")
     return result
+
+
+@task(name="sample", **CACHED)
+def sample(run: str, stage: str, max_tokens: int, checkpoint_fingerprint: str, root: str) -> dict:
+    result = stages.sample(run, stage, max_tokens=max_tokens, root=root)
+    logger = get_run_logger()
+    for s in result["samples"]:
+        logger.info(f"{s['prompt']!r} -> {s['completion']!r}")
+    create_table_artifact(key=_artifact_key(run, f"samples-{stage}"), table=result["samples"],
+                          description=f"Samples after {stage} (greedy)")
+    return {k: v for k, v in result.items() if k != "samples"}
+
+
+@task(name="publish", **CACHED)
+def publish(run: str, stage: str, checkpoint_fingerprint: str, eval_fingerprint: str, root: str) -> dict:
+    result = stages.publish(run, stage, root=root)
+    get_run_logger().info(f"published {stage} model to {result['out_dir']}")
+    create_link_artifact(key=_artifact_key(run, f"published-{stage}"), link=f"file://{result['out_dir']}",
+                         link_text=f"mlx-lm model folder ({stage}, step {result.get('step')})")
+    return result

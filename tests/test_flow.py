@@ -1,0 +1,109 @@
+"""The speedrun flow end to end on the tiny preset: stages, caching, --force, --only, kill and resume.
+
+Each flow runs in a fresh process, as a user's rerun would, on Prefect's ephemeral local server."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "base-train", "base-eval", "sample", "publish", "report"]
+
+pytestmark = pytest.mark.slow
+
+
+def _flow(home, *args, check=True, **popen):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, str(REPO / "flows" / "speedrun.py"), "--preset", "tiny", "--home", str(home), *args]
+    if popen:
+        return subprocess.Popen(cmd, env=env, **popen)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def _states(output: str) -> dict[str, str]:
+    """Final state of each task run, by stage name, from the flow's log."""
+    states = {}
+    for name, state in re.findall(r"Task run '([a-z-]+)-[0-9a-f]+' - Finished in state (\w+)", output):
+        states[name] = state
+    return states
+
+
+@pytest.fixture(scope="module")
+def home(smoke_root, tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow_home")
+    shutil.copytree(smoke_root / "data", root / "data")
+    return root
+
+
+def test_flow_runs_every_stage_then_reruns_from_cache(home):
+    first = _flow(home)
+    states = _states(first.stdout + first.stderr)
+    assert states == {s: "Completed" for s in STAGES}
+    run = home / "runs" / "tiny"
+    assert (run / "report.md").read_text().startswith("# mlxchat report: tiny")
+    assert (run / "plots" / "base.png").stat().st_size > 1000
+    assert "The capital of France is" in (run / "samples" / "base.md").read_text()
+    assert (home / "published" / "tiny-base" / "model.safetensors").exists()
+    assert (home / "published" / "tiny-base" / "config.json").read_text().count('"nanochat"') == 1
+
+    again = _flow(home)
+    assert _states(again.stdout + again.stderr) == {s: "Cached" for s in STAGES}
+
+    forced = _flow(home, "--force", "base-train")
+    states = _states(forced.stdout + forced.stderr)
+    before, after = STAGES[:3], STAGES[3:]
+    assert all(states[s] == "Cached" for s in before), states
+    assert all(states[s] == "Completed" for s in after), states
+
+
+def test_only_without_inputs_names_the_stage_to_run_first(tmp_path, home):
+    shutil.copytree(home / "data", tmp_path / "data")
+    out = _flow(tmp_path, "--only", "base-eval", check=False)
+    assert out.returncode == 2
+    assert "stage 'tokenizer-train' has no results for run 'tiny': run it first" in out.stderr
+
+
+def test_sigkill_during_base_train_then_rerun_resumes_from_latest(tmp_path, home):
+    shutil.copytree(home / "data", tmp_path / "data")
+    proc = _flow(tmp_path, "--max-steps", "150", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stage = tmp_path / "runs" / "tiny" / "base"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(stage.glob("step_0000[1-9]*")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = int(os.readlink(stage / "latest").split("_")[1])
+    assert 0 < killed_at < 150
+    out = _flow(tmp_path, "--max-steps", "150")
+    log = out.stdout + out.stderr
+    states = _states(log)
+    assert states["prepare-data"] == "Cached" and states["tokenizer-train"] == "Cached"
+    assert states["base-train"] == "Completed"
+    assert re.search(rf"resuming base from step_0*{killed_at} \(step {killed_at} of 150\)", log), log[-3000:]
+    assert os.readlink(stage / "latest") == "step_000150"
+
+
+def test_a_failing_stage_fails_the_flow_and_the_fixed_rerun_resumes_there(tmp_path, home):
+    shutil.copytree(home / "data", tmp_path / "data")
+    _flow(tmp_path, "--only", "prepare-data")
+    _flow(tmp_path, "--only", "tokenizer-train")
+    pkl = tmp_path / "runs" / "tiny" / "tokenizer" / "tokenizer.pkl"
+    good = pkl.read_bytes()
+    pkl.write_bytes(b"corrupt")
+    out = _flow(tmp_path, "--from", "tokenizer-eval", check=False)
+    assert out.returncode != 0
+    assert re.search(r"Task run 'tokenizer-eval-[0-9a-f]+' - .*tokenizer .*tokenizer.pkl is corrupt", out.stdout + out.stderr)
+    pkl.write_bytes(good)
+    fixed = _flow(tmp_path, "--from", "tokenizer-eval")
+    assert _states(fixed.stdout + fixed.stderr)["tokenizer-eval"] == "Completed"
