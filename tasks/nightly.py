@@ -1,0 +1,89 @@
+"""Tasks of the nightly evaluation: score a published model, then record the score in a history.
+
+The math stays in mlxchat (`evaluate_bpb`, `sample_prompts`); these tasks only load, call,
+persist and publish artifacts, so the nightly numbers are the ones the speedrun reports.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from mlxchat.common import MlxchatError, read_json
+
+HISTORY_NAME = "eval_history.parquet"
+HISTORY_COLUMNS = ["timestamp", "model_dir", "run", "stage", "step", "val_bpb", "eval_tokens", "source"]
+TREND_ROWS = 20
+
+
+def latest_published(root: Path) -> Path:
+    """The published folder under `<root>/published/` whose model.safetensors is newest.
+
+    Hidden folders are skipped: they are a publish in progress or one that crashed."""
+    candidates = [p.parent for p in (Path(root) / "published").glob("[!.]*/model.safetensors")]
+    if not candidates:
+        raise MlxchatError(f"no published model under {Path(root) / 'published'}; run python flows/speedrun.py first")
+    return max(candidates, key=lambda d: (d / "model.safetensors").stat().st_mtime)
+
+
+# Never cached: the point of a nightly run is to measure again, even if nothing changed.
+@task(name="evaluate-published", cache_policy=NO_CACHE)
+def evaluate_published(model_dir: str, source: str, batch_size: int, seq_len: int, eval_tokens: int,
+                       max_tokens: int, root: str) -> dict:
+    """Validation bits per byte and greedy samples of one published model."""
+    from mlxchat import dataset, engine
+    from mlxchat.dataloader import DataLoader
+    from mlxchat.evaluation.bpb import evaluate_bpb
+    from mlxchat.interop import load_published
+
+    origin = read_json(Path(model_dir) / "config.json", "published model config").get("mlxchat", {})
+    model, tok = load_published(Path(model_dir))
+    steps = max(1, eval_tokens // (batch_size * seq_len))
+    loader = DataLoader(dataset.get_source(source, root=root), tok, batch_size, seq_len, "val")
+    t0 = time.time()
+    val_bpb = evaluate_bpb(model, loader, steps, tok.token_bytes())
+    samples = engine.sample_prompts(model, tok, engine.SAMPLE_PROMPTS, max_tokens=max_tokens)
+    get_run_logger().info(f"{model_dir}: val bpb {val_bpb:.4f} on {steps * batch_size * seq_len} tokens "
+                          f"of {source} ({time.time() - t0:.1f}s)")
+    return {"model_dir": str(model_dir), "run": origin.get("run"), "stage": origin.get("stage"),
+            "step": origin.get("step"), "val_bpb": val_bpb, "eval_tokens": steps * batch_size * seq_len,
+            "source": source, "samples": samples}
+
+
+def append_history(path: Path, row: dict) -> pd.DataFrame:
+    """Append `row` to the parquet history and return the whole history.
+
+    Written to a temporary file beside it and renamed into place, so a crash mid-write
+    leaves the previous history intact rather than a truncated parquet file."""
+    new = pd.DataFrame([{**{c: row.get(c) for c in HISTORY_COLUMNS}, "timestamp": pd.Timestamp.now(tz="UTC")}])
+    history = pd.concat([pd.read_parquet(path), new], ignore_index=True) if path.exists() else new
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        history.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return history
+
+
+@task(name="record-history", cache_policy=NO_CACHE)
+def record_history(result: dict, root: str) -> dict:
+    """One history row per evaluation, plus artifacts: the recent trend and the samples."""
+    from mlxchat import engine
+
+    path = Path(root) / HISTORY_NAME
+    history = append_history(path, result)
+    trend = history.tail(TREND_ROWS).assign(timestamp=lambda d: d["timestamp"].astype(str))
+    create_table_artifact(key="nightly-eval-history", table=trend.to_dict(orient="records"),
+                          description=f"val bpb of the last {len(trend)} nightly evaluations ({path})")
+    name = f"{result['run']}-{result['stage']} step {result['step']}"
+    create_markdown_artifact(key="nightly-eval-samples", markdown=engine.render_samples_markdown(name, result["samples"]),
+                             description=f"Greedy samples of {result['model_dir']}")
+    return {"history": str(path), "rows": len(history)}

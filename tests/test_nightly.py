@@ -1,0 +1,109 @@
+"""The nightly-eval flow against a Prefect test server: history rows, runs, artifacts, deployment.
+
+One tiny model is trained and published for the module, and one test server started (it takes
+tens of seconds here), since both dominate the cost of these tests."""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def home(smoke_root, tmp_path_factory):
+    """A home with the smoke corpus and one published 2-layer model (4 training steps)."""
+    from mlxchat import stages
+    from mlxchat.train import TrainConfig, train_base
+
+    root = tmp_path_factory.mktemp("nightly_home")
+    shutil.copytree(smoke_root / "data", root / "data")
+    stages.train_tokenizer("nightly", vocab_size=512, max_chars=300_000, root=root)
+    cfg = TrainConfig(depth=2, seq_len=64, device_batch_size=4, total_batch_size=256, max_steps=4, eval_every=0,
+                      checkpoint_every=4, eval_tokens=2048, dtype="float32")
+    train_base("nightly", cfg, root=root)
+    stages.publish("nightly", "base", root=root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def flow(home):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.nightly_eval import build_flow
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield build_flow()
+
+
+def _run(flow, home):
+    return flow(root=str(home), seq_len=64, eval_tokens=1024, max_tokens=4)
+
+
+def test_each_run_appends_one_history_row_visible_in_prefect(flow, home):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    first = _run(flow, home)
+    history = pd.read_parquet(home / "eval_history.parquet")
+    assert len(history) == 1 and first["rows"] == 1
+    row = history.iloc[0]
+    assert math.isfinite(row["val_bpb"]) and row["val_bpb"] > 0
+    assert (row["run"], row["stage"], row["step"], row["source"]) == ("nightly", "base", 4, "smoke")
+    assert row["model_dir"] == str(home / "published" / "nightly-base")
+    assert str(row["timestamp"].tz) == "UTC"
+
+    _run(flow, home)
+    assert len(pd.read_parquet(home / "eval_history.parquet")) == 2
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_flow_runs()
+            ids = [r.id for r in runs]
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+            artifacts = await client.read_artifacts()
+            return runs, tasks, artifacts
+
+    runs, tasks, artifacts = run_coro_as_sync(read())
+    assert len(runs) == 2 and all(r.state.is_completed() for r in runs)
+    assert sorted(t.task_key.split("-")[0] for t in tasks) == sorted(["evaluate_published", "record_history"] * 2)
+    by_key = {a.key: a for a in artifacts}  # the latest version of each keyed artifact
+    assert by_key["nightly-eval-history"].type == "table"
+    assert by_key["nightly-eval-samples"].type == "markdown"
+    assert "The capital of France is" in by_key["nightly-eval-samples"].data
+
+
+def test_register_deployment_creates_cron_schedule(flow):
+    from prefect import get_client
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from flows.nightly_eval import register_deployment
+
+    register_deployment(flow, parameters={"source": "smoke"})
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment_by_name("nightly-eval/nightly-eval")
+
+    deployment = run_coro_as_sync(read())
+    assert deployment.schedules[0].schedule.cron == "0 3 * * *"
+    assert deployment.parameters == {"source": "smoke"}
+
+
+def test_missing_published_model_is_a_one_line_error(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run([sys.executable, str(REPO / "flows" / "nightly_eval.py"), "--home", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr == (f"error: no published model under {tmp_path / 'published'}; "
+                          "run python flows/speedrun.py first\n")
