@@ -56,7 +56,14 @@ def build_flow():
         stages.write_run_json(run, p.to_dict(), root=root)
         records: dict[str, dict] = {}
 
+        last = max(order.index(s) for s in selected)
+
+        class AllSelectedDone(Exception):
+            """Stages after the last selected one are neither run nor required."""
+
         def step(name: str, fn, **kwargs) -> dict:
+            if order.index(name) > last:
+                raise AllSelectedDone
             if name not in selected:
                 records[name] = stages.existing_output(name, run, p.source, p.num_shards, root=root)
             else:
@@ -64,22 +71,25 @@ def build_flow():
                 records[name] = fn.with_options(refresh_cache=name in forced)(**kwargs, **extra)
             return records[name]
 
-        data = step("prepare-data", T.prepare_data, source=p.source, num_shards=p.num_shards, root=root)
-        tok = step("tokenizer-train", T.tokenizer_train, run=run, vocab_size=p.vocab_size, source=p.source,
-                   max_chars=p.tokenizer_max_chars, data_fingerprint=data["fingerprint"], root=root)
-        step("tokenizer-eval", T.tokenizer_eval, run=run, source=p.source, tokenizer_fingerprint=tok["fingerprint"], root=root)
-        base = step("base-train", T.base_train, run=run, config=p.base.to_dict(), tokenizer_fingerprint=tok["fingerprint"],
-                    data_fingerprint=data["fingerprint"], root=root)
-        bpb = step("base-eval", T.base_eval, run=run, eval_tokens=p.bpb_eval_tokens,
-                   checkpoint_fingerprint=base["fingerprint"], root=root)
-        step("sample", T.sample, run=run, stage="base", max_tokens=p.sample_max_tokens,
-             checkpoint_fingerprint=base["fingerprint"], root=root)
-        step("publish", T.publish, run=run, stage="base", checkpoint_fingerprint=base["fingerprint"],
-             eval_fingerprint=bpb.get("fingerprint", ""), root=root)
-        fingerprints = {k: v.get("fingerprint") for k, v in records.items()}
-        if "report" in selected:
-            records["report"] = report.with_options(refresh_cache="report" in forced)(
-                run=run, inputs=fingerprints, root=root)
+        def compose(step) -> None:
+            data = step("prepare-data", T.prepare_data, source=p.source, num_shards=p.num_shards, root=root)
+            tok = step("tokenizer-train", T.tokenizer_train, run=run, vocab_size=p.vocab_size, source=p.source,
+                       max_chars=p.tokenizer_max_chars, data_fingerprint=data["fingerprint"], root=root)
+            step("tokenizer-eval", T.tokenizer_eval, run=run, source=p.source, tokenizer_fingerprint=tok["fingerprint"], root=root)
+            base = step("base-train", T.base_train, run=run, config=p.base.to_dict(), tokenizer_fingerprint=tok["fingerprint"],
+                        data_fingerprint=data["fingerprint"], root=root)
+            bpb = step("base-eval", T.base_eval, run=run, eval_tokens=p.bpb_eval_tokens,
+                       checkpoint_fingerprint=base["fingerprint"], root=root)
+            step("sample", T.sample, run=run, stage="base", max_tokens=p.sample_max_tokens,
+                 checkpoint_fingerprint=base["fingerprint"], root=root)
+            step("publish", T.publish, run=run, stage="base", checkpoint_fingerprint=base["fingerprint"],
+                 eval_fingerprint=bpb.get("fingerprint", ""), root=root)
+            step("report", report, run=run, inputs={k: v.get("fingerprint") for k, v in records.items()}, root=root)
+
+        try:
+            compose(step)
+        except AllSelectedDone:
+            pass
         return records
 
     return speedrun
