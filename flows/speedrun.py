@@ -17,19 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flows import runtime  # noqa: E402
 from mlxchat.common import MlxchatError, home  # noqa: E402
-
-
-def _prefect_env(root: Path) -> None:
-    """Keep Prefect's ephemeral database under the run home unless the user chose otherwise,
-    and route mlxchat's own log lines into the Prefect run logs."""
-    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
-    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
-    # Task results (the stage records) persist in the run home, so reruns in new processes hit the cache.
-    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(root / ".cache" / "prefect-results")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mlxchat")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def build_flow():
@@ -68,7 +57,8 @@ def build_flow():
                 records[name] = stages.existing_output(name, run, p.source, p.num_shards, root=root)
             else:
                 extra = {"fresh": True} if (name == force and "fresh" in fn.fn.__code__.co_varnames) else {}
-                records[name] = fn.with_options(refresh_cache=name in forced)(**kwargs, **extra)
+                missing = stages.stage_output(name, run, p.source, p.num_shards, root=root) is None
+                records[name] = fn.with_options(refresh_cache=name in forced or missing)(**kwargs, **extra)
             return records[name]
 
         def compose(step) -> None:
@@ -109,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.home:
         os.environ["MLXCHAT_HOME"] = args.home
-    _prefect_env(home())
+    runtime.prepare(home())
     speedrun = build_flow()
     try:
+        runtime.wait_until_ready()
         records = speedrun(preset=args.preset, run=args.run, depth=args.depth, only=args.only, start=args.start,
                            force=args.force, max_steps=args.max_steps)
     except MlxchatError as e:

@@ -78,6 +78,9 @@ def build_report(run: str, root=None) -> Path:
     bpb = _read(rdir / "eval" / "bpb.json") or {}
     for stage, res in bpb.items():
         parts.append(_section(f"Bits per byte ({stage})", {k: res[k] for k in ("step", "val_bpb", "train_bpb", "eval_tokens")}))
+    timings = _read(rdir / "timings.json")
+    if timings:
+        parts.append(_section("Wall time per stage (seconds)", {k: round(v, 1) for k, v in timings.items()}))
     samples = rdir / "samples" / "base.md"
     if samples.exists():
         parts.append("## Samples (base)\n\n" + samples.read_text())

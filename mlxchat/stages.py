@@ -6,8 +6,10 @@ Prefect. Each returns a plain dict (paths and metrics) small enough to pass betw
 
 from __future__ import annotations
 
-import time
+import functools
 import hashlib
+import inspect
+import time
 from pathlib import Path
 
 from mlxchat.common import atomic_write_json, fingerprint_files, read_json, run_dir
@@ -20,6 +22,35 @@ def code_version() -> str:
         h.update(path.relative_to(Path(__file__).parent).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def timed(name: str):
+    """Record a run stage's wall time in `runs/<run>/timings.json`, under `name` formatted with
+    the call's arguments (e.g. "{stage}-eval").
+
+    The report shows it, and bench/pipeline_overhead.py subtracts the stages' own time from a
+    flow's wall time, which measures orchestration overhead inside one process instead of
+    comparing two runs on a shared, noisy machine.
+    """
+
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            t0 = time.perf_counter()
+            result = fn(*args, **kwargs)
+            path = run_dir(bound.arguments["run"], bound.arguments["root"]) / "timings.json"
+            timings = read_json(path, "stage timings") if path.exists() else {}
+            key = name.format(**bound.arguments)
+            atomic_write_json(path, {**timings, key: round(time.perf_counter() - t0, 3)})
+            return result
+
+        return inner
+
+    return wrap
 
 
 def prepare_data(source: str = "smoke", num_shards: int | None = None, root=None) -> dict:
@@ -36,6 +67,7 @@ def prepare_data(source: str = "smoke", num_shards: int | None = None, root=None
     return {"source": source, "path": str(path or ""), "fingerprint": src.fingerprint(), "num_shards": src.num_shards()}
 
 
+@timed("tokenizer-train")
 def train_tokenizer(run: str, vocab_size: int = 65536, source: str = "smoke", max_chars: int = 2_000_000_000,
                     doc_cap: int = 10_000, root=None) -> dict:
     """nanochat's tok_train: BPE on the first `max_chars` characters of the training split."""
@@ -47,6 +79,7 @@ def train_tokenizer(run: str, vocab_size: int = 65536, source: str = "smoke", ma
     return {"tokenizer_dir": str(out), "fingerprint": fingerprint_files([out / "tokenizer.pkl"]), **meta}
 
 
+@timed("tokenizer-eval")
 def eval_tokenizer(run: str, source: str = "smoke", max_chars: int = 1_000_000, root=None) -> dict:
     """nanochat's tok_eval: compression (bytes per token) on held-out and training text."""
     from mlxchat import dataset, tokenizer
@@ -60,6 +93,7 @@ def eval_tokenizer(run: str, source: str = "smoke", max_chars: int = 1_000_000, 
     return result
 
 
+@timed("{stage}-eval")
 def eval_bpb(run: str, stage: str = "base", eval_tokens: int | None = None, root=None) -> dict:
     """Bits per byte of a stage's latest checkpoint on the validation (and training) split."""
     from mlxchat import dataset
@@ -87,6 +121,7 @@ def eval_bpb(run: str, stage: str = "base", eval_tokens: int | None = None, root
     return {**result, "fingerprint": fingerprint_files([path])}
 
 
+@timed("base-train")
 def train_base(run: str, config: dict, root=None, fresh: bool = False, on_progress=None) -> dict:
     """Base pretraining from a config dict (as stored in run.json); resumes from `latest`."""
     from mlxchat.train import TrainConfig, train_base as _train
@@ -97,6 +132,7 @@ def train_base(run: str, config: dict, root=None, fresh: bool = False, on_progre
     return out
 
 
+@timed("sample-{stage}")
 def sample(run: str, stage: str = "base", prompts: list[str] | None = None, max_tokens: int = 16,
            temperature: float = 0.0, top_k: int | None = None, root=None) -> dict:
     """nanochat's sample prompts through a stage's latest checkpoint, into samples/<stage>.md."""
@@ -115,6 +151,7 @@ def sample(run: str, stage: str = "base", prompts: list[str] | None = None, max_
     return {"path": str(path), "step": ck.step, "samples": samples, "fingerprint": fingerprint_files([path])}
 
 
+@timed("publish-{stage}")
 def publish(run: str, stage: str = "base", out: str | None = None, root=None) -> dict:
     """An mlx-lm loadable folder (`published/<run>-<stage>/` by default) from a stage's checkpoint."""
     from mlxchat import interop
@@ -128,38 +165,62 @@ def publish(run: str, stage: str = "base", out: str | None = None, root=None) ->
     return {**result, "out_dir": str(out_dir), "fingerprint": fingerprint_files([out_dir / "model.safetensors"])}
 
 
+@timed("report")
+def report(run: str, root=None) -> dict:
+    """The run's report card, `runs/<run>/report.md`, from what the stages left."""
+    from mlxchat.report import build_report
+
+    path = build_report(run, root=root)
+    return {"path": str(path), "fingerprint": fingerprint_files([path])}
+
+
 STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "base-train", "base-eval", "sample", "publish", "report"]
 
 
-def existing_output(stage: str, run: str, source: str = "smoke", num_shards: int | None = None, root=None) -> dict:
-    """The record of a stage that is not being run (`--only`/`--from`), read from the run
-    directory; a missing output is a user error that names the stage to run first."""
+def stage_output(stage: str, run: str, source: str = "smoke", num_shards: int | None = None, root=None) -> dict | None:
+    """The record of a stage's finished output as found in the run directory, or None when it
+    is missing (never run, killed, or deleted by hand).
+
+    The flow checks this before trusting a cached result: Prefect's cache remembers that a
+    stage ran, not that its files are still there.
+    """
     from mlxchat import checkpoint, dataset
-    from mlxchat.common import MlxchatError
+    from mlxchat.common import MlxchatError, home
 
     rdir = run_dir(run, root)
-    missing = MlxchatError(f"stage {stage!r} has no results for run {run!r}: run it first (--from {stage})")
     if stage == "prepare-data":
         try:
             return {"fingerprint": dataset.get_source(source, root=root, num_shards=num_shards).fingerprint()}
         except MlxchatError:
-            raise missing from None
+            return None
+    if stage == "base-train":
+        ck = checkpoint.latest_checkpoint(rdir / "base")
+        if ck is None or ck.step < ck.state.get("num_iterations", 0):
+            return None
+        return {"checkpoint": str(ck.path), "step": ck.step, "fingerprint": fingerprint_files([ck.model_file])}
     paths = {
         "tokenizer-train": rdir / "tokenizer" / "tokenizer.pkl",
         "tokenizer-eval": rdir / "tokenizer" / "tok_eval.json",
         "base-eval": rdir / "eval" / "bpb.json",
         "sample": rdir / "samples" / "base.md",
+        "publish": home(root) / "published" / f"{run}-base" / "model.safetensors",
+        "report": rdir / "report.md",
     }
-    if stage == "base-train":
-        ck = checkpoint.latest_checkpoint(rdir / "base")
-        if ck is None or ck.step < ck.state.get("num_iterations", 0):
-            raise missing
-        return {"checkpoint": str(ck.path), "step": ck.step, "fingerprint": fingerprint_files([ck.model_file])}
-    if stage in paths:
-        if not paths[stage].exists():
-            raise missing
-        return {"path": str(paths[stage]), "fingerprint": fingerprint_files([paths[stage]])}
-    raise missing
+    path = paths.get(stage)
+    if path is None or not path.exists():
+        return None
+    return {"path": str(path), "fingerprint": fingerprint_files([path])}
+
+
+def existing_output(stage: str, run: str, source: str = "smoke", num_shards: int | None = None, root=None) -> dict:
+    """The record of a stage that is not being run (`--only`/`--from`); a missing output is a
+    user error that names the stage to run first."""
+    from mlxchat.common import MlxchatError
+
+    record = stage_output(stage, run, source, num_shards, root=root)
+    if record is None:
+        raise MlxchatError(f"stage {stage!r} has no results for run {run!r}: run it first (--from {stage})")
+    return record
 
 
 def write_run_json(run: str, preset: dict, root=None) -> Path:
