@@ -35,7 +35,7 @@ p = presets.resolve(sys.argv[1]); run, root = p.name, sys.argv[2]
 stages.prepare_data(p.source, p.num_shards, root=root)
 stages.train_tokenizer(run, p.vocab_size, p.source, p.tokenizer_max_chars, root=root)
 stages.eval_tokenizer(run, p.source, root=root)
-stages.train_base(run, p.base.to_dict(), root=root)
+stages.train(run, "base", p.base.to_dict(), root=root)
 stages.eval_bpb(run, "base", p.bpb_eval_tokens, root=root)
 stages.sample(run, "base", max_tokens=p.sample_max_tokens, root=root)
 stages.publish(run, "base", root=root)

@@ -1,4 +1,4 @@
-"""nanochat's speedrun as one Prefect flow: data -> tokenizer -> base-train -> base-eval -> sample -> publish -> report.
+"""nanochat's speedrun as one Prefect flow: data -> tokenizer -> base-train -> base-eval -> mid-train -> sft-train -> sample -> publish -> report.
 
 Every stage is a cached task (see tasks/caching.py): a rerun reuses finished stages, and a
 killed training stage resumes from its latest checkpoint. `--only`/`--from` run a subset
@@ -66,13 +66,17 @@ def build_flow():
             tok = step("tokenizer-train", T.tokenizer_train, run=run, vocab_size=p.vocab_size, source=p.source,
                        max_chars=p.tokenizer_max_chars, data_fingerprint=data["fingerprint"], root=root)
             step("tokenizer-eval", T.tokenizer_eval, run=run, source=p.source, tokenizer_fingerprint=tok["fingerprint"], root=root)
-            base = step("base-train", T.base_train, run=run, config=p.base.to_dict(), tokenizer_fingerprint=tok["fingerprint"],
-                        data_fingerprint=data["fingerprint"], root=root)
+            inputs = {"tokenizer": tok["fingerprint"], "data": data["fingerprint"]}
+            base = step("base-train", T.base_train, run=run, stage="base", config=p.base.to_dict(), inputs=inputs, root=root)
             bpb = step("base-eval", T.base_eval, run=run, eval_tokens=p.bpb_eval_tokens,
                        checkpoint_fingerprint=base["fingerprint"], root=root)
-            step("sample", T.sample, run=run, stage="base", max_tokens=p.sample_max_tokens,
-                 checkpoint_fingerprint=base["fingerprint"], root=root)
-            step("publish", T.publish, run=run, stage="base", checkpoint_fingerprint=base["fingerprint"],
+            mid = step("mid-train", T.mid_train, run=run, stage="mid", config=p.mid.to_dict(),
+                       inputs={**inputs, "base": base["fingerprint"]}, root=root)
+            sft = step("sft-train", T.sft_train, run=run, stage="sft", config=p.sft.to_dict(),
+                       inputs={**inputs, "mid": mid["fingerprint"]}, root=root)
+            checkpoints = {"base": base["fingerprint"], "mid": mid["fingerprint"], "sft": sft["fingerprint"]}
+            step("sample", T.sample, run=run, checkpoints=checkpoints, max_tokens=p.sample_max_tokens, root=root)
+            step("publish", T.publish, run=run, stage=stages.CHAT_MODEL_STAGE, checkpoint_fingerprint=sft["fingerprint"],
                  eval_fingerprint=bpb.get("fingerprint", ""), root=root)
             step("report", report, run=run, inputs={k: v.get("fingerprint") for k, v in records.items()}, root=root)
 

@@ -14,24 +14,35 @@ import sys
 from mlxchat.common import HOME_ENV, MlxchatError
 
 
+# `mlxchat train` flags that map onto TrainConfig / OptimConfig fields; unset flags keep the
+# stage's nanochat defaults (presets.stage_defaults).
+TRAIN_FLAGS = ("depth", "max_steps", "device_batch_size", "total_batch_size", "examples_per_step", "seq_len",
+               "checkpoint_every", "eval_every", "eval_tokens", "eval_steps", "dtype", "source", "seed")
+OPTIM_FLAGS = ("matrix_lr", "embedding_lr", "unembedding_lr", "init_lr_frac")
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stage", choices=["base"])
+    p.add_argument("stage", choices=["base", "mid", "sft"])
     p.add_argument("--run", required=True)
-    p.add_argument("--depth", type=int, default=20)
-    p.add_argument("--max-steps", type=int, default=-1)
-    p.add_argument("--device-batch-size", type=int, default=32)
-    p.add_argument("--total-batch-size", type=int, default=524288)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--eval-tokens", type=int, default=20 * 524288)
-    p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16", "float16"])
-    p.add_argument("--source", default="smoke", help="smoke | hub[:owner/name] | dir:PATH")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    for flag in ("depth", "max_steps", "device_batch_size", "total_batch_size", "examples_per_step", "seq_len",
+                 "checkpoint_every", "eval_every", "eval_tokens", "eval_steps", "seed"):
+        p.add_argument(f"--{flag.replace('_', '-')}", type=int)
+    p.add_argument("--dtype", choices=["", "float32", "bfloat16", "float16"])
+    p.add_argument("--source", help="base: smoke | hub[:owner/name] | dir:PATH; mid/sft: smoke | hub")
+    for flag in OPTIM_FLAGS:
+        p.add_argument(f"--{flag.replace('_', '-')}", type=float)
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+
+
+def train_config(args: argparse.Namespace):
+    """The stage's nanochat defaults with the flags the user gave."""
+    from dataclasses import replace
+
+    from mlxchat.presets import stage_defaults
+
+    cfg = stage_defaults(args.stage)
+    optim = replace(cfg.optim, **{k: getattr(args, k) for k in OPTIM_FLAGS if getattr(args, k) is not None})
+    return replace(cfg, optim=optim, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,20 +101,10 @@ def run_command(args: argparse.Namespace) -> dict | list:
             return stages.train_tokenizer(args.run, args.vocab_size, args.source, args.max_chars, root=root)
         return stages.eval_tokenizer(args.run, args.source, root=root)
     if args.command == "train":
-        from mlxchat.optim import OptimConfig
-        from mlxchat.train import TrainConfig, train_base
-
-        cfg = TrainConfig(
-            stage=args.stage, depth=args.depth, seq_len=args.seq_len, device_batch_size=args.device_batch_size,
-            total_batch_size=args.total_batch_size, max_steps=args.max_steps, eval_every=args.eval_every,
-            eval_tokens=args.eval_tokens, checkpoint_every=args.checkpoint_every, dtype=args.dtype,
-            seed=args.seed, source=args.source,
-            optim=OptimConfig(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr),
-        )
-        result = train_base(args.run, cfg, root=root, fresh=args.fresh)
-        if result.interrupted:
+        result = stages.train(args.run, args.stage, train_config(args).to_dict(), root=root, fresh=args.fresh)
+        if result["interrupted"]:
             raise KeyboardInterrupt
-        return result.to_dict()
+        return result
     if args.command == "sample":
         return stages.sample(args.run, args.stage, args.prompt, args.max_tokens, args.temperature, args.top_k, root=root)
     if args.command == "publish":

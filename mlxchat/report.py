@@ -13,8 +13,8 @@ def _read(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def plot_training(metrics_file: Path, out_png: Path) -> Path | None:
-    """Training loss and validation bpb against step, as a PNG."""
+def plot_training(metrics_file: Path, out_png: Path, metric: str = "val_bpb") -> Path | None:
+    """Training loss and the validation metric (bpb, or SFT's loss) against step, as a PNG."""
     if not metrics_file.exists():
         return None
     import matplotlib
@@ -24,14 +24,15 @@ def plot_training(metrics_file: Path, out_png: Path) -> Path | None:
 
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
     train = [(r["step"], r["smooth_loss"]) for r in rows if "smooth_loss" in r]
-    val = [(r["step"], r["val_bpb"]) for r in rows if "val_bpb" in r]
+    val = [(r["step"], r[metric]) for r in rows if metric in r]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     if train:
         ax1.plot(*zip(*train))
     ax1.set(title="training loss (smoothed)", xlabel="step", ylabel="nats/token")
     if val:
         ax2.plot(*zip(*val), marker="o")
-    ax2.set(title="validation bits per byte", xlabel="step", ylabel="bpb")
+    label = "bits per byte" if metric == "val_bpb" else "loss (assistant tokens)"
+    ax2.set(title=f"validation {label}", xlabel="step", ylabel=metric)
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -52,7 +53,7 @@ def _section(title: str, data: dict | None) -> str:
 
 
 def build_report(run: str, root=None) -> Path:
-    """Write `runs/<run>/report.md` (and `plots/base.png`) from the run directory."""
+    """Write `runs/<run>/report.md` (and `plots/<stage>.png`) from the run directory."""
     from mlxchat.checkpoint import latest_checkpoint
 
     rdir = run_dir(run, root)
@@ -65,25 +66,31 @@ def build_report(run: str, root=None) -> Path:
     tok_eval = _read(rdir / "tokenizer" / "tok_eval.json")
     if tok_eval:
         parts.append(_section("Tokenizer evaluation (bytes per token)", {k: v["ratio"] for k, v in tok_eval.items()}))
-    ck = latest_checkpoint(rdir / "base") if (rdir / "base").exists() else None
-    if ck is not None:
+    for stage in ("base", "mid", "sft"):
+        ck = latest_checkpoint(rdir / stage) if (rdir / stage).exists() else None
+        if ck is None:
+            continue
         cfg = ck.state.get("config", {})
-        parts.append(_section("Base model training", {
+        metric = "val_loss" if stage == "sft" else "val_bpb"
+        parts.append(_section(f"{stage.upper()} training", {
             "depth": cfg.get("depth"), **ck.state.get("model_config", {}), "steps": ck.step,
-            "tokens per step": cfg.get("total_batch_size"), "final val bpb": ck.state.get("val_bpb"),
+            "tokens per step" if stage != "sft" else "conversations per step":
+                cfg.get("total_batch_size") if stage != "sft" else cfg.get("examples_per_step"),
+            f"final {metric.replace('_', ' ')}": ck.state.get(metric),
         }))
-        png = plot_training(rdir / "base" / "metrics.jsonl", rdir / "plots" / "base.png")
+        png = plot_training(rdir / stage / "metrics.jsonl", rdir / "plots" / f"{stage}.png", metric)
         if png:
-            parts.append(f"![base training](plots/{png.name})\n")
+            parts.append(f"![{stage} training](plots/{png.name})\n")
     bpb = _read(rdir / "eval" / "bpb.json") or {}
     for stage, res in bpb.items():
         parts.append(_section(f"Bits per byte ({stage})", {k: res[k] for k in ("step", "val_bpb", "train_bpb", "eval_tokens")}))
     timings = _read(rdir / "timings.json")
     if timings:
         parts.append(_section("Wall time per stage (seconds)", {k: round(v, 1) for k, v in timings.items()}))
-    samples = rdir / "samples" / "base.md"
-    if samples.exists():
-        parts.append("## Samples (base)\n\n" + samples.read_text())
+    for stage in ("base", "mid", "sft"):
+        samples = rdir / "samples" / f"{stage}.md"
+        if samples.exists():
+            parts.append(f"## Samples ({stage})\n\n" + samples.read_text())
     path = rdir / "report.md"
     atomic_write_text(path, "\n".join(p for p in parts if p))
     return path

@@ -12,7 +12,7 @@ import inspect
 import time
 from pathlib import Path
 
-from mlxchat.common import atomic_write_json, fingerprint_files, read_json, run_dir
+from mlxchat.common import MlxchatError, atomic_write_json, fingerprint_files, read_json, run_dir
 
 
 def code_version() -> str:
@@ -121,12 +121,17 @@ def eval_bpb(run: str, stage: str = "base", eval_tokens: int | None = None, root
     return {**result, "fingerprint": fingerprint_files([path])}
 
 
-@timed("base-train")
-def train_base(run: str, config: dict, root=None, fresh: bool = False, on_progress=None) -> dict:
-    """Base pretraining from a config dict (as stored in run.json); resumes from `latest`."""
-    from mlxchat.train import TrainConfig, train_base as _train
+@timed("{stage}-train")
+def train(run: str, stage: str, config: dict, root=None, fresh: bool = False, on_progress=None) -> dict:
+    """Train a stage (base, mid or sft) from a config dict (as stored in run.json); resumes
+    from the stage's `latest` checkpoint."""
+    from mlxchat.train import CHAT_STAGES, TrainConfig, train_base, train_chat
 
-    result = _train(run, TrainConfig.from_dict(config), root=root, fresh=fresh, on_progress=on_progress)
+    cfg = TrainConfig.from_dict({**config, "stage": stage})
+    if stage != "base" and stage not in CHAT_STAGES:
+        raise MlxchatError(f"unknown training stage {stage!r}; expected base, {', '.join(CHAT_STAGES)}")
+    fn = train_base if stage == "base" else train_chat
+    result = fn(run, cfg, root=root, fresh=fresh, on_progress=on_progress)
     out = result.to_dict()
     out["fingerprint"] = fingerprint_files([result.checkpoint / "model.safetensors"])
     return out
@@ -135,7 +140,8 @@ def train_base(run: str, config: dict, root=None, fresh: bool = False, on_progre
 @timed("sample-{stage}")
 def sample(run: str, stage: str = "base", prompts: list[str] | None = None, max_tokens: int = 16,
            temperature: float = 0.0, top_k: int | None = None, root=None) -> dict:
-    """nanochat's sample prompts through a stage's latest checkpoint, into samples/<stage>.md."""
+    """nanochat's sample prompts through a stage's latest checkpoint (completions for base,
+    one-turn chats for mid and SFT), into samples/<stage>.md."""
     from mlxchat import engine
     from mlxchat.common import atomic_write_text
     from mlxchat.tokenizer import Tokenizer
@@ -144,8 +150,12 @@ def sample(run: str, stage: str = "base", prompts: list[str] | None = None, max_
     rdir = run_dir(run, root, must_exist=True)
     model, ck = load_trained_model(rdir / stage, f"train it first: mlxchat train {stage} --run {run}")
     tok = Tokenizer.load(rdir / "tokenizer")
-    samples = engine.sample_prompts(model, tok, prompts or engine.SAMPLE_PROMPTS, max_tokens=max_tokens,
-                                    temperature=temperature, top_k=top_k)
+    if stage == "base":
+        samples = engine.sample_prompts(model, tok, prompts or engine.SAMPLE_PROMPTS, max_tokens=max_tokens,
+                                        temperature=temperature, top_k=top_k)
+    else:
+        samples = engine.sample_chat(model, tok, prompts or engine.CHAT_PROMPTS, max_tokens=max_tokens,
+                                     temperature=temperature, top_k=top_k)
     path = rdir / "samples" / f"{stage}.md"
     atomic_write_text(path, engine.render_samples_markdown(stage, samples))
     return {"path": str(path), "step": ck.step, "samples": samples, "fingerprint": fingerprint_files([path])}
@@ -174,7 +184,10 @@ def report(run: str, root=None) -> dict:
     return {"path": str(path), "fingerprint": fingerprint_files([path])}
 
 
-STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "base-train", "base-eval", "sample", "publish", "report"]
+STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "base-train", "base-eval", "mid-train", "sft-train",
+          "sample", "publish", "report"]
+MODEL_STAGES = ["base", "mid", "sft"]  # trained in this order; each starts from the one before
+CHAT_MODEL_STAGE = MODEL_STAGES[-1]  # what the flow samples last and publishes
 
 
 def stage_output(stage: str, run: str, source: str = "smoke", num_shards: int | None = None, root=None) -> dict | None:
@@ -185,7 +198,7 @@ def stage_output(stage: str, run: str, source: str = "smoke", num_shards: int | 
     stage ran, not that its files are still there.
     """
     from mlxchat import checkpoint, dataset
-    from mlxchat.common import MlxchatError, home
+    from mlxchat.common import home
 
     rdir = run_dir(run, root)
     if stage == "prepare-data":
@@ -193,8 +206,8 @@ def stage_output(stage: str, run: str, source: str = "smoke", num_shards: int | 
             return {"fingerprint": dataset.get_source(source, root=root, num_shards=num_shards).fingerprint()}
         except MlxchatError:
             return None
-    if stage == "base-train":
-        ck = checkpoint.latest_checkpoint(rdir / "base")
+    if stage in ("base-train", "mid-train", "sft-train"):
+        ck = checkpoint.latest_checkpoint(rdir / stage.removesuffix("-train"))
         if ck is None or ck.step < ck.state.get("num_iterations", 0):
             return None
         return {"checkpoint": str(ck.path), "step": ck.step, "fingerprint": fingerprint_files([ck.model_file])}
@@ -202,8 +215,8 @@ def stage_output(stage: str, run: str, source: str = "smoke", num_shards: int | 
         "tokenizer-train": rdir / "tokenizer" / "tokenizer.pkl",
         "tokenizer-eval": rdir / "tokenizer" / "tok_eval.json",
         "base-eval": rdir / "eval" / "bpb.json",
-        "sample": rdir / "samples" / "base.md",
-        "publish": home(root) / "published" / f"{run}-base" / "model.safetensors",
+        "sample": rdir / "samples" / f"{CHAT_MODEL_STAGE}.md",
+        "publish": home(root) / "published" / f"{run}-{CHAT_MODEL_STAGE}" / "model.safetensors",
         "report": rdir / "report.md",
     }
     path = paths.get(stage)
@@ -215,8 +228,6 @@ def stage_output(stage: str, run: str, source: str = "smoke", num_shards: int | 
 def existing_output(stage: str, run: str, source: str = "smoke", num_shards: int | None = None, root=None) -> dict:
     """The record of a stage that is not being run (`--only`/`--from`); a missing output is a
     user error that names the stage to run first."""
-    from mlxchat.common import MlxchatError
-
     record = stage_output(stage, run, source, num_shards, root=root)
     if record is None:
         raise MlxchatError(f"stage {stage!r} has no results for run {run!r}: run it first (--from {stage})")

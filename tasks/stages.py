@@ -75,16 +75,19 @@ class _Progress:
         )
 
 
-@task(name="base-train", **CACHED)
-def base_train(run: str, config: dict, tokenizer_fingerprint: str, data_fingerprint: str, root: str,
-               fresh: bool = False) -> dict:
-    result = stages.train_base(run, config, root=root, fresh=fresh, on_progress=_Progress(run, "base"))
+def _train(run: str, stage: str, config: dict, inputs: dict, root: str, fresh: bool = False) -> dict:
+    """Train one stage; `inputs` (fingerprints of the tokenizer, data and starting checkpoint)
+    is only there for the cache key."""
+    result = stages.train(run, stage, config, root=root, fresh=fresh, on_progress=_Progress(run, stage))
     if result["interrupted"]:
-        raise RuntimeError(f"base-train was interrupted at step {result['step']}; rerun the flow to resume")
-    _table(_artifact_key(run, "base-train"), result["metrics"], "Base training")
-    create_link_artifact(key=_artifact_key(run, "base-checkpoint"), link=f"file://{result['checkpoint']}",
-                         link_text=f"base checkpoint (step {result['step']})")
+        raise RuntimeError(f"{stage}-train was interrupted at step {result['step']}; rerun the flow to resume")
+    _table(_artifact_key(run, f"{stage}-train"), result["metrics"], f"{stage} training")
+    create_link_artifact(key=_artifact_key(run, f"{stage}-checkpoint"), link=f"file://{result['checkpoint']}",
+                         link_text=f"{stage} checkpoint (step {result['step']})")
     return result
+
+
+base_train, mid_train, sft_train = (task(name=f"{stage}-train", **CACHED)(_train) for stage in ("base", "mid", "sft"))
 
 
 @task(name="base-eval", **CACHED)
@@ -96,14 +99,17 @@ def base_eval(run: str, eval_tokens: int, checkpoint_fingerprint: str, root: str
 
 
 @task(name="sample", **CACHED)
-def sample(run: str, stage: str, max_tokens: int, checkpoint_fingerprint: str, root: str) -> dict:
-    result = stages.sample(run, stage, max_tokens=max_tokens, root=root)
-    logger = get_run_logger()
-    for s in result["samples"]:
-        logger.info(f"{s['prompt']!r} -> {s['completion']!r}")
-    create_table_artifact(key=_artifact_key(run, f"samples-{stage}"), table=result["samples"],
-                          description=f"Samples after {stage} (greedy)")
-    return {k: v for k, v in result.items() if k != "samples"}
+def sample(run: str, checkpoints: dict, max_tokens: int, root: str) -> dict:
+    """Greedy samples of every trained stage (`checkpoints`: stage -> checkpoint fingerprint)."""
+    logger, records = get_run_logger(), {}
+    for stage in checkpoints:
+        result = stages.sample(run, stage, max_tokens=max_tokens, root=root)
+        for s in result["samples"]:
+            logger.info(f"{stage}: {s['prompt']!r} -> {s['completion']!r}")
+        create_table_artifact(key=_artifact_key(run, f"samples-{stage}"), table=result["samples"],
+                              description=f"Samples after {stage} (greedy)")
+        records[stage] = {k: v for k, v in result.items() if k != "samples"}
+    return {"stages": records, "fingerprint": "-".join(r["fingerprint"] for r in records.values())}
 
 
 @task(name="publish", **CACHED)
