@@ -19,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -76,7 +77,7 @@ class LocalServer:
     def __init__(self):
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
-        self._ready = False
+        self._error: MlxchatError | None = None
         app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         env.pop("PREFECT_API_URL", None)
@@ -89,22 +90,39 @@ class LocalServer:
         # Registered before Prefect is imported, so it runs after Prefect's own exit handlers
         # have flushed their logs and events to this server.
         atexit.register(self.stop)
+        self._waiter = threading.Thread(target=self._wait_and_warm, name="prefect-server-ready", daemon=True)
+        self._waiter.start()
 
     def wait(self) -> None:
+        self._waiter.join()
+        if self._error is not None:
+            raise self._error
+
+    def _wait_and_warm(self) -> None:
+        """Poll until the server answers, then make the first API call (the client's version
+        check, slow on a fresh server): both overlap the main thread's imports."""
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not self._ready:
+        while True:
             if self.process.poll() is not None:
                 err = (self.process.stderr.read() or b"").decode(errors="replace").strip().splitlines()
-                raise MlxchatError(f"Prefect's local server exited with code {self.process.returncode}: "
-                                   f"{err[-1] if err else 'no output'}; set PREFECT_API_URL to a running server instead")
+                self._error = MlxchatError(f"Prefect's local server exited with code {self.process.returncode}: "
+                                           f"{err[-1] if err else 'no output'}; set PREFECT_API_URL to a running server instead")
+                return
             try:
                 with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
-                    self._ready = response.status == 200
+                    if response.status == 200:
+                        break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise MlxchatError(f"Prefect's local server did not start within {STARTUP_TIMEOUT_S:.0f} s; "
-                                       "set PREFECT_API_URL to a running server instead") from None
-                time.sleep(0.1)
+                pass
+            if time.monotonic() > deadline:
+                self._error = MlxchatError(f"Prefect's local server did not start within {STARTUP_TIMEOUT_S:.0f} s; "
+                                           "set PREFECT_API_URL to a running server instead")
+                return
+            time.sleep(0.1)
+        try:
+            urllib.request.urlopen(f"{self.api_url}/admin/version", timeout=30).close()
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass  # only a warm-up: the client makes this call itself and reports failures
 
     def stop(self) -> None:
         if self.process.poll() is None:
