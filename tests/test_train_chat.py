@@ -2,10 +2,8 @@
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import mlx.core as mx
@@ -15,6 +13,8 @@ from mlxchat import stages
 from mlxchat.checkpoint import latest_checkpoint
 from mlxchat.common import MlxchatError
 from mlxchat.presets import resolve
+
+from killing import kill_after_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -89,17 +89,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run_bitwise(home, stage):
 
     run = _new_run(home, f"{stage}-killed")
     cmd, env = _cli(home, *common, "--run", run)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = home / "runs" / run / stage
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        ck = latest_checkpoint(out) if (out / "latest").is_symlink() else None
-        if ck is not None and ck.step >= 6:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = latest_checkpoint(out).step
+    killed_at = kill_after_checkpoint(cmd, env, out, 6)
     assert 6 <= killed_at < 18, "the run should have been killed part-way"
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
