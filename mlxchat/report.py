@@ -52,6 +52,37 @@ def _section(title: str, data: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+CHAT_ROWS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+
+
+def summary_rows(rdir: Path) -> list[dict]:
+    """nanochat's summary table: a row per metric, a column per stage (BASE / MID / SFT).
+
+    CORE comes from `eval/core.json` (named "CORE-pack (N/22)" when its data is not the
+    official bundle), the chat tasks and ChatCORE from `eval/chat_<stage>.json`. A missing
+    value is "-", never a guess."""
+    core = _read(rdir / "eval" / "core.json") or {}
+    chat = {stage: _read(rdir / "eval" / f"chat_{stage}.json") or {} for stage in ("mid", "sft")}
+
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    rows = [{"metric": core.get("name", "CORE"), "BASE": cell(core.get("core_metric")), "MID": "-", "SFT": "-"}]
+    for task in CHAT_ROWS + ["ChatCORE"]:
+        row = {"metric": task, "BASE": "-"}
+        for stage, data in chat.items():
+            value = data.get("chatcore") if task == "ChatCORE" else data.get("results", {}).get(task)
+            row[stage.upper()] = cell(value)
+        rows.append(row)
+    return rows
+
+
+def summary_markdown(rows: list[dict], note: str = "") -> str:
+    lines = ["## Summary", "", "| Metric | BASE | MID | SFT |", "|---|---|---|---|"]
+    lines += [f"| {r['metric']} | {r['BASE']} | {r['MID']} | {r['SFT']} |" for r in rows]
+    return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"
+
+
 def build_report(run: str, root=None) -> Path:
     """Write `runs/<run>/report.md` (and `plots/<stage>.png`) from the run directory."""
     from mlxchat.checkpoint import latest_checkpoint
@@ -59,6 +90,10 @@ def build_report(run: str, root=None) -> Path:
     rdir = run_dir(run, root)
     meta = _read(rdir / "run.json") or {}
     parts = [f"# mlxchat report: {run}", ""]
+    rows = summary_rows(rdir)
+    if any(v != "-" for r in rows for k, v in r.items() if k != "metric"):
+        limits = sorted({(_read(p) or {}).get("max_per_task") for p in (rdir / "eval").glob("*.json")} - {None, -1})
+        parts.append(summary_markdown(rows, f"Evaluated on at most {limits[-1]} problems per task (--max-per-task)." if limits else ""))
     if meta:
         parts.append(_section("Environment", {"git commit": meta.get("git_commit"), "code version": meta.get("code_version"),
                                              "platform": meta.get("platform"), **meta.get("versions", {})}))
