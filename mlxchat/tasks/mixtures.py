@@ -114,9 +114,12 @@ def make_task(name: str, args: dict, root=None) -> Task:
              "Arithmetic": arithmetic.Arithmetic}  # fmt: skip
     if name in local:
         return local[name](**args)
-    from mlxchat.tasks import hubtasks
+    from mlxchat.tasks.arc import ARC
+    from mlxchat.tasks.gsm8k import GSM8K
+    from mlxchat.tasks.mmlu import MMLU
+    from mlxchat.tasks.smoltalk import SmolTalk
 
-    hub = {"SmolTalk": hubtasks.SmolTalk, "MMLU": hubtasks.MMLU, "GSM8K": hubtasks.GSM8K, "ARC": hubtasks.ARC}
+    hub = {"SmolTalk": SmolTalk, "MMLU": MMLU, "GSM8K": GSM8K, "ARC": ARC}
     if name not in hub:
         raise MlxchatError(f"unknown task {name!r} in a mixture recipe")
     return hub[name](root=root, **args)
