@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from mlxchat.tasks.base import Task, evaluate_final_number, in_split
+from mlxchat.tasks.base import Task, check_split, evaluate_final_number, in_split
 
 NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo", "Kofi", "Lena", "Mateo",
          "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq", "Uma", "Victor", "Wen", "Yusuf", "Zoe")
@@ -149,8 +149,7 @@ class Arithmetic(Task):
 
     def __init__(self, size: int = 1000, split: str = "train", **kwargs):
         super().__init__(**kwargs)
-        in_split("", split)  # validates the name
-        self.size, self.split = size, split
+        self.size, self.split = size, check_split(split)
 
     def num_examples(self) -> int:
         return self.size

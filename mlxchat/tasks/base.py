@@ -124,11 +124,17 @@ def evaluate_final_number(conversation: dict, completion: str) -> bool:
     return reference is not None and extract_answer(completion) == reference
 
 
+def check_split(split: str) -> str:
+    """A generated task's split: "train", or "val"/"test" (the same held-out items)."""
+    if split not in ("train", "val", "test"):
+        raise MlxchatError(f"unknown split {split!r}; expected train, val or test")
+    return split
+
+
 def in_split(key: str, split: str, val_share: int = 10) -> bool:
     """Whether `key` (a word, a question) belongs to `split`: a stable hash sends one in
     `val_share` to "val"/"test" and the rest to "train", so generated train and validation
     data can never contain the same item, whatever the seeds."""
-    if split not in ("train", "val", "test"):
-        raise MlxchatError(f"unknown split {split!r}; expected train, val or test")
+    check_split(split)
     held_out = zlib.crc32(key.encode()) % val_share == 0
     return held_out == (split != "train")

@@ -57,8 +57,8 @@ def download(repo_id: str, patterns: str | list[str], root=None) -> list[Path]:
         ))  # fmt: skip
     except Exception as e:  # network, offline mode, missing repo: many types, one remedy
         raise MlxchatError(
-            f"cannot get {', '.join(patterns)} of hub dataset {repo_id} ({_one_line(e)}); check your network or "
-            "HF_ENDPOINT, or use the offline data (--source smoke)"
+            f"cannot get {', '.join(patterns)} of hub dataset {repo_id} ({_one_line(e.__cause__ or e)}); check your network or "
+            "HF_ENDPOINT, or work offline: --source smoke to train, the eval pack (mlxchat data prepare-evals) to evaluate"
         ) from None
     files = sorted(
         p for p in folder.rglob("*")
