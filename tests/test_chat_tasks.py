@@ -380,3 +380,13 @@ def test_eval_tasks_read_the_eval_pack(tmp_path):
 
     with pytest.raises(MlxchatError, match=r"arc_challenge\.jsonl.*mlxchat data prepare-evals"):
         ARC.from_pack(tmp_path, "ARC-Challenge")
+
+
+def test_every_smoke_conversation_renders_with_something_to_train_on():
+    tok = Tokenizer.train_from_iterator(iter(list(topics.values())[:60]), 400)
+    for kind in ("mid", "sft"):
+        for split in ("train", "val"):
+            mixture = build_mixture(kind, split, "smoke")
+            for i in range(len(mixture)):
+                ids, mask = tok.render_conversation(mixture[i], max_tokens=10**6)
+                assert 0 < sum(mask) < len(ids)
