@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "base-train", "base-eval", "sample", "publish", "report"]
+STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "base-train", "base-eval", "mid-train", "sft-train",
+          "sample", "publish", "report"]
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +53,12 @@ def test_flow_runs_every_stage_then_reruns_from_cache(home):
     assert states == {s: "Completed" for s in STAGES}
     run = home / "runs" / "tiny"
     assert (run / "report.md").read_text().startswith("# mlxchat report: tiny")
-    assert (run / "plots" / "base.png").stat().st_size > 1000
+    assert all((run / "plots" / f"{stage}.png").stat().st_size > 1000 for stage in ("base", "mid", "sft"))
     assert "The capital of France is" in (run / "samples" / "base.md").read_text()
-    assert (home / "published" / "tiny-base" / "model.safetensors").exists()
-    assert (home / "published" / "tiny-base" / "config.json").read_text().count('"nanochat"') == 1
+    assert all("What is the capital of France?" in (run / "samples" / f"{s}.md").read_text() for s in ("mid", "sft"))
+    assert (run / "sft" / "latest").is_symlink() and (run / "mid" / "latest").is_symlink()
+    assert (home / "published" / "tiny-sft" / "model.safetensors").exists()
+    assert (home / "published" / "tiny-sft" / "config.json").read_text().count('"nanochat"') == 1
 
     again = _flow(home)
     assert _states(again.stdout + again.stderr) == {s: "Cached" for s in STAGES}
@@ -65,7 +68,7 @@ def test_flow_runs_every_stage_then_reruns_from_cache(home):
     out = _flow(home)
     repaired = _states(out.stdout + out.stderr)
     assert {s for s, st in repaired.items() if st == "Completed"} == {"tokenizer-eval", "publish"}, repaired
-    assert (home / "published" / "tiny-base" / "model.safetensors").exists()
+    assert (home / "published" / "tiny-sft" / "model.safetensors").exists()
 
     forced = _flow(home, "--force", "base-train")
     states = _states(forced.stdout + forced.stderr)
@@ -151,4 +154,6 @@ def test_flow_runs_task_runs_and_artifacts_are_visible_through_the_prefect_clien
     assert by_key["tiny-base-checkpoint"].data == f"[base checkpoint (step 12)](file://{checkpoint})"
     assert by_key["tiny-report"].type == "markdown" and by_key["tiny-report"].data.startswith("# mlxchat report: tiny")
     assert by_key["tiny-samples-base"].type == "table"
-    assert f"(file://{tmp_path / 'published' / 'tiny-base'})" in by_key["tiny-published-base"].data
+    assert f"(file://{tmp_path / 'published' / 'tiny-sft'})" in by_key["tiny-published-sft"].data
+    assert by_key["tiny-sft-progress"].data == 100.0 and by_key["tiny-mid-train"].type == "table"
+    assert {"tiny-samples-mid", "tiny-samples-sft"} <= set(by_key)

@@ -83,11 +83,12 @@ def _cli(home, *args):
 @pytest.mark.parametrize("stage", ["mid", "sft"])
 def test_resume_after_sigkill_matches_uninterrupted_run_bitwise(home, stage):
     common = ["train", stage, *COMMON, *STAGE_ARGS[stage], "--max-steps", "18"]
-    ref = _new_run(home, f"{stage}-ref")
+    before = ("tokenizer", "base") if stage == "mid" else ("tokenizer", "base", "mid")
+    ref = _new_run(home, f"{stage}-ref", before)
     cmd, env = _cli(home, *common, "--run", ref)
     subprocess.run(cmd, env=env, check=True, capture_output=True)
 
-    run = _new_run(home, f"{stage}-killed")
+    run = _new_run(home, f"{stage}-killed", before)
     cmd, env = _cli(home, *common, "--run", run)
     out = home / "runs" / run / stage
     killed_at = kill_after_checkpoint(cmd, env, out, 6)
