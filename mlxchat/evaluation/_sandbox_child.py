@@ -1,0 +1,236 @@
+"""The sandbox's child process: limit itself, disable what is destructive, run one program.
+
+Started by `sandbox.run_program` as `python -I <this file> <program> <workdir> <limits...>`
+in a new session whose cwd is `<workdir>`. Standard library only (it runs in an isolated
+interpreter, not with mlxchat importable), and everything happens before the program's
+first line runs, so the program inherits limits it cannot lift.
+
+Layers, strongest first:
+1. Resource limits (address space, data, file size, CPU seconds, processes, no core dumps):
+   enforced by the kernel, soft = hard so an unprivileged program cannot raise them.
+2. On Linux (x86_64, aarch64), a seccomp filter that fails the system calls which would
+   leave this process: creating processes or threads (clone, clone3, fork, vfork), execve,
+   signalling other processes (kill, tkill, tgkill), sockets (no network), raising rlimits,
+   ptrace, namespaces and mounts. Kernel-enforced, so it holds against ctypes too, and
+   it is what stops a fork bomb when the evaluator runs as root (RLIMIT_NPROC does not
+   bind root).
+3. nanochat's `reliability_guard`: destructive functions of os, shutil, subprocess and
+   builtins replaced by ones that raise, `resource`/`psutil`/... unimportable, and writes
+   (open for writing, os.open with write flags, mkdir, links, and unlink/rename/truncate,
+   which nanochat disables outright) refused outside the workdir, so the program's own
+   temporary files (tempfile) work.
+   These are Python-level and a determined program can get around them (ctypes, `_io`,
+   `posix`); they exist to turn accidents into clear errors, not to contain malice.
+
+Exit status tells the parent what happened: 0 the program ran to its end, 1 it raised
+(SystemExit included, as nanochat counts any exception a failure); anything else, or a
+signal, means it was stopped from outside the Python level.
+"""
+
+import builtins
+import faulthandler
+import linecache
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import traceback
+
+# seccomp: syscall numbers of what the filter refuses, per audit arch.
+_BLOCKED_SYSCALLS = {
+    "x86_64": (
+        0xC000003E,
+        # clone fork vfork execve execveat clone3 kill tkill tgkill socket socketpair
+        # setrlimit prlimit64 ptrace unshare setns mount chroot
+        [56, 57, 58, 59, 322, 435, 62, 200, 234, 41, 53, 160, 302, 101, 272, 308, 165, 161],
+    ),
+    "aarch64": (
+        0xC00000B7,
+        # clone execve execveat clone3 kill tkill tgkill socket socketpair
+        # setrlimit prlimit64 ptrace unshare setns mount chroot
+        [220, 221, 281, 435, 129, 130, 131, 198, 199, 164, 261, 117, 97, 268, 40, 51],
+    ),
+}
+
+
+def set_limits(memory_bytes: int, fsize_bytes: int, cpu_seconds: int) -> None:
+    """Kernel limits; soft and hard equal, so the program cannot raise them back."""
+    limits = [
+        (resource.RLIMIT_AS, memory_bytes),
+        (resource.RLIMIT_DATA, memory_bytes),
+        (resource.RLIMIT_FSIZE, fsize_bytes),
+        (resource.RLIMIT_CPU, cpu_seconds),
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_NPROC, 0),
+    ]
+    for which, value in limits:
+        if which == resource.RLIMIT_AS and sys.platform == "darwin":
+            continue  # macOS refuses to lower RLIMIT_AS; RLIMIT_DATA still bounds the heap
+        hard = resource.getrlimit(which)[1]
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)  # a stricter limit the caller already has stays in force
+        resource.setrlimit(which, (value, value))
+    # Past RLIMIT_FSIZE a write fails with EFBIG (an exception the program sees) instead of
+    # SIGXFSZ killing the process, so a flood of output reads as the program failing.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def install_seccomp() -> str | None:
+    """Load the filter described in the module docstring; return why not, or None."""
+    if sys.platform != "linux":
+        return None  # no seccomp: the rlimits and Python guards are what remains
+    arch = os.uname().machine
+    if arch not in _BLOCKED_SYSCALLS:
+        return f"no seccomp syscall table for {arch}"
+    import ctypes
+
+    audit_arch, blocked = _BLOCKED_SYSCALLS[arch]
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    allow, deny = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    # seccomp_data: nr at offset 0, arch at offset 4. Jump targets are relative to the next
+    # instruction; the last two instructions are "allow" then "deny".
+    body = [(load, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, deny), (load, 0, 0, 0)]
+    if arch == "x86_64":
+        body.append((jge, None, 0, 0x40000000))  # the x32 ABI: the same calls under other numbers
+    body += [(jeq, None, 0, nr) for nr in blocked]
+    n = len(body) + 2
+    program = [(c, (n - 1 - (i + 1)) if jt is None else jt, jf, k) for i, (c, jt, jf, k) in enumerate(body)]
+    program += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
+    filters = (SockFilter * n)(*[SockFilter(*insn) for insn in program])
+    prog = SockFprog(n, filters)
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
+    if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0 or libc.prctl(
+        pr_set_seccomp, seccomp_mode_filter, ctypes.byref(prog), 0, 0
+    ) != 0:
+        return f"prctl failed: {os.strerror(ctypes.get_errno())}"
+    return None
+
+
+def _refuse(name: str):
+    def refused(*args, **kwargs):
+        raise PermissionError(f"{name} is disabled in the sandbox")
+
+    refused.__name__ = name.rsplit(".", 1)[-1]
+    return refused
+
+
+def reliability_guard(workdir: str) -> None:
+    """nanochat's guard (destructive calls disabled) plus writes confined to `workdir`.
+
+    Disabled functions raise PermissionError naming themselves rather than being None
+    (nanochat's choice), so a failing program's stderr says what it tried.
+    """
+    faulthandler.disable()
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+    for name in [
+        "kill", "killpg", "system", "popen", "removedirs", "fchdir", "chdir",
+        "setuid", "setgid", "setsid", "fork", "forkpty", "renames", "ftruncate", "fchmod", "fchown", "chmod", "chown", "chroot", "lchflags", "lchmod",
+        "lchown", "execv", "execve", "execvp", "execvpe", "execl", "execle", "execlp", "execlpe",
+        "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe",
+        "posix_spawn", "posix_spawnp", "_exit",
+    ]:
+        if hasattr(os, name):
+            setattr(os, name, _refuse(f"os.{name}"))
+    for name in ["rmtree", "move", "chown", "copytree"]:
+        setattr(shutil, name, _refuse(f"shutil.{name}"))
+    for name in ["Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"]:
+        setattr(subprocess, name, _refuse(f"subprocess.{name}"))
+    for name in ["exit", "quit", "help"]:
+        setattr(builtins, name, _refuse(name))
+    for name in ["ipdb", "joblib", "resource", "psutil", "tkinter"]:
+        sys.modules[name] = None  # `import name` now raises ImportError
+
+    _confine_writes(os.path.realpath(workdir))
+
+
+def _confine_writes(workdir: str) -> None:
+    """Refuse any write whose target, symlinks resolved, is outside `workdir`.
+
+    Paths are resolved before the check, so a symlink in the workdir that points outside
+    cannot be written through (nor, erring on the safe side, removed)."""
+    realpath = os.path.realpath
+
+    def check(path, what: str) -> None:
+        if isinstance(path, int):
+            return  # an already-open descriptor: it was checked when opened
+        target = realpath(os.fsdecode(os.fspath(path)))
+        if target != workdir and not target.startswith(workdir + os.sep):
+            raise PermissionError(f"{what} outside the sandbox's directory is not allowed: {target}")
+
+    real_open = builtins.open
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            check(file, "writing")
+        return real_open(file, mode, *args, **kwargs)
+
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    real_os_open = os.open
+
+    def guarded_os_open(path, flags, *args, **kwargs):
+        if flags & write_flags:
+            check(path, "writing")
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def guard_paths(name: str, *indices: int):
+        real = getattr(os, name)
+
+        def guarded(*args, **kwargs):
+            for i in indices:
+                check(args[i], f"os.{name}")
+            return real(*args, **kwargs)
+
+        setattr(os, name, guarded)
+
+    import io
+
+    builtins.open = io.open = guarded_open
+    os.open = guarded_os_open
+    for name in ["mkdir", "mkfifo", "remove", "unlink", "rmdir", "truncate"]:
+        guard_paths(name, 0)
+    for name in ["symlink", "link"]:
+        guard_paths(name, 1)
+    for name in ["rename", "replace"]:
+        guard_paths(name, 0, 1)
+
+
+def main() -> None:
+    program_path, workdir = sys.argv[1], sys.argv[2]
+    memory_bytes, fsize_bytes, cpu_seconds = (int(a) for a in sys.argv[3:6])
+    with open(program_path, encoding="utf-8") as f:
+        source = f.read()
+    code = compile(source, program_path, "exec")
+    linecache.cache[program_path] = (len(source), None, source.splitlines(True), program_path)
+    exit_now = os._exit
+    set_limits(memory_bytes, fsize_bytes, cpu_seconds)
+    why_not = install_seccomp()
+    if why_not:
+        print(f"sandbox: seccomp filter not installed ({why_not})", file=sys.stderr)
+    reliability_guard(workdir)
+    status = 0
+    try:
+        exec(code, {})  # fresh globals, as nanochat: __name__ is not "__main__"
+    except BaseException:
+        status = 1
+        traceback.print_exc()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            status = 1  # output past the file-size limit: the program's output was cut
+    exit_now(status)
+
+
+if __name__ == "__main__":
+    main()
