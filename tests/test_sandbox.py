@@ -41,6 +41,13 @@ def test_infinite_loop_times_out_and_the_next_program_runs():
     assert run_program("print('still here')").passed
 
 
+def test_without_waitid_timeouts_and_exits_still_work(monkeypatch):
+    """macOS before Python 3.13 has no os.waitid; the sandbox falls back to poll."""
+    monkeypatch.delattr(os, "waitid")
+    assert run_program("while True:\n    pass", timeout_s=1).status == "timeout"
+    assert run_program("print('done')").stdout == "done\n"
+
+
 def test_memory_bomb_fails():
     assert run_program("x = bytearray(2 << 30)").status == "failed"
     r = run_program("chunks = []\nwhile True:\n    chunks.append(' ' * 10**6)", memory_mb=128)

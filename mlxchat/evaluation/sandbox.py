@@ -141,26 +141,35 @@ def _wait_then_kill_group(proc: subprocess.Popen, deadline: float) -> bool:
     """Wait for the child until `deadline`, then kill its whole process group; return
     whether the deadline was reached.
 
-    The child is waited on with WNOWAIT, which leaves it unreaped: while it is a zombie its
-    pid (the group's id) cannot be reused, so killing the group cannot hit a stranger.
+    Where os.waitid exists (Linux; macOS from Python 3.13) the child is polled with WNOWAIT,
+    which leaves it unreaped: while it is a zombie its pid (the group's id) cannot be
+    reused, so killing the group cannot hit a stranger. Elsewhere `poll` reaps it first,
+    which leaves an instant in which an already empty group's id could be reused (an id is
+    never reused while any member of the group lives): a theoretical risk, accepted there.
     """
     delay = 0.001
     timed_out = False
-    while True:
-        if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-            break
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            timed_out = True
-            break
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 2, 0.02)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # the group is already empty
-    proc.wait()
+        while not _exited(proc):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.02)
+    finally:  # also when the evaluator is interrupted: nothing may outlive it
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the group is already empty
+        proc.wait()
     return timed_out
+
+
+def _exited(proc: subprocess.Popen) -> bool:
+    if hasattr(os, "waitid"):
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    return proc.poll() is not None
 
 
 def _status(returncode: int, timed_out: bool) -> str:
