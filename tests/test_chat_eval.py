@@ -114,9 +114,11 @@ class PrefixSumModel:
     def __init__(self, vocab_size):
         self.vocab_size = vocab_size
 
-    def __call__(self, idx):
-        s = mx.cumsum(idx, axis=1).astype(mx.float32)[..., None]
-        return mx.sin(s * (mx.arange(self.vocab_size, dtype=mx.float32) + 1.0) * 0.37)
+    def hidden(self, idx):
+        return mx.cumsum(idx, axis=1).astype(mx.float32)[..., None]
+
+    def logits(self, h):
+        return mx.sin(h * (mx.arange(self.vocab_size, dtype=mx.float32) + 1.0) * 0.37)
 
     def expected_logits(self, prompt):
         s = float(sum(prompt))
@@ -150,6 +152,12 @@ def test_categorical_batched_equals_one_at_a_time(model, tokenizer):
     batched = run_categorical_eval(task, model, tokenizer, batch_size=4)
     assert batched.answers == one.answers
     assert batched.outcomes == one.outcomes
+    for i, answer in enumerate(one.answers):  # and both are the argmax of a plain forward pass
+        conv = task[i]
+        prompt = tokenizer.render_for_completion(conv)
+        row = np.array(model(mx.array([prompt]))[0, -1])
+        ids = [tokenizer.encode(letter)[0] for letter in conv["letters"]]
+        assert answer == [conv["letters"][int(np.argmax(row[ids]))]]
     assert len({a[0] for a in one.answers}) > 1, "the model should not be degenerate"
 
 

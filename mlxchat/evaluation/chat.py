@@ -11,7 +11,8 @@ the last message being the assistant's reference answer; categorical tasks add
   position, among the letters this question offers. This asks less of the model than
   making it write the letter, which is nanochat's (and the usual) choice. Prompts are
   batched, right-padded with <|bos|>: attention is causal, so padding after a prompt
-  cannot change the logits at its last position.
+  cannot change the logits at its last position. Only those positions go through the
+  lm_head (`model.hidden`, then `model.logits`).
 - generative (GSM8K, HumanEval, SpellingBee): `num_samples` completions per problem through
   the engine, stopped at <|assistant_end|> or <|bos|>, optionally with the calculator
   tool; a problem counts as solved if any sample is correct (pass@k).
@@ -104,7 +105,8 @@ def run_categorical_eval(task, model, tokenizer, batch_size: int = 8, max_proble
         width = max(len(p) for p in prompts)
         padded = mx.array([p + [tokenizer.bos_id] * (width - len(p)) for p in prompts])
         last = mx.array([len(p) - 1 for p in prompts])
-        logits = model(padded)[mx.arange(len(prompts)), last]  # (B, V) at each prompt's end
+        # lm_head on each prompt's last position only: (B, V), not (B, T, V) (GBs at 65k vocab)
+        logits = model.logits(model.hidden(padded)[mx.arange(len(prompts)), last])
         logits = np.array(logits.astype(mx.float32))
         for row, conversation in zip(logits, conversations):
             letters = conversation["letters"]
