@@ -8,13 +8,16 @@ first line runs, so the program inherits limits it cannot lift.
 Layers, strongest first:
 1. Resource limits (address space, data, file size, CPU seconds, processes, no core dumps):
    enforced by the kernel, soft = hard so an unprivileged program cannot raise them.
-2. On Linux (x86_64, aarch64), a seccomp filter that fails the system calls which would
+2. On Linux, Landlock (5.13+): the kernel refuses to create, write, truncate, remove,
+   rename or link anything outside the workdir (and /dev/null), whatever Python or ctypes
+   the program uses.
+3. On Linux (x86_64, aarch64), a seccomp filter that fails the system calls which would
    leave this process: creating processes or threads (clone, clone3, fork, vfork), execve,
    signalling other processes (kill, tkill, tgkill), sockets (no network), raising rlimits,
    ptrace, namespaces and mounts. Kernel-enforced, so it holds against ctypes too, and
    it is what stops a fork bomb when the evaluator runs as root (RLIMIT_NPROC does not
    bind root).
-3. nanochat's `reliability_guard`: destructive functions of os, shutil, subprocess and
+4. nanochat's `reliability_guard`: destructive functions of os, shutil, subprocess and
    builtins replaced by ones that raise, `resource`/`psutil`/... unimportable, and writes
    (open for writing, os.open with write flags, mkdir, links, and unlink/rename/truncate,
    which nanochat disables outright) refused outside the workdir, so the program's own
@@ -120,6 +123,53 @@ def install_seccomp() -> str | None:
     return None
 
 
+def restrict_writes_with_landlock(workdir: str) -> str | None:
+    """Make the kernel refuse every filesystem change outside `workdir` (and /dev/null):
+    creating, writing, truncating, removing, renaming, linking. Reads stay allowed.
+    Landlock (Linux 5.13+) needs no privileges; return why it is not in force, or None."""
+    if sys.platform != "linux":
+        return None  # no Landlock: the Python-level write guard is what remains
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    create_ruleset, add_rule, restrict_self = 444, 445, 446  # the same numbers on every arch
+    abi = libc.syscall(create_ruleset, None, 0, 1)  # LANDLOCK_CREATE_RULESET_VERSION
+    if abi < 1:
+        return f"Landlock unavailable: {os.strerror(ctypes.get_errno())}"
+    # WRITE_FILE, REMOVE_DIR, REMOVE_FILE, MAKE_{CHAR,DIR,REG,SOCK,FIFO,BLOCK,SYM}; REFER
+    # (rename/link across directories) from ABI 2; TRUNCATE from ABI 3.
+    handled = (1 << 1) | sum(1 << b for b in range(4, 13))
+    if abi >= 2:
+        handled |= 1 << 13
+    if abi >= 3:
+        handled |= 1 << 14
+    file_rights = handled & ((1 << 1) | (1 << 14))  # the rights a rule on a file may carry
+
+    class PathBeneath(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+    attr = ctypes.c_uint64(handled)  # struct landlock_ruleset_attr, first field only
+    ruleset = libc.syscall(create_ruleset, ctypes.byref(attr), ctypes.sizeof(attr), 0)
+    if ruleset < 0:
+        return f"landlock_create_ruleset failed: {os.strerror(ctypes.get_errno())}"
+    try:
+        for path, rights in ((workdir, handled), (os.devnull, file_rights)):
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                rule = PathBeneath(rights, fd)
+                if libc.syscall(add_rule, ruleset, 1, ctypes.byref(rule), 0) != 0:  # PATH_BENEATH
+                    return f"landlock_add_rule({path}) failed: {os.strerror(ctypes.get_errno())}"
+            finally:
+                os.close(fd)
+        if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.syscall(restrict_self, ruleset, 0) != 0:  # NO_NEW_PRIVS
+            return f"landlock_restrict_self failed: {os.strerror(ctypes.get_errno())}"
+    finally:
+        os.close(ruleset)
+    return None
+
+
 def _refuse(name: str):
     def refused(*args, **kwargs):
         raise PermissionError(f"{name} is disabled in the sandbox")
@@ -159,7 +209,7 @@ def reliability_guard(workdir: str) -> None:
 
 
 def _confine_writes(workdir: str) -> None:
-    """Refuse any write whose target, symlinks resolved, is outside `workdir`.
+    """Refuse any write whose target, symlinks resolved, is outside `workdir` (or /dev/null).
 
     Paths are resolved before the check, so a symlink in the workdir that points outside
     cannot be written through (nor, erring on the safe side, removed)."""
@@ -169,7 +219,7 @@ def _confine_writes(workdir: str) -> None:
         if isinstance(path, int):
             return  # an already-open descriptor: it was checked when opened
         target = realpath(os.fsdecode(os.fspath(path)))
-        if target != workdir and not target.startswith(workdir + os.sep):
+        if target != workdir and not target.startswith(workdir + os.sep) and target != os.devnull:
             raise PermissionError(f"{what} outside the sandbox's directory is not allowed: {target}")
 
     real_open = builtins.open
@@ -218,9 +268,12 @@ def main() -> None:
     linecache.cache[program_path] = (len(source), None, source.splitlines(True), program_path)
     exit_now = os._exit
     set_limits(memory_bytes, fsize_bytes, cpu_seconds)
-    why_not = install_seccomp()
-    if why_not:
-        print(f"sandbox: seccomp filter not installed ({why_not})", file=sys.stderr)
+    for layer, why_not in [
+        ("Landlock write restriction", restrict_writes_with_landlock(workdir)),
+        ("seccomp filter", install_seccomp()),
+    ]:
+        if why_not:
+            print(f"sandbox: {layer} not in force ({why_not})", file=sys.stderr)
     reliability_guard(workdir)
     status = 0
     try:

@@ -13,8 +13,9 @@ directory, so nothing of the evaluator leaks in. The environment is reduced to a
 variables. What confines the program (see `_sandbox_child.py` for the layers):
 
 - the kernel: rlimits on address space, data, file size, CPU time, process count and core
-  dumps, and on Linux a seccomp filter that fails process creation, exec, signals to
-  other processes and sockets. These hold whatever the program does in Python or ctypes;
+  dumps; on Linux, Landlock confining every filesystem change to the workdir, and a
+  seccomp filter that fails process creation, exec, signals to other processes and
+  sockets. These hold whatever the program does in Python or ctypes;
 - the parent: the program runs in its own session (process group); at the deadline, and
   in every case once it has ended, the whole group is killed, so nothing it started lives
   on. stdout and stderr go to unnamed temporary files bounded by RLIMIT_FSIZE, so a flood
@@ -24,9 +25,10 @@ variables. What confines the program (see `_sandbox_child.py` for the layers):
   (ctypes, `_io`, `posix`) and are not a security boundary.
 
 Not covered, as in nanochat: this is no container. Reads anywhere the evaluator's user can
-read are possible, and on systems without seccomp (macOS) the network and process
-creation are only stopped at the Python level (plus RLIMIT_NPROC, which binds non-root
-users). Run evaluations of untrusted models inside a container or VM.
+read are possible. Where the kernel lacks Landlock or seccomp (macOS; old or locked-down
+Linux: the child then says so on stderr), writes, the network and process creation are
+stopped only at the Python level (plus RLIMIT_NPROC, which binds non-root users). Run
+evaluations of untrusted models inside a container or VM.
 """
 
 from __future__ import annotations
