@@ -11,6 +11,7 @@ from mlxchat.evaluation.chat import (
     CHATCORE_TASKS,
     centered_accuracy,
     chatcore,
+    evaluate_chat,
     extract_program,
     humaneval_passes,
     humaneval_program,
@@ -219,6 +220,16 @@ def test_run_task_eval_dispatches_on_eval_type(model, tokenizer):
 
     with pytest.raises(MlxchatError, match="ranking"):
         run_task_eval(Odd(["A"]), model, tokenizer)
+
+
+def test_evaluate_chat_runs_every_task_and_feeds_chatcore(model, tokenizer):
+    tasks = {name: ChoiceTask(["A"] * 4) if i < 3 else TargetTask(["never"] * 2) for i, name in enumerate(CHATCORE_TASKS)}
+    results = evaluate_chat(tasks, model, tokenizer, batch_size=2, max_new_tokens=3)
+    assert list(results) == CHATCORE_TASKS
+    assert [r.total for r in results.values()] == [4, 4, 4, 2, 2, 2]
+    accuracies = {name: r.accuracy for name, r in results.items()}
+    expected = sum((accuracies[n] - 0.25) / 0.75 for n in CHATCORE_TASKS[:3]) / 6  # generative ones are 0
+    assert chatcore(accuracies) == pytest.approx(expected)
 
 
 # -- ChatCORE arithmetic ---------------------------------------------------------------

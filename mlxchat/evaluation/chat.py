@@ -130,7 +130,8 @@ def run_generative_eval(
     """Sample `num_samples` completions per problem; solved if any passes `task.evaluate`.
 
     Defaults are nanochat's chat_eval ones (greedy, 512 new tokens, top_k 50, one sample).
-    `tool` is the calculator (`mlxchat.calculator.calculator_tool`) for GSM8K.
+    `tool` is the calculator (`mlxchat.calculator.calculator_tool`): nanochat's engine runs
+    it in every generation, so it is passed for every generative task, not only GSM8K.
     """
     n = _num_problems(task, max_problems)
     stop = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_id)
@@ -163,6 +164,12 @@ def run_task_eval(task, model, tokenizer, batch_size: int = 8, **generative) -> 
     if task.eval_type == "generative":
         return run_generative_eval(task, model, tokenizer, **generative)
     raise MlxchatError(f"task {type(task).__name__} has eval_type {task.eval_type!r}; expected categorical or generative")
+
+
+def evaluate_chat(tasks: dict, model, tokenizer, batch_size: int = 8, **generative) -> dict[str, TaskResult]:
+    """Every task of `tasks` (name -> task), in order, as nanochat's chat_eval runs them.
+    ChatCORE follows from the accuracies once all six tasks are there (`chatcore`)."""
+    return {name: run_task_eval(task, model, tokenizer, batch_size, **generative) for name, task in tasks.items()}
 
 
 def centered_accuracy(task_name: str, accuracy: float) -> float:
