@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 import pytest
@@ -76,12 +77,13 @@ def test_writes_outside_the_directory_fail_and_leave_nothing(tmp_path):
         f"import pathlib\npathlib.Path({str(outside)!r}).write_text('x')",
         f"import os\nos.open({str(outside)!r}, os.O_WRONLY | os.O_CREAT)",
         f"import os\nos.symlink({str(outside)!r}, 'link')\nopen('link', 'w').write('x')",
-        f"open('../../escape.txt', 'w').write('x')",
+        "open('../../escape.txt', 'w').write('x')",
     ]:
         r = run_program(code)
         assert r.status == "failed" and "outside the sandbox's directory" in r.stderr, code
     assert not outside.exists()
     assert list(tmp_path.iterdir()) == []
+    assert not os.path.exists(os.path.join(tempfile.gettempdir(), "escape.txt"))  # ../../ from the workdir
 
 
 def test_deleting_outside_the_directory_fails(tmp_path):
