@@ -35,8 +35,15 @@ def test_failing_assert_is_a_failure_with_its_traceback():
     assert "assert f() == 2" in r.stderr  # the traceback shows the program's lines
 
 
-def test_sys_exit_counts_as_failure_as_in_nanochat():
+def test_sys_exit_and_syntax_errors_count_as_failures_as_in_nanochat():
     assert run_program("import sys\nsys.exit(0)").status == "failed"
+    r = run_program("def f(:\n    pass")
+    assert r.status == "failed" and "SyntaxError" in r.stderr
+
+
+def test_a_sandbox_that_cannot_be_set_up_is_an_error_not_a_failure():
+    """1 MB of address space leaves the child no room to install its guards."""
+    assert run_program("pass", memory_mb=1).status == "error"
 
 
 def test_infinite_loop_times_out_and_the_next_program_runs():

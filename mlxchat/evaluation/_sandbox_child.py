@@ -26,8 +26,9 @@ Layers, strongest first:
    `posix`); they exist to turn accidents into clear errors, not to contain malice.
 
 Exit status tells the parent what happened: 0 the program ran to its end, 1 it raised
-(SystemExit included, as nanochat counts any exception a failure); anything else, or a
-signal, means it was stopped from outside the Python level.
+(SystemExit and SyntaxError included, as nanochat counts any exception a failure), 2 the
+sandbox could not be set up; anything else, or a signal, means it was stopped from
+outside the Python level.
 """
 
 import builtins
@@ -40,6 +41,10 @@ import signal
 import subprocess
 import sys
 import traceback
+
+# Exit statuses besides 0 (the program ran to its end); sandbox.py reads them.
+RAISED = 1
+SETUP_FAILED = 2
 
 # seccomp: syscall numbers of what the filter refuses, per audit arch.
 _BLOCKED_SYSCALLS = {
@@ -260,32 +265,36 @@ def _confine_writes(workdir: str) -> None:
 
 
 def main() -> None:
-    program_path, workdir = sys.argv[1], sys.argv[2]
-    memory_bytes, fsize_bytes, cpu_seconds = (int(a) for a in sys.argv[3:6])
-    with open(program_path, encoding="utf-8") as f:
-        source = f.read()
-    code = compile(source, program_path, "exec")
-    linecache.cache[program_path] = (len(source), None, source.splitlines(True), program_path)
-    exit_now = os._exit
-    set_limits(memory_bytes, fsize_bytes, cpu_seconds)
-    for layer, why_not in [
-        ("Landlock write restriction", restrict_writes_with_landlock(workdir)),
-        ("seccomp filter", install_seccomp()),
-    ]:
-        if why_not:
-            print(f"sandbox: {layer} not in force ({why_not})", file=sys.stderr)
-    reliability_guard(workdir)
+    exit_now = os._exit  # kept before the guard refuses it, for the final exit
+    try:
+        program_path, workdir = sys.argv[1], sys.argv[2]
+        memory_bytes, fsize_bytes, cpu_seconds = (int(a) for a in sys.argv[3:6])
+        with open(program_path, encoding="utf-8") as f:
+            source = f.read()
+        linecache.cache[program_path] = (len(source), None, source.splitlines(True), program_path)
+        set_limits(memory_bytes, fsize_bytes, cpu_seconds)
+        for layer, why_not in [
+            ("Landlock write restriction", restrict_writes_with_landlock(workdir)),
+            ("seccomp filter", install_seccomp()),
+        ]:
+            if why_not:
+                print(f"sandbox: {layer} not in force ({why_not})", file=sys.stderr)
+        reliability_guard(workdir)
+    except BaseException:
+        traceback.print_exc()
+        exit_now(SETUP_FAILED)
     status = 0
     try:
-        exec(code, {})  # fresh globals, as nanochat: __name__ is not "__main__"
+        # Compiled under the limits: a pathological source is the program's failure too.
+        exec(compile(source, program_path, "exec"), {})  # fresh globals, as nanochat: not __main__
     except BaseException:
-        status = 1
+        status = RAISED
         traceback.print_exc()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except OSError:
-            status = 1  # output past the file-size limit: the program's output was cut
+            status = RAISED  # output past the file-size limit: the program's output was cut
     exit_now(status)
 
 

@@ -46,18 +46,17 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 from mlxchat.common import MlxchatError
+from mlxchat.evaluation._sandbox_child import RAISED
 
 CHILD = Path(__file__).with_name("_sandbox_child.py")
-# Exit status of the child when the program raised (see _sandbox_child.main).
-_RAISED = 1
 
 
 @dataclass(frozen=True)
 class Result:
     """The outcome of one program. `status`: "passed" (ran to its end), "failed" (raised:
     a failed assert, MemoryError, a refused call, output past the size limit), "timeout"
-    (wall clock or CPU time ran out), "error" (killed by a signal, e.g. a segfault, or
-    exited other than through the sandbox). stdout/stderr are cut to `max_output_chars`."""
+    (wall clock or CPU time ran out), "error" (killed by a signal, e.g. a segfault, the
+    sandbox could not be set up, or it exited other than through the sandbox). stdout/stderr are cut to `max_output_chars`."""
 
     status: Literal["passed", "failed", "timeout", "error"]
     stdout: str
@@ -179,7 +178,7 @@ def _status(returncode: int, timed_out: bool) -> str:
         return "timeout"
     if returncode == 0:
         return "passed"
-    if returncode == _RAISED:
+    if returncode == RAISED:
         return "failed"
     return "error"
 
