@@ -25,7 +25,8 @@ variables. What confines the program (see `_sandbox_child.py` for the layers):
   (ctypes, `_io`, `posix`) and are not a security boundary.
 
 Not covered, as in nanochat: this is no container. Reads anywhere the evaluator's user can
-read are possible. Where the kernel lacks Landlock or seccomp (macOS; old or locked-down
+read are possible, and disk use is bounded per file (RLIMIT_FSIZE) and by the timeout, not
+in total. Where the kernel lacks Landlock or seccomp (macOS; old or locked-down
 Linux: the child then says so on stderr), writes, the network and process creation are
 stopped only at the Python level (plus RLIMIT_NPROC, which binds non-root users). Run
 evaluations of untrusted models inside a container or VM.
