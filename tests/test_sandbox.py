@@ -161,12 +161,16 @@ def test_kernel_refuses_writes_outside_past_the_python_guards(kernel_layers, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 
-def test_kernel_refuses_process_creation_and_sockets_past_the_python_guards(kernel_layers):
+def test_kernel_refuses_processes_signals_and_sockets_past_the_python_guards(kernel_layers):
     """ctypes goes around every Python-level guard; the seccomp filter still says no."""
     if not kernel_layers["seccomp"]:
         pytest.skip("no seccomp filter on this machine")
     r = run_program("import ctypes\nlibc = ctypes.CDLL(None)\nassert libc.fork() == -1\nprint('refused')")
     assert r.passed and r.stdout == "refused\n", r.stderr
+    r = run_program("import ctypes, os\nassert ctypes.CDLL(None).kill(os.getppid(), 0) == -1")  # signal 0: a probe
+    assert r.passed, r.stderr
+    r = run_program("import os\nos.kill(os.getppid(), 9)")
+    assert r.status == "failed" and "os.kill is disabled" in r.stderr
     r = run_program("import socket\nsocket.socket(socket.AF_INET, socket.SOCK_STREAM)")
     assert r.status == "failed" and "Operation not permitted" in r.stderr
     r = run_program("import threading\nthreading.Thread(target=print).start()")
