@@ -5,8 +5,6 @@ tokenizer trains on when it renders them."""
 import json
 import re
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -346,10 +344,6 @@ def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def run_python(program):
-    return subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=30).returncode == 0
-
-
 def test_eval_tasks_read_the_eval_pack(tmp_path):
     pack = tmp_path / "evals" / "chat"
     write_jsonl(pack / "arc_easy.jsonl", [{"id": "e1", "question": "Sky?", "choices": ["red", "blue"],
@@ -374,9 +368,8 @@ def test_eval_tasks_read_the_eval_pack(tmp_path):
     problem = he[0]
     assert problem["entry_point"] == "add" and problem["messages"][0]["content"] == humaneval["prompt"]
     good = "```python\ndef add(a, b):\n    return a + b\n```\nThis adds."
-    assert he.program_for(problem, good).startswith("import math\n\ndef add(a, b):\n    return a + b\n")
-    assert he.evaluate(problem, good, run_python)
-    assert not he.evaluate(problem, "def add(a, b):\n    return a - b", run_python)
+    assert he.evaluate(problem, good)  # in the sandbox
+    assert not he.evaluate(problem, "def add(a, b):\n    return a - b")
 
     with pytest.raises(MlxchatError, match=r"arc_challenge\.jsonl.*mlxchat data prepare-evals"):
         ARC.from_pack(tmp_path, "ARC-Challenge")

@@ -1,41 +1,16 @@
 """HumanEval (openai/openai_humaneval): 164 Python functions to complete, checked by unit
 tests. nanochat's tasks/humaneval.py; generative.
 
-Running model-written code is the job of a sandbox, not of this module: `program_for` builds
-the program to run (the prompt's imports, the completion's code, the tests, the check call),
-and `evaluate` takes the runner as an argument — any `run_program(program: str) -> bool` that
-executes it in isolation and says whether it exited cleanly.
+`evaluate` runs the completion against the problem's tests in the sandbox
+(`mlxchat.evaluation.chat.humaneval_passes`): model-written code never runs in this process.
 """
 
 from __future__ import annotations
-
-import re
-from typing import Callable
 
 from mlxchat.tasks.base import Task
 from mlxchat.tasks.hub import Rows, SHUFFLE_SEED, load_rows, pack_dir, read_jsonl
 
 REPO = "openai/openai_humaneval"
-_FENCED = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
-
-
-def prompt_imports(prompt: str) -> str:
-    """The import lines at the top of a prompt: a completion that restates the function
-    without them would otherwise fail on a missing name, not on its logic."""
-    imports = []
-    for line in prompt.splitlines():
-        stripped = line.strip()
-        if stripped.startswith(("import ", "from ")):
-            imports.append(stripped)
-        elif stripped and not stripped.startswith("#"):
-            break
-    return "\n".join(imports)
-
-
-def extract_code(completion: str) -> str:
-    """The first fenced code block of a completion, else the whole completion."""
-    match = _FENCED.search(completion)
-    return (match.group(1) if match else completion).strip()
 
 
 class HumanEval(Task):
@@ -66,11 +41,7 @@ class HumanEval(Task):
             "test": row["test"],
         }
 
-    @staticmethod
-    def program_for(conversation: dict, completion: str) -> str:
-        """The program whose clean exit means the completion passes the problem's tests."""
-        imports = prompt_imports(conversation["messages"][0]["content"])
-        return f"{imports}\n\n{extract_code(completion)}\n\n{conversation['test']}\ncheck({conversation['entry_point']})\n"
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        from mlxchat.evaluation.chat import humaneval_passes
 
-    def evaluate(self, conversation: dict, completion: str, run_program: Callable[[str], bool]) -> bool:
-        return bool(run_program(self.program_for(conversation, completion)))
+        return humaneval_passes(conversation, completion)
