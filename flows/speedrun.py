@@ -75,6 +75,9 @@ def build_flow():
             sft = step("sft-train", T.sft_train, run=run, stage="sft", config=p.sft.to_dict(),
                        inputs={**inputs, "mid": mid["fingerprint"]}, root=root)
             checkpoints = {"base": base["fingerprint"], "mid": mid["fingerprint"], "sft": sft["fingerprint"]}
+            chat = {k: checkpoints[k] for k in ("mid", "sft")}
+            step("chat-eval", T.chat_eval, run=run, checkpoints=chat, max_per_task=p.max_per_task,
+                 max_new_tokens=p.chat_max_new_tokens, evals_fingerprint=evals["fingerprint"], root=root)
             step("sample", T.sample, run=run, checkpoints=checkpoints, max_tokens=p.sample_max_tokens, root=root)
             step("publish", T.publish, run=run, stage=stages.CHAT_MODEL_STAGE, checkpoint_fingerprint=sft["fingerprint"],
                  eval_fingerprint=bpb.get("fingerprint", ""), root=root)

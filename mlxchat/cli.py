@@ -67,10 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(sub.add_parser("train", help="train a stage (resumes from its latest checkpoint)"))
 
     ev = sub.add_parser("eval", help="evaluate a stage's latest checkpoint")
-    ev.add_argument("metric", choices=["bpb"])
+    ev.add_argument("metric", choices=["bpb", "chat"], help="bpb: bits per byte; chat: ChatCORE's six tasks")
     ev.add_argument("--run", required=True)
-    ev.add_argument("--stage", default="base")
-    ev.add_argument("--eval-tokens", type=int)
+    ev.add_argument("--stage", help="default: base for bpb, sft for chat")
+    ev.add_argument("--eval-tokens", type=int, help="bpb: validation tokens")
+    ev.add_argument("--max-per-task", type=int, default=-1, help="at most this many problems per task (-1: all)")
+    ev.add_argument("--max-new-tokens", type=int, default=512, help="chat: generation budget per answer")
     sm = sub.add_parser("sample", help="complete nanochat's sample prompts with a stage's checkpoint")
     sm.add_argument("--run", required=True)
     sm.add_argument("--stage", default="base")
@@ -110,7 +112,9 @@ def run_command(args: argparse.Namespace) -> dict | list:
     if args.command == "publish":
         return stages.publish(args.run, args.stage, args.out, root=root)
     if args.command == "eval":
-        return stages.eval_bpb(args.run, args.stage, args.eval_tokens, root=root)
+        if args.metric == "chat":
+            return stages.eval_chat(args.run, args.stage or "sft", args.max_per_task, args.max_new_tokens, root=root)
+        return stages.eval_bpb(args.run, args.stage or "base", args.eval_tokens, root=root)
     raise AssertionError(args.command)
 
 

@@ -25,6 +25,9 @@ class RunPreset:
     sample_max_tokens: int
     mid: TrainConfig
     sft: TrainConfig
+    evals: str = "pypi"  # where the eval data comes from: pypi (the PyPI pack) | bundle (DCLM zip + hub) | existing
+    max_per_task: int = -1  # nanochat's --max-per-task for CORE and ChatCORE; -1 = every problem
+    chat_max_new_tokens: int = 512  # generation budget of the generative chat tasks (nanochat: 512)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,7 +59,8 @@ PRESETS = {
                       _mid(depth=2, seq_len=64, device_batch_size=4, total_batch_size=256, max_steps=6, eval_every=3,
                            eval_tokens=1024, checkpoint_every=2, dtype="float32"),
                       _sft(depth=2, seq_len=64, device_batch_size=2, examples_per_step=4, max_steps=6, eval_every=3,
-                           eval_steps=2, checkpoint_every=2, dtype="float32")),
+                           eval_steps=2, checkpoint_every=2, dtype="float32"),
+                      evals="existing", max_per_task=2, chat_max_new_tokens=16),
     # Minutes on a 2-core CPU, offline: the whole pipeline on Python's own documentation.
     "smoke": RunPreset("smoke", "smoke", None, 4096, 2_000_000,
                        _base(depth=4, seq_len=256, device_batch_size=8, total_batch_size=2048, max_steps=150,
@@ -65,16 +69,19 @@ PRESETS = {
                        _mid(depth=4, seq_len=256, device_batch_size=8, total_batch_size=2048, max_steps=60, eval_every=30,
                             eval_tokens=8192, checkpoint_every=20),
                        _sft(depth=4, seq_len=256, device_batch_size=4, examples_per_step=16, eval_every=20,
-                            eval_steps=8, checkpoint_every=20)),
+                            eval_steps=8, checkpoint_every=20),
+                       evals="pypi", max_per_task=16, chat_max_new_tokens=64),
     # nanochat's hyperparameters on FineWeb-edu (Chinchilla horizon, 524,288-token batches).
     "d12": RunPreset("d12", "hub", 80, 65536, 2_000_000_000,
                      _base(depth=12, device_batch_size=32, source="hub"), 20 * 524288, 16,
                      _mid(depth=12, device_batch_size=32, eval_every=150, source="hub"),
-                     _sft(depth=12, device_batch_size=4, examples_per_step=32, eval_every=100, eval_steps=100, source="hub")),
+                     _sft(depth=12, device_batch_size=4, examples_per_step=32, eval_every=100, eval_steps=100, source="hub"),
+                     evals="bundle"),
     "d20": RunPreset("d20", "hub", 240, 65536, 2_000_000_000,
                      _base(depth=20, device_batch_size=32, source="hub"), 20 * 524288, 16,
                      _mid(depth=20, device_batch_size=32, eval_every=150, source="hub"),
-                     _sft(depth=20, device_batch_size=4, examples_per_step=32, eval_every=100, eval_steps=100, source="hub")),
+                     _sft(depth=20, device_batch_size=4, examples_per_step=32, eval_every=100, eval_steps=100, source="hub"),
+                     evals="bundle"),
 }
 
 

@@ -137,6 +137,59 @@ def train(run: str, stage: str, config: dict, root=None, fresh: bool = False, on
     return out
 
 
+def chat_tasks(root=None) -> tuple[dict, dict]:
+    """ChatCORE's six tasks as nanochat's chat_eval builds them, read from the eval pack
+    (`<home>/evals/chat/`); a task whose data is missing is skipped with the reason."""
+    from mlxchat.tasks import ARC, GSM8K, MMLU, HumanEval, SpellingBee
+
+    builders = {
+        "ARC-Easy": lambda: ARC.from_pack(root, "ARC-Easy"),
+        "ARC-Challenge": lambda: ARC.from_pack(root, "ARC-Challenge"),
+        "MMLU": lambda: MMLU.from_pack(root),
+        "GSM8K": lambda: GSM8K.from_pack(root),
+        "HumanEval": lambda: HumanEval.from_pack(root),
+        "SpellingBee": lambda: SpellingBee(size=256, split="test"),
+    }
+    tasks, skipped = {}, {}
+    for name, build in builders.items():
+        try:
+            tasks[name] = build()
+        except MlxchatError as e:
+            skipped[name] = str(e)
+    return tasks, skipped
+
+
+@timed("{stage}-chat-eval")
+def eval_chat(run: str, stage: str = "sft", max_per_task: int = -1, max_new_tokens: int = 512, batch_size: int = 8,
+              root=None) -> dict:
+    """ChatCORE of a chat stage (nanochat's chat_eval: greedy, top-k 50, one sample, the
+    calculator on), into `eval/chat_<stage>.json`; ChatCORE itself only when all six tasks ran."""
+    from mlxchat.calculator import calculator_tool
+    from mlxchat.evaluation.chat import centered_accuracy, chatcore, evaluate_chat
+    from mlxchat.tokenizer import Tokenizer
+    from mlxchat.train import load_trained_model
+
+    rdir = run_dir(run, root, must_exist=True)
+    model, ck = load_trained_model(rdir / stage, f"train it first: mlxchat train {stage} --run {run}")
+    tok = Tokenizer.load(rdir / "tokenizer")
+    tasks, skipped = chat_tasks(root)
+    t0 = time.time()
+    limit = max_per_task if max_per_task > 0 else None
+    outcome = evaluate_chat(tasks, model, tok, batch_size, max_problems=limit, max_new_tokens=max_new_tokens,
+                            tool=calculator_tool(tok))
+    results = {name: r.accuracy for name, r in outcome.items()}
+    record = {
+        "stage": stage, "step": ck.step, "checkpoint": str(ck.path), "max_per_task": max_per_task,
+        "results": results, "problems": {name: r.total for name, r in outcome.items()},
+        "centered": {name: centered_accuracy(name, acc) for name, acc in results.items()},
+        "chatcore": chatcore(results) if not skipped else None, "skipped": skipped,
+        "eval_time_s": time.time() - t0,
+    }
+    path = rdir / "eval" / f"chat_{stage}.json"
+    atomic_write_json(path, record)
+    return {**record, "path": str(path), "fingerprint": fingerprint_files([path])}
+
+
 @timed("sample-{stage}")
 def sample(run: str, stage: str = "base", prompts: list[str] | None = None, max_tokens: int = 16,
            temperature: float = 0.0, top_k: int | None = None, root=None) -> dict:
@@ -185,7 +238,7 @@ def report(run: str, root=None) -> dict:
 
 
 STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "base-train", "base-eval", "mid-train", "sft-train",
-          "sample", "publish", "report"]
+          "chat-eval", "sample", "publish", "report"]
 MODEL_STAGES = ["base", "mid", "sft"]  # trained in this order; each starts from the one before
 CHAT_MODEL_STAGE = MODEL_STAGES[-1]  # what the flow samples last and publishes
 
@@ -216,6 +269,7 @@ def stage_output(stage: str, run: str, source: str = "smoke", num_shards: int | 
         "tokenizer-eval": rdir / "tokenizer" / "tok_eval.json",
         "base-eval": rdir / "eval" / "bpb.json",
         "sample": rdir / "samples" / f"{CHAT_MODEL_STAGE}.md",
+        "chat-eval": rdir / "eval" / f"chat_{CHAT_MODEL_STAGE}.json",
         "publish": home(root) / "published" / f"{run}-{CHAT_MODEL_STAGE}" / "model.safetensors",
         "report": rdir / "report.md",
     }

@@ -98,6 +98,26 @@ def base_eval(run: str, eval_tokens: int, checkpoint_fingerprint: str, root: str
     return result
 
 
+@task(name="chat-eval", **CACHED)
+def chat_eval(run: str, checkpoints: dict, max_per_task: int, max_new_tokens: int, evals_fingerprint: str,
+              root: str) -> dict:
+    """ChatCORE of each chat stage (`checkpoints`: stage -> checkpoint fingerprint)."""
+    logger, records = get_run_logger(), {}
+    for stage in checkpoints:
+        result = stages.eval_chat(run, stage, max_per_task, max_new_tokens, root=root)
+        rows = [{"task": t, "accuracy": a, "centered": result["centered"][t], "problems": result["problems"][t]}
+                for t, a in result["results"].items()]
+        rows += [{"task": t, "accuracy": None, "centered": None, "problems": 0, "skipped": why}
+                 for t, why in result["skipped"].items()]
+        create_table_artifact(key=_artifact_key(run, f"chat-eval-{stage}"), table=rows,
+                              description=f"ChatCORE tasks after {stage} (at most {max_per_task} problems each)")
+        chatcore = result["chatcore"]
+        logger.info(f"{stage}: ChatCORE {'%.4f' % chatcore if chatcore is not None else 'n/a (tasks skipped)'} | "
+                    + ", ".join(f"{t} {a:.3f}" for t, a in result["results"].items()))
+        records[stage] = {k: result[k] for k in ("path", "fingerprint", "chatcore")}
+    return {"stages": records, "fingerprint": "-".join(r["fingerprint"] for r in records.values())}
+
+
 @task(name="sample", **CACHED)
 def sample(run: str, checkpoints: dict, max_tokens: int, root: str) -> dict:
     """Greedy samples of every trained stage (`checkpoints`: stage -> checkpoint fingerprint)."""
