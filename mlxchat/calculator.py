@@ -10,7 +10,8 @@ all: they are not refused by a pattern, they simply have no meaning.
 
 Bounded work instead of SIGALRM: nanochat's alarm only works in the main thread, and the web
 server generates in a worker thread. Without `**`, the largest value an expression of
-`MAX_EXPRESSION_CHARS` characters can build has about that many digits, and every operation
+`MAX_EXPRESSION_CHARS` characters can build has about that many digits (far below the 4300
+digits where `str()` of an int gives up), and every operation
 is on numbers (never `"a" * n`), so each step is cheap; the walker also checks a deadline
 between nodes, which works in any thread.
 """
@@ -43,7 +44,9 @@ class _Refused(Exception):
 
 def calculate(expression: str, time_limit_s: float = TIME_LIMIT_S) -> int | float | None:
     """The value of a calculator expression, or None when it is refused or fails (division by
-    zero, overflow, too long, too slow), as nanochat's `use_calculator` returns None."""
+    zero, overflow, too long, too slow), as nanochat's `use_calculator` returns None. The
+    answer is always a number: a bare string literal is no calculation (nanochat refuses
+    string expressions without `.count(`)."""
     if not isinstance(expression, str):
         return None
     expression = expression.replace(",", "").strip()
@@ -51,7 +54,7 @@ def calculate(expression: str, time_limit_s: float = TIME_LIMIT_S) -> int | floa
         return None
     try:
         tree = ast.parse(expression, mode="eval")
-        return _Evaluator(time.monotonic() + time_limit_s).value(tree.body)
+        return _Evaluator(time.monotonic() + time_limit_s).number(tree.body)
     except (_Refused, SyntaxError, ValueError, ArithmeticError, RecursionError, MemoryError, TypeError):
         return None
 
@@ -82,16 +85,16 @@ class _Evaluator:
         return value
 
     def count(self, node: ast.Call) -> int:
-        """`"literal".count(sub[, start[, end]])`, the one call there is."""
+        """`"literal".count(sub)`, the one call there is (start/end bounds cannot be written:
+        their commas are dropped with the number separators)."""
         func = node.func
         if not (isinstance(func, ast.Attribute) and func.attr == "count" and isinstance(func.value, ast.Constant)
-                and isinstance(func.value.value, str)) or node.keywords or not 1 <= len(node.args) <= 3:
+                and isinstance(func.value.value, str)) or node.keywords or len(node.args) != 1:
             raise _Refused("only a string literal's .count(...) can be called")
         sub = self.value(node.args[0])
-        bounds = [self.number(arg) for arg in node.args[1:]]
-        if not isinstance(sub, str) or not all(type(b) is int for b in bounds):
-            raise _Refused(".count takes a string and integer bounds")
-        return func.value.value.count(sub, *bounds)
+        if not isinstance(sub, str):
+            raise _Refused(".count takes a string")
+        return func.value.value.count(sub)
 
 
 def calculator_tool(tokenizer) -> Tool:
@@ -113,11 +116,7 @@ def calculator_tool(tokenizer) -> Tool:
         result = calculate(tokenizer.decode(tokens[start + 1 : -1]))
         if result is None:
             return []
-        try:
-            text = str(result)
-        except ValueError:  # an int too long for str() (sys.int_max_str_digits)
-            return []
-        return [output_start, *tokenizer.encode(text), output_end]
+        return [output_start, *tokenizer.encode(str(result)), output_end]
 
     return tool
 
