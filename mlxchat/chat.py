@@ -1,40 +1,40 @@
-"""Talking to a chat model (mid or SFT): loading it, and streaming a reply to a conversation.
+"""Talking to a chat model: load a run's chat checkpoint, stream an assistant reply as text.
 
-Shared by `mlxchat chat` (terminal) and `mlxchat serve` (web), so both see the same model,
-prompt rendering, stop tokens and calculator. A reply is produced token by token through the
-engine and handed out as text pieces as soon as they are complete characters: a byte-level
-BPE token can end inside a multi-byte UTF-8 character (an emoji spans several tokens), so
-text is decoded from all tokens of the current run and only emitted when it does not end in
-U+FFFD (nanochat's chat_web does the same).
+Shared by `mlxchat chat` (a terminal REPL) and `mlxchat serve` (the web UI), so both load,
+prompt, sample and decode the same way, as nanochat's chat_cli and chat_web do:
 
-The calculator's calls and answers are shown in the text the way a Python prompt shows them:
-`<|python_start|>12*7<|python_end|>` appears as "\\n>>> 12*7\\n", its output `84` as "84\\n".
+- the conversation is rendered by the tokenizer's chat template and followed by
+  `<|assistant_start|>`; the reply ends at `<|assistant_end|>` (or `<|bos|>`, a model that
+  starts a new document has finished its answer);
+- the calculator tool is always on, and its calls show in the text as GSM8K writes them in
+  the training data, `<<12*7=84>>`: what the model asked for, then what it was told;
+- text goes out as soon as it decodes to whole characters. A character can span several
+  byte-level tokens (é, emoji), and decoding half of it gives U+FFFD; like chat_web, tokens
+  accumulate until the decoded text no longer ends in U+FFFD, so no broken character is shown.
 """
 
 from __future__ import annotations
 
-import sys
+import random
 from dataclasses import dataclass
 from typing import Iterator
 
 from mlxchat.calculator import calculator_tool
+from mlxchat.checkpoint import latest_checkpoint
 from mlxchat.common import MlxchatError, run_dir
 from mlxchat.engine import generate
 
-CHAT_STAGES = ("sft", "mid")
+# How the tool's special tokens read in a reply (GSM8K's calculator annotation).
+TOOL_MARKS = {"<|python_start|>": "<<", "<|python_end|>": "", "<|output_start|>": "=", "<|output_end|>": ">>"}
 
-# How the tool-use special tokens read in streamed text (the reply's own text is verbatim).
-TOOL_MARKERS = {
-    "<|python_start|>": "\n>>> ",
-    "<|python_end|>": "\n",
-    "<|output_start|>": "",
-    "<|output_end|>": "\n",
-}
+DEFAULT_TEMPERATURE = 0.6
+DEFAULT_TOP_K = 50
+DEFAULT_MAX_TOKENS = 512
 
 
 @dataclass
 class ChatModel:
-    """A loaded chat checkpoint: the model in inference mode and its run's tokenizer."""
+    """A loaded chat model and its tokenizer (`step`: the checkpoint's training step)."""
 
     model: object
     tokenizer: object
@@ -44,57 +44,70 @@ class ChatModel:
 
 
 def load_chat_model(run: str, stage: str = "sft", root=None) -> ChatModel:
-    """The `latest` checkpoint of a run's chat stage with the run's tokenizer; a one-line
-    error saying how to train the stage when it has no checkpoint yet."""
+    """The model of `runs/<run>/<stage>/latest` and the run's tokenizer. A run without a
+    checkpoint for that stage is a user error that says how to train it."""
     from mlxchat.tokenizer import Tokenizer
     from mlxchat.train import load_trained_model
 
-    if stage not in CHAT_STAGES:
-        raise MlxchatError(f"stage {stage!r} is not a chat stage; chat with one of: {', '.join(CHAT_STAGES)}")
     rdir = run_dir(run, root, must_exist=True)
-    hint = f"train it first: mlxchat train {stage} --run {run} (or the whole pipeline: python flows/speedrun.py)"
-    model, ck = load_trained_model(rdir / stage, hint)
-    tokenizer = Tokenizer.load(rdir / "tokenizer")
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise MlxchatError(
-            f"{rdir / 'tokenizer'} has {tokenizer.vocab_size} tokens but the {stage} model expects "
-            f"{model.config.vocab_size}; the run's tokenizer was replaced after training"
-        )
-    return ChatModel(model, tokenizer, run, stage, ck.step)
+    stage_dir = rdir / stage
+    hint = (f"train it first: mlxchat train {stage} --run {run} (after base and mid), "
+            f"or the whole pipeline: python flows/speedrun.py")
+    if latest_checkpoint(stage_dir) is None:
+        raise MlxchatError(f"run {run!r} has no {stage} checkpoint yet (no {stage_dir / 'latest'}); {hint}")
+    model, ck = load_trained_model(stage_dir, hint)
+    return ChatModel(model, Tokenizer.load(rdir / "tokenizer"), run, stage, ck.step)
 
 
-def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Tokens asking for the assistant's next turn: the whole conversation (never cut, unlike
-    training rendering: the latest turn is the one that matters) and <|assistant_start|>."""
-    if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
-        raise MlxchatError("the conversation must end with a user message for the assistant to answer")
-    ids, _ = tokenizer.render_conversation({"messages": messages}, max_tokens=sys.maxsize)
-    return ids + [tokenizer.encode_special("<|assistant_start|>")]
+class _TextStream:
+    """Turns a reply's tokens into text pieces that never end inside a character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.marks = {tokenizer.encode_special(name): text for name, text in TOOL_MARKS.items()}
+        self.pending: list[int] = []  # tokens of the current run of ordinary text
+        self.sent = 0  # characters of their decoding already emitted
+
+    def push(self, token: int) -> str:
+        if token in self.marks:
+            return self.flush() + self.marks[token]
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
+
+    def flush(self) -> str:
+        """Whatever is left (a character the model never finished shows as U+FFFD)."""
+        piece = self.tokenizer.decode(self.pending)[self.sent:]
+        self.pending, self.sent = [], 0
+        return piece
 
 
 def stream_reply(
     chat: ChatModel,
     messages: list[dict],
-    temperature: float = 0.6,
-    top_k: int | None = 50,
-    max_tokens: int = 512,
-    seed: int = 42,
+    temperature: float = DEFAULT_TEMPERATURE,
+    top_k: int | None = DEFAULT_TOP_K,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    seed: int | None = None,
+    cancelled=lambda: False,
 ) -> Iterator[str]:
-    """Text pieces of the assistant's reply to `messages` as they are generated, the
-    calculator on. Ends at <|assistant_end|>, <|bos|> or after `max_tokens` tokens."""
+    """Text pieces of the assistant's answer to `messages` (user/assistant turns, optional
+    leading system message), as they are generated. `seed` None draws a fresh one, so asking
+    again gives another answer (at temperature > 0); `cancelled()` true stops early (a web
+    client that went away)."""
     tok = chat.tokenizer
-    prompt = render_prompt(tok, messages)
+    prompt = tok.render_for_completion({"messages": [*messages, {"role": "assistant", "content": ""}]})
     stop = {tok.encode_special("<|assistant_end|>"), tok.bos_id}
-    markers = {tok.encode_special(name): text for name, text in TOOL_MARKERS.items()}
-    text = TextStream(tok)
+    seed = random.randrange(2**31) if seed is None else seed
+    text = _TextStream(tok)
     for (token,) in generate(chat.model, prompt, max_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                             stop_tokens=stop, tool=calculator_tool(tok)):
-        if token in stop:
+                             stop_tokens=tuple(stop), tool=calculator_tool(tok)):
+        if token in stop or cancelled():
             break
-        if token in markers:
-            piece = text.flush() + markers[token]
-        else:
-            piece = text.add(token)
+        piece = text.push(token)
         if piece:
             yield piece
     rest = text.flush()
@@ -102,25 +115,36 @@ def stream_reply(
         yield rest
 
 
-class TextStream:
-    """Incremental decoding of ordinary tokens: `add` returns the new complete text, holding
-    back a character whose bytes have not all arrived; `flush` returns what is left (at a
-    special token or the end, where nothing more can complete it)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.emitted = 0
-
-    def add(self, token: int) -> str:
-        self.tokens.append(token)
-        decoded = self.tokenizer.decode(self.tokens)
-        if decoded.endswith("\ufffd"):
-            return ""
-        piece, self.emitted = decoded[self.emitted :], len(decoded)
-        return piece
-
-    def flush(self) -> str:
-        piece = self.tokenizer.decode(self.tokens)[self.emitted :] if self.tokens else ""
-        self.tokens, self.emitted = [], 0
-        return piece
+def chat_repl(chat: ChatModel, stdin, stdout, temperature: float = 0.6, top_k: int | None = 50,
+              max_tokens: int = 512, seed: int = 42) -> None:
+    """nanochat's chat_cli: read user turns line by line, stream each reply as it is made;
+    'quit' or 'exit' (or end of input) leaves, 'clear' starts a new conversation. Each turn
+    draws with the next seed, so a session is reproducible but turns do not repeat."""
+    stdout.write(f"mlxchat {chat.run}/{chat.stage} (step {chat.step}). 'clear' starts over, 'quit' leaves.\n")
+    messages: list[dict] = []
+    while True:
+        stdout.write("\nUser: ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:
+            stdout.write("\n")
+            return
+        text = line.strip()
+        if text.lower() in ("quit", "exit"):
+            return
+        if text.lower() == "clear":
+            messages = []
+            stdout.write("(conversation cleared)\n")
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        stdout.write("\nAssistant: ")
+        reply = []
+        for piece in stream_reply(chat, messages, temperature, top_k, max_tokens, seed):
+            reply.append(piece)
+            stdout.write(piece)
+            stdout.flush()
+        stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        seed += 1
