@@ -16,6 +16,7 @@ prompt, sample and decode the same way, as nanochat's chat_cli and chat_web do:
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -26,6 +27,9 @@ from mlxchat.engine import generate
 
 # How the tool's special tokens read in a reply (GSM8K's calculator annotation).
 TOOL_MARKS = {"<|python_start|>": "<<", "<|python_end|>": "", "<|output_start|>": "=", "<|output_end|>": ">>"}
+# The assistant content part each of those tokens starts.
+TOOL_PART_AFTER = {"<|python_start|>": "python", "<|python_end|>": "text", "<|output_start|>": "python_output",
+                   "<|output_end|>": "text"}
 
 DEFAULT_TEMPERATURE = 0.6
 DEFAULT_TOP_K = 50
@@ -60,17 +64,24 @@ def load_chat_model(run: str, stage: str = "sft", root=None) -> ChatModel:
 
 
 class _TextStream:
-    """Turns a reply's tokens into text pieces that never end inside a character."""
+    """Turns a reply's tokens into text pieces that never end inside a character, and
+    collects the reply as the tokenizer's assistant content parts (text, python,
+    python_output) so it can be rendered back exactly as the model saw it."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.marks = {tokenizer.encode_special(name): text for name, text in TOOL_MARKS.items()}
+        self.kinds = {tokenizer.encode_special(name): kind for name, kind in TOOL_PART_AFTER.items()}
         self.pending: list[int] = []  # tokens of the current run of ordinary text
         self.sent = 0  # characters of their decoding already emitted
+        self.kind = "text"  # the part the current run belongs to
+        self.parts: list[dict] = []
 
     def push(self, token: int) -> str:
         if token in self.marks:
-            return self.flush() + self.marks[token]
+            piece = self.flush() + self.marks[token]
+            self.kind = self.kinds[token]
+            return piece
         self.pending.append(token)
         text = self.tokenizer.decode(self.pending)
         if text.endswith("\ufffd"):
@@ -79,10 +90,25 @@ class _TextStream:
         return piece
 
     def flush(self) -> str:
-        """Whatever is left (a character the model never finished shows as U+FFFD)."""
-        piece = self.tokenizer.decode(self.pending)[self.sent:]
+        """Whatever is left (a character the model never finished shows as U+FFFD); closes
+        the current part."""
+        if not self.pending:
+            return ""
+        text = self.tokenizer.decode(self.pending)
+        self.parts.append({"type": self.kind, "text": text})
+        piece = text[self.sent:]
         self.pending, self.sent = [], 0
         return piece
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Tokens asking for the assistant's next turn: the conversation and <|assistant_start|>.
+    Never cut (training rendering cuts at 2048 tokens, which here would drop the newest turn,
+    the one being answered); the web server bounds the conversation's length instead."""
+    if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
+        raise MlxchatError("the conversation must end with a user message for the assistant to answer")
+    ids, _ = tokenizer.render_conversation({"messages": messages}, max_tokens=sys.maxsize)
+    return ids + [tokenizer.encode_special("<|assistant_start|>")]
 
 
 def stream_reply(
@@ -93,13 +119,16 @@ def stream_reply(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     seed: int | None = None,
     cancelled=lambda: False,
+    parts: list[dict] | None = None,
 ) -> Iterator[str]:
     """Text pieces of the assistant's answer to `messages` (user/assistant turns, optional
-    leading system message), as they are generated. `seed` None draws a fresh one, so asking
-    again gives another answer (at temperature > 0); `cancelled()` true stops early (a web
-    client that went away)."""
+    leading system message, ending with the user's), as they are generated. `seed` None
+    draws a fresh one, so asking again gives another answer (at temperature > 0);
+    `cancelled()` true stops early (a web client that went away). `parts`, when given,
+    receives the reply as assistant content parts, for a caller that keeps the conversation
+    (the terminal chat) to send the calculator exchange back as tool tokens, not text."""
     tok = chat.tokenizer
-    prompt = tok.render_for_completion({"messages": [*messages, {"role": "assistant", "content": ""}]})
+    prompt = render_prompt(tok, messages)
     stop = {tok.encode_special("<|assistant_end|>"), tok.bos_id}
     seed = random.randrange(2**31) if seed is None else seed
     text = _TextStream(tok)
@@ -113,10 +142,12 @@ def stream_reply(
     rest = text.flush()
     if rest:
         yield rest
+    if parts is not None:
+        parts.extend(text.parts)
 
 
-def chat_repl(chat: ChatModel, stdin, stdout, temperature: float = 0.6, top_k: int | None = 50,
-              max_tokens: int = 512, seed: int = 42) -> None:
+def chat_repl(chat: ChatModel, stdin, stdout, temperature: float = DEFAULT_TEMPERATURE,
+              top_k: int | None = DEFAULT_TOP_K, max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 42) -> None:
     """nanochat's chat_cli: read user turns line by line, stream each reply as it is made;
     'quit' or 'exit' (or end of input) leaves, 'clear' starts a new conversation. Each turn
     draws with the next seed, so a session is reproducible but turns do not repeat."""
@@ -140,11 +171,10 @@ def chat_repl(chat: ChatModel, stdin, stdout, temperature: float = 0.6, top_k: i
             continue
         messages.append({"role": "user", "content": text})
         stdout.write("\nAssistant: ")
-        reply = []
-        for piece in stream_reply(chat, messages, temperature, top_k, max_tokens, seed):
-            reply.append(piece)
+        parts: list[dict] = []
+        for piece in stream_reply(chat, messages, temperature, top_k, max_tokens, seed, parts=parts):
             stdout.write(piece)
             stdout.flush()
         stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        messages.append({"role": "assistant", "content": parts})
         seed += 1
