@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 
 from mlxchat.common import HOME_ENV, MlxchatError
@@ -43,6 +44,29 @@ def train_config(args: argparse.Namespace):
     cfg = stage_defaults(args.stage)
     optim = replace(cfg.optim, **{k: getattr(args, k) for k in OPTIM_FLAGS if getattr(args, k) is not None})
     return replace(cfg, optim=optim, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Unset flags keep `mlxchat.chat`'s defaults (not imported here: it loads MLX)."""
+    p.add_argument("--temperature", type=float, help="default 0.6; 0 answers greedily")
+    p.add_argument("--top-k", type=int, help="default 50")
+    p.add_argument("--max-tokens", type=int, help="longest reply, in tokens (default 512)")
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    """`mlxchat chat`: one answer to -p, or a conversation on stdin; text streams to stdout."""
+    from mlxchat.chat import chat_repl, load_chat_model, stream_reply
+
+    chat = load_chat_model(args.run, args.stage, root=args.home)
+    sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "max_tokens") if getattr(args, k) is not None}
+    if args.prompt is None:
+        chat_repl(chat, sys.stdin, sys.stdout, seed=random.randrange(2**31) if args.seed is None else args.seed,
+                  **sampling)
+        return
+    for piece in stream_reply(chat, [{"role": "user", "content": args.prompt}], seed=args.seed, **sampling):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--temperature", type=float, default=0.0)
     sm.add_argument("--top-k", type=int)
 
+    ch = sub.add_parser("chat", help="talk to a chat stage's model in the terminal (streams the replies)")
+    ch.add_argument("--run", required=True)
+    ch.add_argument("--stage", default="sft", choices=["sft", "mid"])
+    ch.add_argument("-p", "--prompt", help="answer this one message and exit (default: a conversation on stdin)")
+    _add_sampling_args(ch)
+    ch.add_argument("--seed", type=int, help="sampling seed (default: a fresh one each time)")
+
+    srv = sub.add_parser("serve", help="web chat UI and nanochat's streaming chat API for a chat stage")
+    srv.add_argument("--run", required=True)
+    srv.add_argument("--stage", default="sft", choices=["sft", "mid"])
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+
     pub = sub.add_parser("publish", help="write an mlx-lm loadable model folder from a stage's checkpoint")
     pub.add_argument("--run", required=True)
     pub.add_argument("--stage", default="base")
@@ -88,10 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(args: argparse.Namespace) -> dict | list:
+def run_command(args: argparse.Namespace) -> dict | list | None:
+    """The command's result to print as JSON; None for the interactive ones (chat, serve),
+    which write to the terminal themselves."""
     from mlxchat import stages
 
     root = args.home
+    if args.command == "chat":
+        return run_chat(args)
+    if args.command == "serve":
+        from mlxchat.web import serve
+
+        return serve(args.run, args.stage, args.host, args.port, root=root)
     if args.command == "data":
         from mlxchat import dataset
 
@@ -130,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    print(json.dumps(result, indent=2, default=str))
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
     return 0
 
 
