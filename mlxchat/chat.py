@@ -55,8 +55,8 @@ def load_chat_model(run: str, stage: str = "sft", root=None) -> ChatModel:
 
     rdir = run_dir(run, root, must_exist=True)
     stage_dir = rdir / stage
-    hint = (f"train it first: mlxchat train {stage} --run {run} (after base and mid), "
-            f"or the whole pipeline: python flows/speedrun.py")
+    before = {"mid": " (after base)", "sft": " (after base and mid)"}.get(stage, "")
+    hint = f"train it first: mlxchat train {stage} --run {run}{before}, or the whole pipeline: python flows/speedrun.py"
     if latest_checkpoint(stage_dir) is None:
         raise MlxchatError(f"run {run!r} has no {stage} checkpoint yet (no {stage_dir / 'latest'}); {hint}")
     model, ck = load_trained_model(stage_dir, hint)

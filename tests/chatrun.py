@@ -39,3 +39,29 @@ def make_chat_run(root: Path, run: str = RUN, stage: str = "sft") -> Path:
     state = {"config": cfg.to_dict(), "model_config": config.to_dict()}
     checkpoint.save_checkpoint(rdir / stage, 1, model.parameters(), None, state)
     return rdir
+
+
+class ScriptedModel:
+    """A stand-in model for `engine.generate`: at the i-th generated position its logits put
+    all mass on `script[i]` (then on the script's last token). Where a tool should force
+    tokens, a script can say junk, so the output shows whether the forced tokens won.
+    `prompts` records every generation's prompt (a new cache starts a new generation)."""
+
+    compute_dtype = mx.float32
+
+    def __init__(self, config: GPTConfig, script: list[int]):
+        self.config = config
+        self.script = script
+        self.prompts: list[list[int]] = []
+        self._cache = None
+        self._fed = 0
+
+    def __call__(self, idx, cache=None):
+        B, T = idx.shape
+        if cache is not self._cache:
+            self._cache, self._fed = cache, 0
+            self.prompts.append(idx[0].tolist())
+        self._fed += T
+        i = self._fed - len(self.prompts[-1])
+        nxt = self.script[min(i, len(self.script) - 1)]
+        return mx.full((B, T, self.config.vocab_size), -1e9).at[:, :, nxt].add(mx.array(2e9))

@@ -3,10 +3,9 @@ and its engine hook, whose answer is forced into the row right after `<|python_e
 
 import threading
 
-import mlx.core as mx
 import pytest
 
-from chatrun import TEXT
+from chatrun import TEXT, ScriptedModel
 from mlxchat.calculator import MAX_EXPRESSION_CHARS, calculate, calculator_tool
 from mlxchat.engine import generate_batch
 from mlxchat.gpt import GPTConfig
@@ -103,28 +102,6 @@ def test_tool_answers_after_python_end(tokenizer):
     assert tool(again) == []
 
 
-class ScriptedModel:
-    """A stand-in model for `engine.generate`: at generated position i its logits put all
-    mass on `script[i]`. Where the calculator should force tokens the script says junk, so
-    the output shows whether the forced tokens or the model's won."""
-
-    compute_dtype = mx.float32
-
-    def __init__(self, config: GPTConfig, prompt_len: int, script: list[int]):
-        self.config = config
-        self.prompt_len = prompt_len
-        self.script = script
-        self.fed = 0
-
-    def __call__(self, idx, cache=None):
-        B, T = idx.shape
-        self.fed += T
-        i = self.fed - self.prompt_len
-        nxt = self.script[i] if i < len(self.script) else self.script[-1]
-        logits = mx.full((B, T, self.config.vocab_size), -1e9).at[:, :, nxt].add(mx.array(2e9))
-        return logits
-
-
 def test_engine_injects_the_answer_and_generation_continues(tokenizer):
     tok = tokenizer
     sp = tok.encode_special
@@ -136,7 +113,7 @@ def test_engine_injects_the_answer_and_generation_continues(tokenizer):
     prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "What is 12 * 7?"},
                                                      {"role": "assistant", "content": ""}]})
     config = GPTConfig(sequence_len=128, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1, n_embd=16)
-    model = ScriptedModel(config, len(prompt), script)
+    model = ScriptedModel(config, script)
     (out,) = generate_batch(model, prompt, 40, temperature=0.0, stop_tokens=(sp("<|assistant_end|>"),),
                             tool=calculator_tool(tok))
     call = [sp("<|python_start|>"), *expr, sp("<|python_end|>")]
