@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Callable
 
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+
 from mlxchat.chat import ChatModel, stream_reply
 from mlxchat.common import get_logger
 
@@ -185,17 +188,12 @@ class GenerationWorker:
         self._thread.join(timeout=60)
 
 
-def _error(e: RequestError):
-    from fastapi.responses import JSONResponse
-
+def _error(e: RequestError) -> JSONResponse:
     return JSONResponse({"detail": str(e)}, status_code=e.status)
 
 
-def create_app(worker: GenerationWorker, defaults: Sampling = Sampling()):
+def create_app(worker: GenerationWorker, defaults: Sampling = Sampling()) -> FastAPI:
     """The FastAPI app serving `worker`'s model; the worker is closed when the app shuts down."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, StreamingResponse
-
     @asynccontextmanager
     async def lifespan(_app):
         yield
