@@ -46,11 +46,17 @@ def train_config(args: argparse.Namespace):
     return replace(cfg, optim=optim, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """Unset flags keep `mlxchat.chat`'s defaults (not imported here: it loads MLX)."""
-    p.add_argument("--temperature", type=float, help="default 0.6; 0 answers greedily")
-    p.add_argument("--top-k", type=int, help="default 50")
-    p.add_argument("--max-tokens", type=int, help="longest reply, in tokens (default 512)")
+def _add_sampling_args(p: argparse.ArgumentParser, what: str = "") -> None:
+    """Unset flags keep the chat module's (or, for serve, nanochat chat_web's) defaults; they
+    are not imported here because that loads MLX."""
+    prefix = f"{what}; " if what else ""
+    p.add_argument("--temperature", type=float, help=f"{prefix}0 answers greedily")
+    p.add_argument("--top-k", type=int, help=f"{prefix}sample among this many likeliest tokens")
+    p.add_argument("--max-tokens", type=int, help=f"{prefix}longest reply, in tokens")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in ("temperature", "top_k", "max_tokens") if getattr(args, k) is not None}
 
 
 def run_chat(args: argparse.Namespace) -> None:
@@ -58,7 +64,7 @@ def run_chat(args: argparse.Namespace) -> None:
     from mlxchat.chat import chat_repl, load_chat_model, stream_reply
 
     chat = load_chat_model(args.run, args.stage, root=args.home)
-    sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "max_tokens") if getattr(args, k) is not None}
+    sampling = _sampling(args)
     if args.prompt is None:
         chat_repl(chat, sys.stdin, sys.stdout, seed=random.randrange(2**31) if args.seed is None else args.seed,
                   **sampling)
@@ -117,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--stage", default="sft", choices=["sft", "mid"])
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     srv.add_argument("--port", type=int, default=8000)
+    _add_sampling_args(srv, "default for requests that leave it out")
 
     pub = sub.add_parser("publish", help="write an mlx-lm loadable model folder from a stage's checkpoint")
     pub.add_argument("--run", required=True)
@@ -134,9 +141,9 @@ def run_command(args: argparse.Namespace) -> dict | list | None:
     if args.command == "chat":
         return run_chat(args)
     if args.command == "serve":
-        from mlxchat.web import serve
+        from mlxchat.web import Sampling, serve
 
-        return serve(args.run, args.stage, args.host, args.port, root=root)
+        return serve(args.run, args.stage, args.host, args.port, root=root, defaults=Sampling(**_sampling(args)))
     if args.command == "data":
         from mlxchat import dataset
 

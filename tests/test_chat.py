@@ -147,6 +147,11 @@ def test_cli_without_chat_checkpoint_exits_2_with_one_line(home, capsys):
     assert err.count("\n") == 1 and "mlxchat train mid --run tiny" in err
 
 
+def test_serve_without_chat_checkpoint_exits_2_before_listening(home, capsys):
+    assert cli.main(["--home", str(home), "serve", "--run", RUN, "--stage", "mid", "--port", "1"]) == 2
+    assert "no mid checkpoint yet" in capsys.readouterr().err
+
+
 def test_cli_repl_on_stdin(home):
     """The console script end to end: a conversation piped in, replies out, 'exit' leaves."""
     env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])}
