@@ -36,7 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from mlxchat.chat import ChatModel, stream_reply
-from mlxchat.common import get_logger
+from mlxchat.common import MlxchatError, get_logger
 
 log = get_logger()
 
@@ -237,12 +237,17 @@ def create_app(worker: GenerationWorker, defaults: Sampling = Sampling()) -> Fas
 
 def serve(run: str, stage: str = "sft", host: str = "127.0.0.1", port: int = 8000, root=None,
           defaults: Sampling = Sampling()) -> None:
-    """Load the run's chat model and serve it until interrupted (a missing checkpoint is a
-    MlxchatError before anything listens)."""
+    """Load the run's chat model and serve it until interrupted (a missing checkpoint or a
+    default setting no request could ask for is a MlxchatError before anything listens)."""
     import uvicorn
 
     from mlxchat.chat import load_chat_model
 
+    for name, bounds in (("temperature", TEMPERATURE_RANGE), ("top_k", TOP_K_RANGE), ("max_tokens", MAX_TOKENS_RANGE)):
+        value = getattr(defaults, name)
+        if not bounds[0] <= value <= bounds[1]:
+            raise MlxchatError(f"--{name.replace('_', '-')} {value} is outside what requests may ask for "
+                               f"({bounds[0]} to {bounds[1]}); pick a default in that range")
     worker = GenerationWorker(lambda: load_chat_model(run, stage, root))
     log.info("serving %s/%s (step %d) on http://%s:%d", run, stage, worker.chat.step, host, port)
     uvicorn.run(create_app(worker, defaults), host=host, port=port)

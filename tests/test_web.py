@@ -142,3 +142,10 @@ def test_missing_checkpoint_fails_before_serving(tmp_path):
     (tmp_path / "runs" / "empty").mkdir(parents=True)
     with pytest.raises(MlxchatError, match="no sft checkpoint yet.*mlxchat train sft --run empty"):
         GenerationWorker(lambda: load_chat_model("empty", "sft", tmp_path))
+
+
+def test_serve_refuses_defaults_outside_the_request_limits(root):
+    from mlxchat.web import serve
+
+    with pytest.raises(MlxchatError, match="--top-k 500 is outside"):
+        serve(RUN, "sft", root=root, defaults=Sampling(top_k=500))
