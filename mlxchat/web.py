@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import queue
 import threading
 from concurrent.futures import Future
@@ -75,6 +76,8 @@ def parse_request(body: bytes, defaults: Sampling) -> tuple[list[dict], Sampling
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise RequestError("request body nests too deeply to be a chat request") from None
     if not isinstance(request, dict):
         raise RequestError("request body must be a JSON object with a 'messages' list")
     messages = request.get("messages")
@@ -119,7 +122,8 @@ def _number(request: dict, name: str, default, bounds: tuple, kind: type):
     value = request.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (kind is int and value != int(value)):
         raise RequestError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
     if not bounds[0] <= value <= bounds[1]:
         raise RequestError(f"{name} must be between {bounds[0]} and {bounds[1]}, got {value}")

@@ -87,6 +87,9 @@ USER = [{"role": "user", "content": "hi"}]
     (json.dumps({"messages": USER, "top_k": 0}).encode(), 400, "top_k must be between"),
     (json.dumps({"messages": USER, "top_k": 2.5}).encode(), 400, "top_k must be an integer"),
     (json.dumps({"messages": USER, "max_tokens": 4097}).encode(), 400, "max_tokens must be between"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "top_k": Infinity}', 400, "top_k must be an integer"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "temperature must be a number"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "nests too deeply"),
     (b" " * (MAX_BODY_BYTES + 1), 413, "bytes"),
 ])
 def test_bad_requests_are_refused_with_a_message(url, body, status, message):
