@@ -207,8 +207,10 @@ def sample(run: str, stage: str = "base", prompts: list[str] | None = None, max_
         samples = engine.sample_prompts(model, tok, prompts or engine.SAMPLE_PROMPTS, max_tokens=max_tokens,
                                         temperature=temperature, top_k=top_k)
     else:
+        from mlxchat.calculator import calculator_tool
+
         samples = engine.sample_chat(model, tok, prompts or engine.CHAT_PROMPTS, max_tokens=max_tokens,
-                                     temperature=temperature, top_k=top_k)
+                                     temperature=temperature, top_k=top_k, tool=calculator_tool(tok))
     path = rdir / "samples" / f"{stage}.md"
     atomic_write_text(path, engine.render_samples_markdown(stage, samples))
     return {"path": str(path), "step": ck.step, "samples": samples, "fingerprint": fingerprint_files([path])}
