@@ -1,6 +1,8 @@
 """The chat page in a real browser: headless Chromium types a message into the page served by
 `mlxchat serve`'s app, sends it, and the streamed reply of the tiny model shows up in the
-conversation. Saves the screenshot README shows (docs/chat-web.png).
+conversation. With MLXCHAT_UPDATE_SCREENSHOT=1 it refreshes the screenshot README shows
+(docs/chat-web.png); otherwise the screenshot stays in the test's temporary directory, so a
+test run never changes a tracked file (no two renderings are byte-identical).
 
 Selenium is pointed at Debian's chromium and chromedriver explicitly, so selenium-manager
 never downloads a browser or driver; CI installs both (.ci/run). The driver (and through it
@@ -65,7 +67,9 @@ def test_message_sent_from_the_page_gets_a_streamed_reply(tmp_path, browser):
         assert user == question
         assert reply == expected and reply.strip()
         assert not browser.find_elements(By.CSS_SELECTOR, ".message.error")
-        SCREENSHOT.parent.mkdir(exist_ok=True)
         shot = tmp_path / "chat-web.png"
         assert browser.save_screenshot(str(shot))
-        shutil.copyfile(shot, SCREENSHOT)
+        assert shot.read_bytes().startswith(b"\x89PNG")
+        if os.environ.get("MLXCHAT_UPDATE_SCREENSHOT") == "1":
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            shutil.copyfile(shot, SCREENSHOT)

@@ -152,3 +152,30 @@ def test_serve_refuses_defaults_outside_the_request_limits(root):
 
     with pytest.raises(MlxchatError, match="--top-k 500 is outside"):
         serve(RUN, "sft", root=root, defaults=Sampling(top_k=500))
+
+
+class FailsOnce:
+    """A model whose first forward pass raises (as an out-of-memory would), then works."""
+
+    def __init__(self, model):
+        self.model, self.config, self.compute_dtype = model, model.config, model.compute_dtype
+        self.failed = False
+
+    def __call__(self, idx, cache=None):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("boom")
+        return self.model(idx, cache=cache)
+
+
+def test_failed_generation_ends_its_stream_with_an_error_and_the_worker_goes_on(root):
+    from dataclasses import replace
+
+    def load():
+        chat = load_chat_model(RUN, "sft", root)
+        return replace(chat, model=FailsOnce(chat.model))
+
+    with LiveServer(create_app(GenerationWorker(load))) as url:
+        assert ask(url, "Hello there!") == [{"error": "generation failed: boom"}, {"done": True}]
+        events = ask(url, "Hello there!")
+    assert "".join(e["token"] for e in events[:-1]) == expected_reply(root, "Hello there!")
