@@ -63,12 +63,12 @@ PRESETS = {
                       evals="existing", max_per_task=2, chat_max_new_tokens=16),
     # Minutes on a 2-core CPU, offline: the whole pipeline on Python's own documentation.
     "smoke": RunPreset("smoke", "smoke", None, 4096, 2_000_000,
-                       _base(depth=4, seq_len=256, device_batch_size=8, total_batch_size=2048, max_steps=150,
-                             eval_every=50, eval_tokens=16384, checkpoint_every=25),
+                       _base(depth=4, seq_len=256, device_batch_size=8, total_batch_size=2048, max_steps=120,
+                             eval_every=40, eval_tokens=16384, checkpoint_every=20),
                        16384, 16,
-                       _mid(depth=4, seq_len=256, device_batch_size=8, total_batch_size=2048, max_steps=60, eval_every=30,
+                       _mid(depth=4, seq_len=256, device_batch_size=8, total_batch_size=2048, max_steps=40, eval_every=20,
                             eval_tokens=8192, checkpoint_every=20),
-                       _sft(depth=4, seq_len=256, device_batch_size=4, examples_per_step=16, eval_every=20,
+                       _sft(depth=4, seq_len=256, device_batch_size=8, examples_per_step=16, eval_every=10,
                             eval_steps=8, checkpoint_every=20),
                        evals="pypi", max_per_task=16, chat_max_new_tokens=64),
     # nanochat's hyperparameters on FineWeb-edu (Chinchilla horizon, 524,288-token batches).
