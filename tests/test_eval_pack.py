@@ -155,3 +155,37 @@ def test_bundle_source_from_http_and_hub(tmp_path, monkeypatch, fake_hub):
     assert lines(ev / "chat" / "mmlu.jsonl")[0]["answer"] == 3 and lines(ev / "chat" / "gsm8k.jsonl")[0]["answer"].endswith("#### 2")
     assert lines(ev / "chat" / "humaneval.jsonl")[0]["entry_point"] == "f"
     assert not list(ev.glob(".tmp-*"))
+
+
+def test_bigbench_tasks_convert_from_an_sdist_in_the_real_layout(tmp_path):
+    """The six BIG-bench CORE tasks, read from a small tar.gz laid out like bigbench-1.0.0.tar.gz."""
+    import tarfile
+
+    base = "bigbench-1.0.0/bigbench/benchmark_tasks"
+    files = {
+        "qa_wikidata/task.json": {"example_input_prefix": " ", "example_output_prefix": " ",
+                                  "examples": [{"input": "The capital of France is", "target": ["Paris", "paris"]}]},
+        "dyck_languages/task.json": {"example_input_prefix": "Input: ", "example_output_prefix": "\nOutput: ",
+                                     "examples": [{"input": "( [", "target_scores": {"] )": 1, ")": 0}}]},
+        "cs_algorithms/task.json": {"examples": []},
+        "cs_algorithms/lcs/task.json": {"examples": [{"input": "AB AC", "target_scores": {"1": 1, "2": 0}}]},
+        "cs_algorithms/valid_parentheses/task.json": {"examples": [{"input": "( )", "target_scores": {"Valid": 1, "Invalid": 0}}]},
+        "operators/task.json": {"example_output_prefix": " = ", "examples": [{"input": "op 2 + 2", "target": "4"}]},
+        "repeat_copy_logic/task.json": {"examples": [{"input": "Repeat hi twice", "target": "hi hi"}]},
+        "language_identification/task.json": {"example_input_prefix": "Sentence: ", "example_output_prefix": "\nLanguage: ",
+                                              "examples": [{"input": "Hola", "target_scores": {"English": 0, "Spanish": 1}}]},
+    }
+    sdist = tmp_path / "bigbench-1.0.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name, obj in files.items():
+            data = json.dumps(obj).encode()
+            info = tarfile.TarInfo(f"{base}/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    core, members = pack.convert_bigbench(sdist)
+    assert core["bigbench_qa_wikidata"] == [{"context": "The capital of France is", "continuation": "Paris"}]
+    assert core["bigbench_dyck_languages"] == [{"context": "Input: ( [\nOutput:", "continuation": "] )"}]
+    assert [r["continuation"] for r in core["bigbench_cs_algorithms"]] == ["1", "Valid"]  # subtasks in name order
+    assert core["bigbench_operators"] == [{"context": "op 2 + 2 =", "continuation": "4"}]
+    assert core["bigbench_language_identification"] == [{"query": "Sentence: Hola\nLanguage:", "choices": ["English", "Spanish"], "gold": 1}]
+    assert "cs_algorithms/lcs/task.json" in members["bigbench_cs_algorithms"] and len(core) == 6
