@@ -85,6 +85,18 @@ def test_rerun_is_a_no_op(pypi_home, monkeypatch):
     pack.prepare_evals("pypi", root=pypi_home)
     assert (pypi_home / "evals" / "PROVENANCE.json").stat().st_mtime_ns == before
 
+    class Rebuilt(Exception):
+        pass
+
+    def rebuild(*a):
+        raise Rebuilt
+
+    monkeypatch.setattr(pack, "_build_pypi", rebuild)
+    with pytest.raises(Rebuilt):
+        pack.prepare_evals("pypi", root=pypi_home, force=True)
+    assert (pypi_home / "evals" / "PROVENANCE.json").stat().st_mtime_ns == before  # a failed rebuild keeps the old pack
+    assert not list((pypi_home / "evals").glob(".tmp-*"))
+
 
 def test_core_pack_on_a_tiny_random_model(pypi_home):
     tok = Tokenizer.train_from_iterator(iter(["Question: which answer is the right one? " * 40]), 300)
