@@ -84,7 +84,7 @@ def main() -> None:
             return (o.astype(mx.float32) * 1e-3).sum()
 
         attn_vg = mx.value_and_grad(attn_loss, argnums=(0, 1, 2))
-        measure(f"attention fwd+bwd (1 layer)", lambda: attn_vg(q, k, v))
+        measure("attention fwd+bwd (1 layer)", lambda: attn_vg(q, k, v))
         del q, k, v
     if "attn-module" in parts:
         att = model.transformer.h[0].attn

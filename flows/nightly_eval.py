@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows.speedrun import _prefect_env  # noqa: E402
+from flows import runtime  # noqa: E402
 from mlxchat.common import MlxchatError, home  # noqa: E402
 
 NAME = "nightly-eval"
@@ -66,14 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     root = home()
     params = {"model": args.model, "source": args.source, "batch_size": args.batch_size, "seq_len": args.seq_len,
               "eval_tokens": args.eval_tokens, "root": str(root)}
+    runtime.prepare(root)
     try:
         if not args.serve:  # a scheduled run looks for the model when it starts, not now
             from tasks.nightly import latest_published
             if args.model and not (Path(args.model) / "model.safetensors").exists():
                 raise MlxchatError(f"no published model in {args.model} (model.safetensors is missing)")
             params["model"] = args.model or str(latest_published(root))
-        _prefect_env(root)
         nightly_eval = build_flow()
+        runtime.wait_until_ready()
         if args.serve:
             nightly_eval.serve(name=NAME, cron=args.cron, parameters=params)
             return 0

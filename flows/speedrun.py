@@ -1,4 +1,4 @@
-"""nanochat's speedrun as one Prefect flow: data -> tokenizer -> base-train -> base-eval -> sample -> publish -> report.
+"""nanochat's speedrun as one Prefect flow: data -> tokenizer -> base-train -> base-eval -> mid-train -> sft-train -> sample -> publish -> report.
 
 Every stage is a cached task (see tasks/caching.py): a rerun reuses finished stages, and a
 killed training stage resumes from its latest checkpoint. `--only`/`--from` run a subset
@@ -17,19 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flows import runtime  # noqa: E402
 from mlxchat.common import MlxchatError, home  # noqa: E402
-
-
-def _prefect_env(root: Path) -> None:
-    """Keep Prefect's ephemeral database under the run home unless the user chose otherwise,
-    and route mlxchat's own log lines into the Prefect run logs."""
-    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
-    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
-    # Task results (the stage records) persist in the run home, so reruns in new processes hit the cache.
-    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(root / ".cache" / "prefect-results")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mlxchat")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def build_flow():
@@ -68,7 +57,8 @@ def build_flow():
                 records[name] = stages.existing_output(name, run, p.source, p.num_shards, root=root)
             else:
                 extra = {"fresh": True} if (name == force and "fresh" in fn.fn.__code__.co_varnames) else {}
-                records[name] = fn.with_options(refresh_cache=name in forced)(**kwargs, **extra)
+                missing = stages.stage_output(name, run, p.source, p.num_shards, root=root) is None
+                records[name] = fn.with_options(refresh_cache=name in forced or missing)(**kwargs, **extra)
             return records[name]
 
         def compose(step) -> None:
@@ -76,13 +66,20 @@ def build_flow():
             tok = step("tokenizer-train", T.tokenizer_train, run=run, vocab_size=p.vocab_size, source=p.source,
                        max_chars=p.tokenizer_max_chars, data_fingerprint=data["fingerprint"], root=root)
             step("tokenizer-eval", T.tokenizer_eval, run=run, source=p.source, tokenizer_fingerprint=tok["fingerprint"], root=root)
-            base = step("base-train", T.base_train, run=run, config=p.base.to_dict(), tokenizer_fingerprint=tok["fingerprint"],
-                        data_fingerprint=data["fingerprint"], root=root)
+            inputs = {"tokenizer": tok["fingerprint"], "data": data["fingerprint"]}
+            base = step("base-train", T.base_train, run=run, stage="base", config=p.base.to_dict(), inputs=inputs, root=root)
             bpb = step("base-eval", T.base_eval, run=run, eval_tokens=p.bpb_eval_tokens,
                        checkpoint_fingerprint=base["fingerprint"], root=root)
-            step("sample", T.sample, run=run, stage="base", max_tokens=p.sample_max_tokens,
-                 checkpoint_fingerprint=base["fingerprint"], root=root)
-            step("publish", T.publish, run=run, stage="base", checkpoint_fingerprint=base["fingerprint"],
+            mid = step("mid-train", T.mid_train, run=run, stage="mid", config=p.mid.to_dict(),
+                       inputs={**inputs, "base": base["fingerprint"]}, root=root)
+            sft = step("sft-train", T.sft_train, run=run, stage="sft", config=p.sft.to_dict(),
+                       inputs={**inputs, "mid": mid["fingerprint"]}, root=root)
+            checkpoints = {"base": base["fingerprint"], "mid": mid["fingerprint"], "sft": sft["fingerprint"]}
+            chat = {k: checkpoints[k] for k in ("mid", "sft")}
+            step("chat-eval", T.chat_eval, run=run, checkpoints=chat, max_per_task=p.max_per_task,
+                 max_new_tokens=p.chat_max_new_tokens, evals_fingerprint=evals["fingerprint"], root=root)
+            step("sample", T.sample, run=run, checkpoints=checkpoints, max_tokens=p.sample_max_tokens, root=root)
+            step("publish", T.publish, run=run, stage=stages.CHAT_MODEL_STAGE, checkpoint_fingerprint=sft["fingerprint"],
                  eval_fingerprint=bpb.get("fingerprint", ""), root=root)
             step("report", report, run=run, inputs={k: v.get("fingerprint") for k, v in records.items()}, root=root)
 
@@ -109,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.home:
         os.environ["MLXCHAT_HOME"] = args.home
-    _prefect_env(home())
+    runtime.prepare(home())
     speedrun = build_flow()
     try:
+        runtime.wait_until_ready()
         records = speedrun(preset=args.preset, run=args.run, depth=args.depth, only=args.only, start=args.start,
                            force=args.force, max_steps=args.max_steps)
     except MlxchatError as e:

@@ -9,29 +9,70 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 
 from mlxchat.common import HOME_ENV, MlxchatError
 
 
+# `mlxchat train` flags that map onto TrainConfig / OptimConfig fields; unset flags keep the
+# stage's nanochat defaults (presets.stage_defaults).
+TRAIN_FLAGS = ("depth", "max_steps", "device_batch_size", "total_batch_size", "examples_per_step", "seq_len",
+               "checkpoint_every", "eval_every", "eval_tokens", "eval_steps", "dtype", "source", "seed")
+OPTIM_FLAGS = ("matrix_lr", "embedding_lr", "unembedding_lr", "init_lr_frac")
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stage", choices=["base"])
+    p.add_argument("stage", choices=["base", "mid", "sft"])
     p.add_argument("--run", required=True)
-    p.add_argument("--depth", type=int, default=20)
-    p.add_argument("--max-steps", type=int, default=-1)
-    p.add_argument("--device-batch-size", type=int, default=32)
-    p.add_argument("--total-batch-size", type=int, default=524288)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--eval-tokens", type=int, default=20 * 524288)
-    p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16", "float16"])
-    p.add_argument("--source", default="smoke", help="smoke | hub[:owner/name] | dir:PATH")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    for flag in ("depth", "max_steps", "device_batch_size", "total_batch_size", "examples_per_step", "seq_len",
+                 "checkpoint_every", "eval_every", "eval_tokens", "eval_steps", "seed"):
+        p.add_argument(f"--{flag.replace('_', '-')}", type=int)
+    p.add_argument("--dtype", choices=["", "float32", "bfloat16", "float16"])
+    p.add_argument("--source", help="base: smoke | hub[:owner/name] | dir:PATH; mid/sft: smoke | hub")
+    for flag in OPTIM_FLAGS:
+        p.add_argument(f"--{flag.replace('_', '-')}", type=float)
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+
+
+def train_config(args: argparse.Namespace):
+    """The stage's nanochat defaults with the flags the user gave."""
+    from dataclasses import replace
+
+    from mlxchat.presets import stage_defaults
+
+    cfg = stage_defaults(args.stage)
+    optim = replace(cfg.optim, **{k: getattr(args, k) for k in OPTIM_FLAGS if getattr(args, k) is not None})
+    return replace(cfg, optim=optim, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, what: str = "") -> None:
+    """Unset flags keep the chat module's (or, for serve, nanochat chat_web's) defaults; they
+    are not imported here because that loads MLX."""
+    prefix = f"{what}; " if what else ""
+    p.add_argument("--temperature", type=float, help=f"{prefix}0 answers greedily")
+    p.add_argument("--top-k", type=int, help=f"{prefix}sample among this many likeliest tokens")
+    p.add_argument("--max-tokens", type=int, help=f"{prefix}longest reply, in tokens")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in ("temperature", "top_k", "max_tokens") if getattr(args, k) is not None}
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    """`mlxchat chat`: one answer to -p, or a conversation on stdin; text streams to stdout."""
+    from mlxchat.chat import chat_repl, load_chat_model, stream_reply
+
+    chat = load_chat_model(args.run, args.stage, root=args.home)
+    sampling = _sampling(args)
+    if args.prompt is None:
+        chat_repl(chat, sys.stdin, sys.stdout, seed=random.randrange(2**31) if args.seed is None else args.seed,
+                  **sampling)
+        return
+    for piece in stream_reply(chat, [{"role": "user", "content": args.prompt}], seed=args.seed, **sampling):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,11 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(sub.add_parser("train", help="train a stage (resumes from its latest checkpoint)"))
 
     ev = sub.add_parser("eval", help="evaluate a stage's latest checkpoint")
-    ev.add_argument("metric", choices=["bpb", "core"])
+    ev.add_argument("metric", choices=["bpb", "core", "chat"],
+                    help="bpb: bits per byte; core: CORE (or CORE-pack); chat: ChatCORE's six tasks")
     ev.add_argument("--run", required=True)
-    ev.add_argument("--stage", default="base")
-    ev.add_argument("--eval-tokens", type=int)
-    ev.add_argument("--max-per-task", type=int, default=-1, help="CORE: examples per task (-1: all)")
+    ev.add_argument("--stage", help="default: base for bpb and core, sft for chat")
+    ev.add_argument("--eval-tokens", type=int, help="bpb: validation tokens")
+    ev.add_argument("--max-per-task", type=int, default=-1, help="at most this many problems per task (-1: all)")
+    ev.add_argument("--max-new-tokens", type=int, default=512, help="chat: generation budget per answer")
     sm = sub.add_parser("sample", help="complete nanochat's sample prompts with a stage's checkpoint")
     sm.add_argument("--run", required=True)
     sm.add_argument("--stage", default="base")
@@ -73,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--temperature", type=float, default=0.0)
     sm.add_argument("--top-k", type=int)
 
+    ch = sub.add_parser("chat", help="talk to a chat stage's model in the terminal (streams the replies)")
+    ch.add_argument("--run", required=True)
+    ch.add_argument("--stage", default="sft", choices=["sft", "mid"])
+    ch.add_argument("-p", "--prompt", help="answer this one message and exit (default: a conversation on stdin)")
+    _add_sampling_args(ch)
+    ch.add_argument("--seed", type=int, help="sampling seed (default: a fresh one each time)")
+
+    srv = sub.add_parser("serve", help="web chat UI and nanochat's streaming chat API for a chat stage")
+    srv.add_argument("--run", required=True)
+    srv.add_argument("--stage", default="sft", choices=["sft", "mid"])
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    _add_sampling_args(srv, "default for requests that leave it out")
+
     pub = sub.add_parser("publish", help="write an mlx-lm loadable model folder from a stage's checkpoint")
     pub.add_argument("--run", required=True)
     pub.add_argument("--stage", default="base")
@@ -80,10 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(args: argparse.Namespace) -> dict | list:
+def run_command(args: argparse.Namespace) -> dict | list | None:
+    """The command's result to print as JSON; None for the interactive ones (chat, serve),
+    which write to the terminal themselves."""
     from mlxchat import stages
 
     root = args.home
+    if args.command == "chat":
+        return run_chat(args)
+    if args.command == "serve":
+        from mlxchat.web import Sampling, serve
+
+        return serve(args.run, args.stage, args.host, args.port, root=root, defaults=Sampling(**_sampling(args)))
     if args.command == "data":
         from mlxchat import dataset
 
@@ -99,28 +164,20 @@ def run_command(args: argparse.Namespace) -> dict | list:
             return stages.train_tokenizer(args.run, args.vocab_size, args.source, args.max_chars, root=root)
         return stages.eval_tokenizer(args.run, args.source, root=root)
     if args.command == "train":
-        from mlxchat.optim import OptimConfig
-        from mlxchat.train import TrainConfig, train_base
-
-        cfg = TrainConfig(
-            stage=args.stage, depth=args.depth, seq_len=args.seq_len, device_batch_size=args.device_batch_size,
-            total_batch_size=args.total_batch_size, max_steps=args.max_steps, eval_every=args.eval_every,
-            eval_tokens=args.eval_tokens, checkpoint_every=args.checkpoint_every, dtype=args.dtype,
-            seed=args.seed, source=args.source,
-            optim=OptimConfig(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr),
-        )
-        result = train_base(args.run, cfg, root=root, fresh=args.fresh)
-        if result.interrupted:
+        result = stages.train(args.run, args.stage, train_config(args).to_dict(), root=root, fresh=args.fresh)
+        if result["interrupted"]:
             raise KeyboardInterrupt
-        return result.to_dict()
+        return result
     if args.command == "sample":
         return stages.sample(args.run, args.stage, args.prompt, args.max_tokens, args.temperature, args.top_k, root=root)
     if args.command == "publish":
         return stages.publish(args.run, args.stage, args.out, root=root)
-    if args.command == "eval" and args.metric == "core":
-        return stages.eval_core(args.run, args.stage, args.max_per_task, root=root)
     if args.command == "eval":
-        return stages.eval_bpb(args.run, args.stage, args.eval_tokens, root=root)
+        if args.metric == "core":
+            return stages.eval_core(args.run, args.stage or "base", args.max_per_task, root=root)
+        if args.metric == "chat":
+            return stages.eval_chat(args.run, args.stage or "sft", args.max_per_task, args.max_new_tokens, root=root)
+        return stages.eval_bpb(args.run, args.stage or "base", args.eval_tokens, root=root)
     raise AssertionError(args.command)
 
 
@@ -136,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    print(json.dumps(result, indent=2, default=str))
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
     return 0
 
 

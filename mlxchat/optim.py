@@ -35,7 +35,8 @@ class OptimConfig:
     warmup_ratio: float = 0.0
     warmdown_ratio: float = 0.2
     final_lr_frac: float = 0.0
-    momentum_warmup_steps: int = 300  # Muon momentum 0.85 -> 0.95
+    momentum_warmup_steps: int = 300  # Muon momentum 0.85 -> 0.95; 0 = constant 0.95 (SFT)
+    init_lr_frac: float = 1.0  # every LR scaled by this (SFT fine-tunes at 2% of the base LRs)
 
 
 def param_group(name: str) -> str:
@@ -66,7 +67,10 @@ def lr_multiplier(step, num_iterations: int, cfg: OptimConfig):
 
 
 def muon_momentum(step, warmup_steps: int = 300):
-    """nanochat: momentum rises linearly from 0.85 to 0.95 over the first 300 steps."""
+    """nanochat: momentum rises linearly from 0.85 to 0.95 over the first 300 steps (base and
+    mid-training); SFT (warmup_steps 0) keeps Muon's constant 0.95."""
+    if warmup_steps <= 0:
+        return mx.array(0.95) if isinstance(step, mx.array) else 0.95
     frac = mx.minimum(step / warmup_steps, 1.0) if isinstance(step, mx.array) else min(step / warmup_steps, 1.0)
     return (1 - frac) * 0.85 + frac * 0.95
 
@@ -93,6 +97,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, num_iterations: int) -> 
     scale = (model.config.n_embd / 768) ** -0.5
 
     def scheduled(base_lr: float):
+        base_lr = base_lr * cfg.init_lr_frac
         return lambda step: base_lr * lr_multiplier(step.astype(mx.float32), num_iterations, cfg)
 
     adamw = dict(betas=[0.8, 0.95], eps=1e-10, weight_decay=cfg.weight_decay, bias_correction=True)

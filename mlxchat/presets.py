@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from mlxchat.common import MlxchatError
+from mlxchat.optim import OptimConfig
 from mlxchat.train import TrainConfig
 
 
@@ -22,6 +23,11 @@ class RunPreset:
     base: TrainConfig
     bpb_eval_tokens: int
     sample_max_tokens: int
+    mid: TrainConfig
+    sft: TrainConfig
+    evals: str = "pypi"  # where the eval data comes from: pypi (the PyPI pack) | bundle (DCLM zip + hub) | existing
+    max_per_task: int = -1  # nanochat's --max-per-task for CORE and ChatCORE; -1 = every problem
+    chat_max_new_tokens: int = 512  # generation budget of the generative chat tasks (nanochat: 512)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -31,23 +37,64 @@ def _base(**kw) -> TrainConfig:
     return TrainConfig(stage="base", **kw)
 
 
+def _mid(**kw) -> TrainConfig:
+    """nanochat's mid_train: base's optimizer and warm-down, no gradient clipping, one epoch of
+    the mixture unless max_steps says otherwise."""
+    return TrainConfig(stage="mid", init_from="base", optim=OptimConfig(grad_clip=0.0), **kw)
+
+
+def _sft(**kw) -> TrainConfig:
+    """nanochat's chat_sft: 2% of the base LRs decaying linearly to 0, constant Muon momentum,
+    no clipping, 32 conversations per step, one epoch, validation loss on assistant tokens."""
+    optim = OptimConfig(init_lr_frac=0.02, warmdown_ratio=1.0, momentum_warmup_steps=0, grad_clip=0.0)
+    return TrainConfig(stage="sft", init_from="mid", optim=optim, **kw)
+
+
 PRESETS = {
     # Seconds on a CPU: what the test-suite runs.
     "tiny": RunPreset("tiny", "smoke", None, 512, 300_000,
                       _base(depth=2, seq_len=64, device_batch_size=4, total_batch_size=256, max_steps=12,
                             eval_every=6, eval_tokens=2048, checkpoint_every=4, dtype="float32"),
-                      2048, 8),
+                      2048, 8,
+                      _mid(depth=2, seq_len=64, device_batch_size=4, total_batch_size=256, max_steps=6, eval_every=3,
+                           eval_tokens=1024, checkpoint_every=2, dtype="float32"),
+                      _sft(depth=2, seq_len=64, device_batch_size=2, examples_per_step=4, max_steps=6, eval_every=3,
+                           eval_steps=2, checkpoint_every=2, dtype="float32"),
+                      evals="existing", max_per_task=2, chat_max_new_tokens=16),
     # Minutes on a 2-core CPU, offline: the whole pipeline on Python's own documentation.
     "smoke": RunPreset("smoke", "smoke", None, 4096, 2_000_000,
                        _base(depth=4, seq_len=256, device_batch_size=8, total_batch_size=2048, max_steps=150,
                              eval_every=50, eval_tokens=16384, checkpoint_every=25),
-                       16384, 16),
+                       16384, 16,
+                       _mid(depth=4, seq_len=256, device_batch_size=8, total_batch_size=2048, max_steps=60, eval_every=30,
+                            eval_tokens=8192, checkpoint_every=20),
+                       _sft(depth=4, seq_len=256, device_batch_size=4, examples_per_step=16, eval_every=20,
+                            eval_steps=8, checkpoint_every=20),
+                       evals="pypi", max_per_task=16, chat_max_new_tokens=64),
     # nanochat's hyperparameters on FineWeb-edu (Chinchilla horizon, 524,288-token batches).
     "d12": RunPreset("d12", "hub", 80, 65536, 2_000_000_000,
-                     _base(depth=12, device_batch_size=32, source="hub"), 20 * 524288, 16),
+                     _base(depth=12, device_batch_size=32, source="hub"), 20 * 524288, 16,
+                     _mid(depth=12, device_batch_size=32, eval_every=150, source="hub"),
+                     _sft(depth=12, device_batch_size=4, examples_per_step=32, eval_every=100, eval_steps=100, source="hub"),
+                     evals="bundle"),
     "d20": RunPreset("d20", "hub", 240, 65536, 2_000_000_000,
-                     _base(depth=20, device_batch_size=32, source="hub"), 20 * 524288, 16),
+                     _base(depth=20, device_batch_size=32, source="hub"), 20 * 524288, 16,
+                     _mid(depth=20, device_batch_size=32, eval_every=150, source="hub"),
+                     _sft(depth=20, device_batch_size=4, examples_per_step=32, eval_every=100, eval_steps=100, source="hub"),
+                     evals="bundle"),
 }
+
+
+def stage_defaults(stage: str) -> TrainConfig:
+    """nanochat's full-size settings for one training stage, what `mlxchat train STAGE` starts from."""
+    defaults = {
+        "base": _base(),
+        "mid": _mid(device_batch_size=32, eval_every=150),
+        "sft": _sft(device_batch_size=4, examples_per_step=32, eval_every=100, eval_steps=100),
+    }
+    if stage not in defaults:
+        raise MlxchatError(f"unknown training stage {stage!r}; expected one of {', '.join(defaults)}")
+    return defaults[stage]
 
 
 def resolve(preset: str, depth: int | None = None, max_steps: int | None = None) -> RunPreset:
@@ -59,4 +106,6 @@ def resolve(preset: str, depth: int | None = None, max_steps: int | None = None)
         base = replace(base, depth=depth)
     if max_steps is not None:
         base = replace(base, max_steps=max_steps)
-    return replace(p, base=base)
+    chat = {name: replace(getattr(p, name), source=p.source if p.source in ("smoke", "hub") else "smoke",
+                          depth=base.depth) for name in ("mid", "sft")}
+    return replace(p, base=base, **chat)

@@ -13,8 +13,8 @@ def _read(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def plot_training(metrics_file: Path, out_png: Path) -> Path | None:
-    """Training loss and validation bpb against step, as a PNG."""
+def plot_training(metrics_file: Path, out_png: Path, metric: str = "val_bpb") -> Path | None:
+    """Training loss and the validation metric (bpb, or SFT's loss) against step, as a PNG."""
     if not metrics_file.exists():
         return None
     import matplotlib
@@ -24,14 +24,15 @@ def plot_training(metrics_file: Path, out_png: Path) -> Path | None:
 
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
     train = [(r["step"], r["smooth_loss"]) for r in rows if "smooth_loss" in r]
-    val = [(r["step"], r["val_bpb"]) for r in rows if "val_bpb" in r]
+    val = [(r["step"], r[metric]) for r in rows if metric in r]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     if train:
         ax1.plot(*zip(*train))
     ax1.set(title="training loss (smoothed)", xlabel="step", ylabel="nats/token")
     if val:
         ax2.plot(*zip(*val), marker="o")
-    ax2.set(title="validation bits per byte", xlabel="step", ylabel="bpb")
+    label = "bits per byte" if metric == "val_bpb" else "loss (assistant tokens)"
+    ax2.set(title=f"validation {label}", xlabel="step", ylabel=metric)
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -51,13 +52,48 @@ def _section(title: str, data: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+CHAT_ROWS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+
+
+def summary_rows(rdir: Path) -> list[dict]:
+    """nanochat's summary table: a row per metric, a column per stage (BASE / MID / SFT).
+
+    CORE comes from `eval/core.json` (named "CORE-pack (N/22)" when its data is not the
+    official bundle), the chat tasks and ChatCORE from `eval/chat_<stage>.json`. A missing
+    value is "-", never a guess."""
+    core = _read(rdir / "eval" / "core.json") or {}
+    chat = {stage: _read(rdir / "eval" / f"chat_{stage}.json") or {} for stage in ("mid", "sft")}
+
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    rows = [{"metric": core.get("name", "CORE"), "BASE": cell(core.get("core_metric")), "MID": "-", "SFT": "-"}]
+    for task in CHAT_ROWS + ["ChatCORE"]:
+        row = {"metric": task, "BASE": "-"}
+        for stage, data in chat.items():
+            value = data.get("chatcore") if task == "ChatCORE" else data.get("results", {}).get(task)
+            row[stage.upper()] = cell(value)
+        rows.append(row)
+    return rows
+
+
+def summary_markdown(rows: list[dict], note: str = "") -> str:
+    lines = ["## Summary", "", "| Metric | BASE | MID | SFT |", "|---|---|---|---|"]
+    lines += [f"| {r['metric']} | {r['BASE']} | {r['MID']} | {r['SFT']} |" for r in rows]
+    return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"
+
+
 def build_report(run: str, root=None) -> Path:
-    """Write `runs/<run>/report.md` (and `plots/base.png`) from the run directory."""
+    """Write `runs/<run>/report.md` (and `plots/<stage>.png`) from the run directory."""
     from mlxchat.checkpoint import latest_checkpoint
 
     rdir = run_dir(run, root)
     meta = _read(rdir / "run.json") or {}
     parts = [f"# mlxchat report: {run}", ""]
+    rows = summary_rows(rdir)
+    if any(v != "-" for r in rows for k, v in r.items() if k != "metric"):
+        limits = sorted({(_read(p) or {}).get("max_per_task") for p in (rdir / "eval").glob("*.json")} - {None, -1})
+        parts.append(summary_markdown(rows, f"Evaluated on at most {limits[-1]} problems per task (--max-per-task)." if limits else ""))
     if meta:
         parts.append(_section("Environment", {"git commit": meta.get("git_commit"), "code version": meta.get("code_version"),
                                              "platform": meta.get("platform"), **meta.get("versions", {})}))
@@ -65,22 +101,31 @@ def build_report(run: str, root=None) -> Path:
     tok_eval = _read(rdir / "tokenizer" / "tok_eval.json")
     if tok_eval:
         parts.append(_section("Tokenizer evaluation (bytes per token)", {k: v["ratio"] for k, v in tok_eval.items()}))
-    ck = latest_checkpoint(rdir / "base") if (rdir / "base").exists() else None
-    if ck is not None:
+    for stage in ("base", "mid", "sft"):
+        ck = latest_checkpoint(rdir / stage) if (rdir / stage).exists() else None
+        if ck is None:
+            continue
         cfg = ck.state.get("config", {})
-        parts.append(_section("Base model training", {
+        metric = "val_loss" if stage == "sft" else "val_bpb"
+        parts.append(_section(f"{stage.upper()} training", {
             "depth": cfg.get("depth"), **ck.state.get("model_config", {}), "steps": ck.step,
-            "tokens per step": cfg.get("total_batch_size"), "final val bpb": ck.state.get("val_bpb"),
+            "tokens per step" if stage != "sft" else "conversations per step":
+                cfg.get("total_batch_size") if stage != "sft" else cfg.get("examples_per_step"),
+            f"final {metric.replace('_', ' ')}": ck.state.get(metric),
         }))
-        png = plot_training(rdir / "base" / "metrics.jsonl", rdir / "plots" / "base.png")
+        png = plot_training(rdir / stage / "metrics.jsonl", rdir / "plots" / f"{stage}.png", metric)
         if png:
-            parts.append(f"![base training](plots/{png.name})\n")
+            parts.append(f"![{stage} training](plots/{png.name})\n")
     bpb = _read(rdir / "eval" / "bpb.json") or {}
     for stage, res in bpb.items():
         parts.append(_section(f"Bits per byte ({stage})", {k: res[k] for k in ("step", "val_bpb", "train_bpb", "eval_tokens")}))
-    samples = rdir / "samples" / "base.md"
-    if samples.exists():
-        parts.append("## Samples (base)\n\n" + samples.read_text())
+    timings = _read(rdir / "timings.json")
+    if timings:
+        parts.append(_section("Wall time per stage (seconds)", {k: round(v, 1) for k, v in timings.items()}))
+    for stage in ("base", "mid", "sft"):
+        samples = rdir / "samples" / f"{stage}.md"
+        if samples.exists():
+            parts.append(f"## Samples ({stage})\n\n" + samples.read_text())
     path = rdir / "report.md"
     atomic_write_text(path, "\n".join(p for p in parts if p))
     return path

@@ -6,8 +6,10 @@ Prefect. Each returns a plain dict (paths and metrics) small enough to pass betw
 
 from __future__ import annotations
 
-import time
+import functools
 import hashlib
+import inspect
+import time
 from pathlib import Path
 
 from mlxchat.common import MlxchatError, atomic_write_json, fingerprint_files, read_json, run_dir
@@ -20,6 +22,35 @@ def code_version() -> str:
         h.update(path.relative_to(Path(__file__).parent).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def timed(name: str):
+    """Record a run stage's wall time in `runs/<run>/timings.json`, under `name` formatted with
+    the call's arguments (e.g. "{stage}-eval").
+
+    The report shows it, and bench/pipeline_overhead.py subtracts the stages' own time from a
+    flow's wall time, which measures orchestration overhead inside one process instead of
+    comparing two runs on a shared, noisy machine.
+    """
+
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            t0 = time.perf_counter()
+            result = fn(*args, **kwargs)
+            path = run_dir(bound.arguments["run"], bound.arguments["root"]) / "timings.json"
+            timings = read_json(path, "stage timings") if path.exists() else {}
+            key = name.format(**bound.arguments)
+            atomic_write_json(path, {**timings, key: round(time.perf_counter() - t0, 3)})
+            return result
+
+        return inner
+
+    return wrap
 
 
 def prepare_data(source: str = "smoke", num_shards: int | None = None, root=None) -> dict:
@@ -36,6 +67,7 @@ def prepare_data(source: str = "smoke", num_shards: int | None = None, root=None
     return {"source": source, "path": str(path or ""), "fingerprint": src.fingerprint(), "num_shards": src.num_shards()}
 
 
+@timed("tokenizer-train")
 def train_tokenizer(run: str, vocab_size: int = 65536, source: str = "smoke", max_chars: int = 2_000_000_000,
                     doc_cap: int = 10_000, root=None) -> dict:
     """nanochat's tok_train: BPE on the first `max_chars` characters of the training split."""
@@ -47,6 +79,7 @@ def train_tokenizer(run: str, vocab_size: int = 65536, source: str = "smoke", ma
     return {"tokenizer_dir": str(out), "fingerprint": fingerprint_files([out / "tokenizer.pkl"]), **meta}
 
 
+@timed("tokenizer-eval")
 def eval_tokenizer(run: str, source: str = "smoke", max_chars: int = 1_000_000, root=None) -> dict:
     """nanochat's tok_eval: compression (bytes per token) on held-out and training text."""
     from mlxchat import dataset, tokenizer
@@ -60,6 +93,7 @@ def eval_tokenizer(run: str, source: str = "smoke", max_chars: int = 1_000_000, 
     return result
 
 
+@timed("{stage}-eval")
 def eval_bpb(run: str, stage: str = "base", eval_tokens: int | None = None, root=None) -> dict:
     """Bits per byte of a stage's latest checkpoint on the validation (and training) split."""
     from mlxchat import dataset
@@ -87,6 +121,7 @@ def eval_bpb(run: str, stage: str = "base", eval_tokens: int | None = None, root
     return {**result, "fingerprint": fingerprint_files([path])}
 
 
+@timed("{stage}-core")
 def eval_core(run: str, stage: str = "base", max_per_task: int = -1, root=None) -> dict:
     """CORE (or CORE-pack, named by what the bundle holds) of a stage's latest checkpoint."""
     from mlxchat.evaluation.core import evaluate_core
@@ -110,19 +145,80 @@ def eval_core(run: str, stage: str = "base", max_per_task: int = -1, root=None) 
     return {**result, "fingerprint": fingerprint_files([path])}
 
 
-def train_base(run: str, config: dict, root=None, fresh: bool = False, on_progress=None) -> dict:
-    """Base pretraining from a config dict (as stored in run.json); resumes from `latest`."""
-    from mlxchat.train import TrainConfig, train_base as _train
+@timed("{stage}-train")
+def train(run: str, stage: str, config: dict, root=None, fresh: bool = False, on_progress=None) -> dict:
+    """Train a stage (base, mid or sft) from a config dict (as stored in run.json); resumes
+    from the stage's `latest` checkpoint."""
+    from mlxchat.train import CHAT_STAGES, TrainConfig, train_base, train_chat
 
-    result = _train(run, TrainConfig.from_dict(config), root=root, fresh=fresh, on_progress=on_progress)
+    cfg = TrainConfig.from_dict({**config, "stage": stage})
+    if stage != "base" and stage not in CHAT_STAGES:
+        raise MlxchatError(f"unknown training stage {stage!r}; expected base, {', '.join(CHAT_STAGES)}")
+    fn = train_base if stage == "base" else train_chat
+    result = fn(run, cfg, root=root, fresh=fresh, on_progress=on_progress)
     out = result.to_dict()
     out["fingerprint"] = fingerprint_files([result.checkpoint / "model.safetensors"])
     return out
 
 
+def chat_tasks(root=None) -> tuple[dict, dict]:
+    """ChatCORE's six tasks as nanochat's chat_eval builds them, read from the eval pack
+    (`<home>/evals/chat/`); a task whose data is missing is skipped with the reason."""
+    from mlxchat.tasks import ARC, GSM8K, MMLU, HumanEval, SpellingBee
+
+    builders = {
+        "ARC-Easy": lambda: ARC.from_pack(root, "ARC-Easy"),
+        "ARC-Challenge": lambda: ARC.from_pack(root, "ARC-Challenge"),
+        "MMLU": lambda: MMLU.from_pack(root),
+        "GSM8K": lambda: GSM8K.from_pack(root),
+        "HumanEval": lambda: HumanEval.from_pack(root),
+        "SpellingBee": lambda: SpellingBee(size=256, split="test"),
+    }
+    tasks, skipped = {}, {}
+    for name, build in builders.items():
+        try:
+            tasks[name] = build()
+        except MlxchatError as e:
+            skipped[name] = str(e)
+    return tasks, skipped
+
+
+@timed("{stage}-chat-eval")
+def eval_chat(run: str, stage: str = "sft", max_per_task: int = -1, max_new_tokens: int = 512, batch_size: int = 8,
+              root=None) -> dict:
+    """ChatCORE of a chat stage (nanochat's chat_eval: greedy, top-k 50, one sample, the
+    calculator on), into `eval/chat_<stage>.json`; ChatCORE itself only when all six tasks ran."""
+    from mlxchat.calculator import calculator_tool
+    from mlxchat.evaluation.chat import centered_accuracy, chatcore, evaluate_chat
+    from mlxchat.tokenizer import Tokenizer
+    from mlxchat.train import load_trained_model
+
+    rdir = run_dir(run, root, must_exist=True)
+    model, ck = load_trained_model(rdir / stage, f"train it first: mlxchat train {stage} --run {run}")
+    tok = Tokenizer.load(rdir / "tokenizer")
+    tasks, skipped = chat_tasks(root)
+    t0 = time.time()
+    limit = max_per_task if max_per_task > 0 else None
+    outcome = evaluate_chat(tasks, model, tok, batch_size, max_problems=limit, max_new_tokens=max_new_tokens,
+                            tool=calculator_tool(tok))
+    results = {name: r.accuracy for name, r in outcome.items()}
+    record = {
+        "stage": stage, "step": ck.step, "checkpoint": str(ck.path), "max_per_task": max_per_task,
+        "results": results, "problems": {name: r.total for name, r in outcome.items()},
+        "centered": {name: centered_accuracy(name, acc) for name, acc in results.items()},
+        "chatcore": chatcore(results) if not skipped else None, "skipped": skipped,
+        "eval_time_s": time.time() - t0,
+    }
+    path = rdir / "eval" / f"chat_{stage}.json"
+    atomic_write_json(path, record)
+    return {**record, "path": str(path), "fingerprint": fingerprint_files([path])}
+
+
+@timed("sample-{stage}")
 def sample(run: str, stage: str = "base", prompts: list[str] | None = None, max_tokens: int = 16,
            temperature: float = 0.0, top_k: int | None = None, root=None) -> dict:
-    """nanochat's sample prompts through a stage's latest checkpoint, into samples/<stage>.md."""
+    """nanochat's sample prompts through a stage's latest checkpoint (completions for base,
+    one-turn chats for mid and SFT), into samples/<stage>.md."""
     from mlxchat import engine
     from mlxchat.common import atomic_write_text
     from mlxchat.tokenizer import Tokenizer
@@ -131,13 +227,20 @@ def sample(run: str, stage: str = "base", prompts: list[str] | None = None, max_
     rdir = run_dir(run, root, must_exist=True)
     model, ck = load_trained_model(rdir / stage, f"train it first: mlxchat train {stage} --run {run}")
     tok = Tokenizer.load(rdir / "tokenizer")
-    samples = engine.sample_prompts(model, tok, prompts or engine.SAMPLE_PROMPTS, max_tokens=max_tokens,
-                                    temperature=temperature, top_k=top_k)
+    if stage == "base":
+        samples = engine.sample_prompts(model, tok, prompts or engine.SAMPLE_PROMPTS, max_tokens=max_tokens,
+                                        temperature=temperature, top_k=top_k)
+    else:
+        from mlxchat.calculator import calculator_tool
+
+        samples = engine.sample_chat(model, tok, prompts or engine.CHAT_PROMPTS, max_tokens=max_tokens,
+                                     temperature=temperature, top_k=top_k, tool=calculator_tool(tok))
     path = rdir / "samples" / f"{stage}.md"
     atomic_write_text(path, engine.render_samples_markdown(stage, samples))
     return {"path": str(path), "step": ck.step, "samples": samples, "fingerprint": fingerprint_files([path])}
 
 
+@timed("publish-{stage}")
 def publish(run: str, stage: str = "base", out: str | None = None, root=None) -> dict:
     """An mlx-lm loadable folder (`published/<run>-<stage>/` by default) from a stage's checkpoint."""
     from mlxchat import interop
@@ -151,38 +254,64 @@ def publish(run: str, stage: str = "base", out: str | None = None, root=None) ->
     return {**result, "out_dir": str(out_dir), "fingerprint": fingerprint_files([out_dir / "model.safetensors"])}
 
 
-STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "base-train", "base-eval", "sample", "publish", "report"]
+@timed("report")
+def report(run: str, root=None) -> dict:
+    """The run's report card, `runs/<run>/report.md`, from what the stages left."""
+    from mlxchat.report import build_report
+
+    path = build_report(run, root=root)
+    return {"path": str(path), "fingerprint": fingerprint_files([path])}
 
 
-def existing_output(stage: str, run: str, source: str = "smoke", num_shards: int | None = None, root=None) -> dict:
-    """The record of a stage that is not being run (`--only`/`--from`), read from the run
-    directory; a missing output is a user error that names the stage to run first."""
+STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "base-train", "base-eval", "mid-train", "sft-train",
+          "chat-eval", "sample", "publish", "report"]
+MODEL_STAGES = ["base", "mid", "sft"]  # trained in this order; each starts from the one before
+CHAT_MODEL_STAGE = MODEL_STAGES[-1]  # what the flow samples last and publishes
+
+
+def stage_output(stage: str, run: str, source: str = "smoke", num_shards: int | None = None, root=None) -> dict | None:
+    """The record of a stage's finished output as found in the run directory, or None when it
+    is missing (never run, killed, or deleted by hand).
+
+    The flow checks this before trusting a cached result: Prefect's cache remembers that a
+    stage ran, not that its files are still there.
+    """
     from mlxchat import checkpoint, dataset
-    from mlxchat.common import MlxchatError
+    from mlxchat.common import home
 
     rdir = run_dir(run, root)
-    missing = MlxchatError(f"stage {stage!r} has no results for run {run!r}: run it first (--from {stage})")
     if stage == "prepare-data":
         try:
             return {"fingerprint": dataset.get_source(source, root=root, num_shards=num_shards).fingerprint()}
         except MlxchatError:
-            raise missing from None
+            return None
+    if stage in ("base-train", "mid-train", "sft-train"):
+        ck = checkpoint.latest_checkpoint(rdir / stage.removesuffix("-train"))
+        if ck is None or ck.step < ck.state.get("num_iterations", 0):
+            return None
+        return {"checkpoint": str(ck.path), "step": ck.step, "fingerprint": fingerprint_files([ck.model_file])}
     paths = {
         "tokenizer-train": rdir / "tokenizer" / "tokenizer.pkl",
         "tokenizer-eval": rdir / "tokenizer" / "tok_eval.json",
         "base-eval": rdir / "eval" / "bpb.json",
-        "sample": rdir / "samples" / "base.md",
+        "sample": rdir / "samples" / f"{CHAT_MODEL_STAGE}.md",
+        "chat-eval": rdir / "eval" / f"chat_{CHAT_MODEL_STAGE}.json",
+        "publish": home(root) / "published" / f"{run}-{CHAT_MODEL_STAGE}" / "model.safetensors",
+        "report": rdir / "report.md",
     }
-    if stage == "base-train":
-        ck = checkpoint.latest_checkpoint(rdir / "base")
-        if ck is None or ck.step < ck.state.get("num_iterations", 0):
-            raise missing
-        return {"checkpoint": str(ck.path), "step": ck.step, "fingerprint": fingerprint_files([ck.model_file])}
-    if stage in paths:
-        if not paths[stage].exists():
-            raise missing
-        return {"path": str(paths[stage]), "fingerprint": fingerprint_files([paths[stage]])}
-    raise missing
+    path = paths.get(stage)
+    if path is None or not path.exists():
+        return None
+    return {"path": str(path), "fingerprint": fingerprint_files([path])}
+
+
+def existing_output(stage: str, run: str, source: str = "smoke", num_shards: int | None = None, root=None) -> dict:
+    """The record of a stage that is not being run (`--only`/`--from`); a missing output is a
+    user error that names the stage to run first."""
+    record = stage_output(stage, run, source, num_shards, root=root)
+    if record is None:
+        raise MlxchatError(f"stage {stage!r} has no results for run {run!r}: run it first (--from {stage})")
+    return record
 
 
 def write_run_json(run: str, preset: dict, root=None) -> Path:

@@ -1,7 +1,9 @@
-"""Training loops: nanochat's base_train, with exact resume.
+"""Training: nanochat's base_train, mid_train and chat_sft as one loop, with exact resume.
 
-One loop (`train_loop`) serves every stage; a stage only decides where its batches come from
-and how many steps it takes. Settings are a frozen `TrainConfig`; the derived quantities
+One loop (`train_loop`) serves every stage; a stage only decides where its batches come from,
+what it starts from and how many steps it takes: base trains from scratch on text for a
+Chinchilla horizon, mid-training continues base on packed conversations for one epoch of its
+mixture, SFT continues mid on padded, assistant-masked conversations for an epoch of examples. Settings are a frozen `TrainConfig`; the derived quantities
 (model shape from depth, steps from the Chinchilla ratio, gradient-accumulation steps from
 the total batch) are computed once in `plan()` and logged, so a run explains itself.
 
@@ -27,7 +29,7 @@ from mlx.utils import tree_map
 from mlxchat import checkpoint as ckpt_lib
 from mlxchat.common import MlxchatError, default_dtype, get_logger, run_dir, seed_everything
 from mlxchat.dataloader import DataLoader
-from mlxchat.evaluation.bpb import evaluate_bpb
+from mlxchat.evaluation.bpb import evaluate_bpb, evaluate_loss
 from mlxchat.gpt import GPT, GPTConfig
 from mlxchat.optim import OptimConfig, build_optimizer, clip_gradients
 
@@ -54,7 +56,15 @@ class TrainConfig:
     seed: int = 0
     source: str = "smoke"
     peak_flops: float = 0.0  # for MFU; 0 = look the device up
+    examples_per_step: int = 0  # SFT: conversations per optimizer step (replaces total_batch_size)
+    eval_steps: int = 0  # batches per evaluation; 0 = eval_tokens / (batch × seq_len)
+    init_from: str = ""  # the stage whose latest checkpoint starts this one (mid: base, sft: mid)
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    @property
+    def metric(self) -> str:
+        """What evaluations report: bits per byte, except SFT's masked validation loss (as nanochat)."""
+        return "val_loss" if self.stage == "sft" else "val_bpb"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,31 +96,50 @@ class Plan:
         )
 
 
-def plan(cfg: TrainConfig, vocab_size: int, world_size: int = 1) -> Plan:
-    model_cfg = GPTConfig.from_depth(cfg.depth, vocab_size=vocab_size, sequence_len=cfg.seq_len)
+def plan(cfg: TrainConfig, vocab_size: int, world_size: int = 1, model: GPTConfig | None = None,
+         epoch_size: int | None = None) -> Plan:
+    """Derive the model shape, horizon and gradient accumulation.
+
+    `model` is the shape of the checkpoint a stage starts from (mid, SFT); `epoch_size` is what
+    one pass over their data holds: tokens for mid-training, conversations for SFT.
+    """
+    model_cfg = model or GPTConfig.from_depth(cfg.depth, vocab_size=vocab_size, sequence_len=cfg.seq_len)
     for name in ("device_batch_size", "seq_len", "total_batch_size"):
         if getattr(cfg, name) < 1:
             raise MlxchatError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    per_step = cfg.device_batch_size * cfg.seq_len * world_size
-    if cfg.total_batch_size % per_step:
-        raise MlxchatError(
-            f"total batch {cfg.total_batch_size} tokens is not a multiple of device batch × seq len × ranks = {per_step}; "
-            f"change --device-batch-size, --seq-len or --total-batch-size"
-        )
+    if cfg.examples_per_step > 0:
+        per_step = cfg.device_batch_size * world_size
+        if cfg.examples_per_step % per_step:
+            raise MlxchatError(
+                f"{cfg.examples_per_step} examples per step is not a multiple of device batch × ranks = {per_step}; "
+                f"change --device-batch-size or --examples-per-step"
+            )
+        accum = cfg.examples_per_step // per_step
+    else:
+        per_step = cfg.device_batch_size * cfg.seq_len * world_size
+        if cfg.total_batch_size % per_step:
+            raise MlxchatError(
+                f"total batch {cfg.total_batch_size} tokens is not a multiple of device batch × seq len × ranks = {per_step}; "
+                f"change --device-batch-size, --seq-len or --total-batch-size"
+            )
+        accum = cfg.total_batch_size // per_step
     shape_only = GPT(model_cfg)  # parameters stay lazy: nothing is allocated
     num_params, flops = shape_only.num_params(), shape_only.estimate_flops()
     if cfg.max_steps > 0:
         iters = cfg.max_steps
+    elif epoch_size is not None:
+        iters = epoch_size // (cfg.examples_per_step or cfg.total_batch_size)
     elif cfg.target_param_data_ratio > 0:
         iters = int(cfg.target_param_data_ratio * num_params // cfg.total_batch_size)
     else:
         raise MlxchatError("no training horizon: give --max-steps or a positive target param:data ratio")
     if iters < 1:
-        raise MlxchatError(f"the training horizon is {iters} steps; raise --max-steps")
+        what = "one epoch of the data is less than one step" if epoch_size is not None else f"the training horizon is {iters} steps"
+        raise MlxchatError(f"{what}; raise --max-steps or lower the batch size")
     dtype = cfg.dtype or default_dtype()
     if dtype not in ("float32", "bfloat16", "float16"):
         raise MlxchatError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    return Plan(model_cfg, num_params, flops, iters, cfg.total_batch_size // per_step, world_size, dtype)
+    return Plan(model_cfg, num_params, flops, iters, accum, world_size, dtype)
 
 
 def peak_flops(cfg: TrainConfig) -> float:
@@ -172,14 +201,19 @@ class TrainStep:
         self._apply = mx.compile(apply, inputs=state, outputs=state)
 
     def __call__(self, batches) -> tuple[float, float]:
-        """One optimizer step over `accum` micro-batches; returns (mean loss, grad norm)."""
+        """One optimizer step over `accum` micro-batches; returns (mean loss, grad norm) and
+        leaves the number of input tokens it processed in `self.tokens` (SFT batches vary)."""
         if self.accum == 1:
-            loss, norm = self._fused(*next(batches))
+            x, y = next(batches)
+            self.tokens = x.size
+            loss, norm = self._fused(x, y)
             mx.eval(loss, norm, self.model.parameters(), self.optimizer.state)
             return loss.item(), norm.item()
-        total_loss, total = 0.0, None
+        total_loss, total, self.tokens = 0.0, None, 0
         for _ in range(self.accum):
-            loss, grads = self._grads(*next(batches))
+            x, y = next(batches)
+            self.tokens += x.size
+            loss, grads = self._grads(x, y)
             total = grads if total is None else tree_map(mx.add, total, grads)
             mx.eval(loss, total)
             total_loss += loss.item()
@@ -250,6 +284,44 @@ def train_base(
     return train_loop(rdir / cfg.stage, cfg, p, loader, token_bytes, fresh=fresh, on_progress=on_progress)
 
 
+CHAT_STAGES = {"mid": "base", "sft": "mid"}  # stage -> the stage it continues
+
+
+def train_chat(
+    run: str,
+    cfg: TrainConfig,
+    root=None,
+    fresh: bool = False,
+    on_progress: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """nanochat's mid_train (stage "mid") or chat_sft (stage "sft"): continue the previous
+    stage's latest checkpoint on a conversation mixture (`cfg.source`: smoke or hub)."""
+    from mlxchat.chatloader import PackedConversations, PaddedConversations, epoch_tokens
+    from mlxchat.tasks import build_mixture
+    from mlxchat.tokenizer import Tokenizer
+
+    if cfg.stage not in CHAT_STAGES:
+        raise MlxchatError(f"unknown chat stage {cfg.stage!r}; expected one of {', '.join(CHAT_STAGES)}")
+    parent = cfg.init_from or CHAT_STAGES[cfg.stage]
+    rdir = run_dir(run, root, must_exist=True)
+    tokenizer = Tokenizer.load(rdir / "tokenizer")
+    start = ckpt_lib.require_checkpoint(rdir / parent, f"train it first: mlxchat train {parent} --run {run}")
+    group = mx.distributed.init()
+    data = {split: build_mixture(cfg.stage, split, cfg.source, root=root) for split in ("train", "val")}
+    Loader = PackedConversations if cfg.stage == "mid" else PaddedConversations
+    epoch = epoch_tokens(data["train"], tokenizer) if cfg.stage == "mid" else len(data["train"])
+    p = plan(cfg, tokenizer.vocab_size, group.size(), model=GPTConfig(**start.state["model_config"]), epoch_size=epoch)
+    if p.model.sequence_len < cfg.seq_len:
+        raise MlxchatError(f"--seq-len {cfg.seq_len} is longer than the {parent} model's context {p.model.sequence_len}")
+    log.info(f"{cfg.stage}: starting from {start.path} | {len(data['train']):,} training conversations")
+
+    def loader(split: str, state: dict | None = None):
+        return Loader(data[split], tokenizer, cfg.device_batch_size, cfg.seq_len, group.rank(), group.size(), state=state)
+
+    return train_loop(rdir / cfg.stage, cfg, p, loader, tokenizer.token_bytes(), fresh=fresh, init_from=start.path,
+                      on_progress=on_progress)
+
+
 def build_model(p: Plan, seed: int) -> GPT:
     model = GPT(p.model, compute_dtype=getattr(mx, p.dtype))
     model.init_weights(seed)
@@ -298,18 +370,22 @@ def train_loop(
     train_batches = make_loader("train", loader_state)
     step_fn = TrainStep(model, optimizer, p.grad_accum_steps, cfg.optim.grad_clip, p.world_size)
     peak = peak_flops(cfg)
-    eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.seq_len * p.world_size))
+    eval_steps = cfg.eval_steps or max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.seq_len * p.world_size))
+    metric = cfg.metric
     metrics_file = stage_dir / "metrics.jsonl"
     if is_main:
         stage_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_file, start_step)
 
     def evaluate(step: int) -> float:
-        bpb = evaluate_bpb(model, make_loader("val"), eval_steps, token_bytes)
-        history.append({"step": step, "val_bpb": bpb})
-        _append_metrics(metrics_file, {"step": step, "val_bpb": bpb}, is_main)
-        log.info(f"step {step:05d} | validation bpb {bpb:.4f}")
-        return bpb
+        if metric == "val_loss":
+            value = evaluate_loss(model, make_loader("val"), eval_steps)
+        else:
+            value = evaluate_bpb(model, make_loader("val"), eval_steps, token_bytes)
+        history.append({"step": step, metric: value})
+        _append_metrics(metrics_file, {"step": step, metric: value}, is_main)
+        log.info(f"step {step:05d} | validation {metric[4:]} {value:.4f}")
+        return value
 
     def save(step: int) -> Path:
         # MLX's generator state cannot be restored, so every checkpoint reseeds it from
@@ -323,7 +399,7 @@ def train_loop(
             "model_config": p.model.to_dict(),
             "num_iterations": p.num_iterations,
             "history": history,
-            "val_bpb": history[-1]["val_bpb"] if history else None,
+            metric: history[-1][metric] if history else None,
         }
         if not is_main:
             return stage_dir / ckpt_lib.step_dir_name(step)
@@ -334,7 +410,7 @@ def train_loop(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=p.num_iterations, initial=start_step, desc=stage_dir.name, disable=not is_main, dynamic_ncols=True)
-    smooth, tokens_per_step = 0.0, cfg.total_batch_size
+    smooth, tokens_seen = 0.0, 0
     step, interrupted, last_ckpt = start_step, False, None
     t_train = 0.0
     if start_step == 0 and resume is None and cfg.eval_every > 0:
@@ -354,7 +430,8 @@ def train_loop(
             t_train += dt
             smooth = 0.9 * smooth + 0.1 * loss
             debiased = smooth / (1 - 0.9 ** (step - start_step))
-            tok_s = tokens_per_step / dt
+            tokens_seen += step_fn.tokens * p.world_size
+            tok_s = step_fn.tokens * p.world_size / dt
             mfu = 100 * p.flops_per_token * tok_s / peak if peak else None
             row = {"step": step, "loss": loss, "smooth_loss": debiased, "grad_norm": gnorm, "dt": dt, "tok_per_s": tok_s, "mfu": mfu}
             _append_metrics(metrics_file, row, is_main)
@@ -379,10 +456,10 @@ def train_loop(
         "num_iterations": p.num_iterations,
         "num_params": p.num_params,
         "flops_per_token": p.flops_per_token,
-        "tokens": cfg.total_batch_size * step,
+        "tokens": tokens_seen,
         "train_time_s": t_train,
-        "val_bpb": history[-1]["val_bpb"] if history else None,
-        "min_val_bpb": min((h["val_bpb"] for h in history), default=None),
+        metric: history[-1][metric] if history else None,
+        f"min_{metric}": min((h[metric] for h in history), default=None),
     }
     if interrupted:
         log.warning(f"stopped at step {step}; rerun the same command to resume from {last_ckpt}")
@@ -391,7 +468,8 @@ def train_loop(
 
 def _check_compatible(resume: ckpt_lib.Checkpoint, cfg: TrainConfig, p: Plan) -> None:
     saved = TrainConfig.from_dict(resume.state["config"])
-    keys = ("depth", "seq_len", "device_batch_size", "total_batch_size", "source", "seed", "optim")
+    keys = ("depth", "seq_len", "device_batch_size", "total_batch_size", "examples_per_step", "source", "seed",
+            "init_from", "optim")
     diff = [k for k in keys if getattr(saved, k) != getattr(cfg, k)]
     if resume.state["model_config"] != p.model.to_dict():
         diff.append("model")

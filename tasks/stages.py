@@ -75,16 +75,19 @@ class _Progress:
         )
 
 
-@task(name="base-train", **CACHED)
-def base_train(run: str, config: dict, tokenizer_fingerprint: str, data_fingerprint: str, root: str,
-               fresh: bool = False) -> dict:
-    result = stages.train_base(run, config, root=root, fresh=fresh, on_progress=_Progress(run, "base"))
+def _train(run: str, stage: str, config: dict, inputs: dict, root: str, fresh: bool = False) -> dict:
+    """Train one stage; `inputs` (fingerprints of the tokenizer, data and starting checkpoint)
+    is only there for the cache key."""
+    result = stages.train(run, stage, config, root=root, fresh=fresh, on_progress=_Progress(run, stage))
     if result["interrupted"]:
-        raise RuntimeError(f"base-train was interrupted at step {result['step']}; rerun the flow to resume")
-    _table(_artifact_key(run, "base-train"), result["metrics"], "Base training")
-    create_link_artifact(key=_artifact_key(run, "base-checkpoint"), link=f"file://{result['checkpoint']}",
-                         link_text=f"base checkpoint (step {result['step']})")
+        raise RuntimeError(f"{stage}-train was interrupted at step {result['step']}; rerun the flow to resume")
+    _table(_artifact_key(run, f"{stage}-train"), result["metrics"], f"{stage} training")
+    create_link_artifact(key=_artifact_key(run, f"{stage}-checkpoint"), link=f"file://{result['checkpoint']}",
+                         link_text=f"{stage} checkpoint (step {result['step']})")
     return result
+
+
+base_train, mid_train, sft_train = (task(name=f"{stage}-train", **CACHED)(_train) for stage in ("base", "mid", "sft"))
 
 
 @task(name="base-eval", **CACHED)
@@ -95,15 +98,38 @@ def base_eval(run: str, eval_tokens: int, checkpoint_fingerprint: str, root: str
     return result
 
 
+@task(name="chat-eval", **CACHED)
+def chat_eval(run: str, checkpoints: dict, max_per_task: int, max_new_tokens: int, evals_fingerprint: str,
+              root: str) -> dict:
+    """ChatCORE of each chat stage (`checkpoints`: stage -> checkpoint fingerprint)."""
+    logger, records = get_run_logger(), {}
+    for stage in checkpoints:
+        result = stages.eval_chat(run, stage, max_per_task, max_new_tokens, root=root)
+        rows = [{"task": t, "accuracy": a, "centered": result["centered"][t], "problems": result["problems"][t]}
+                for t, a in result["results"].items()]
+        rows += [{"task": t, "accuracy": None, "centered": None, "problems": 0, "skipped": why}
+                 for t, why in result["skipped"].items()]
+        create_table_artifact(key=_artifact_key(run, f"chat-eval-{stage}"), table=rows,
+                              description=f"ChatCORE tasks after {stage} (at most {max_per_task} problems each)")
+        chatcore = result["chatcore"]
+        logger.info(f"{stage}: ChatCORE {'%.4f' % chatcore if chatcore is not None else 'n/a (tasks skipped)'} | "
+                    + ", ".join(f"{t} {a:.3f}" for t, a in result["results"].items()))
+        records[stage] = {k: result[k] for k in ("path", "fingerprint", "chatcore")}
+    return {"stages": records, "fingerprint": "-".join(r["fingerprint"] for r in records.values())}
+
+
 @task(name="sample", **CACHED)
-def sample(run: str, stage: str, max_tokens: int, checkpoint_fingerprint: str, root: str) -> dict:
-    result = stages.sample(run, stage, max_tokens=max_tokens, root=root)
-    logger = get_run_logger()
-    for s in result["samples"]:
-        logger.info(f"{s['prompt']!r} -> {s['completion']!r}")
-    create_table_artifact(key=_artifact_key(run, f"samples-{stage}"), table=result["samples"],
-                          description=f"Samples after {stage} (greedy)")
-    return {k: v for k, v in result.items() if k != "samples"}
+def sample(run: str, checkpoints: dict, max_tokens: int, root: str) -> dict:
+    """Greedy samples of every trained stage (`checkpoints`: stage -> checkpoint fingerprint)."""
+    logger, records = get_run_logger(), {}
+    for stage in checkpoints:
+        result = stages.sample(run, stage, max_tokens=max_tokens, root=root)
+        for s in result["samples"]:
+            logger.info(f"{stage}: {s['prompt']!r} -> {s['completion']!r}")
+        create_table_artifact(key=_artifact_key(run, f"samples-{stage}"), table=result["samples"],
+                              description=f"Samples after {stage} (greedy)")
+        records[stage] = {k: v for k, v in result.items() if k != "samples"}
+    return {"stages": records, "fingerprint": "-".join(r["fingerprint"] for r in records.values())}
 
 
 @task(name="publish", **CACHED)

@@ -3,8 +3,9 @@
 It serves a local directory laid out like the hub's URLs — `<root>/datasets/<owner>/<name>/<path>`
 for datasets, `<root>/<owner>/<name>/<path>` for models — through the endpoints `huggingface_hub`
 calls: HEAD/GET `/[datasets/]<repo>/resolve/<revision>/<path>` (ETag, X-Repo-Commit,
-Content-Length, Range → 206) and GET `/api/<type>s/<repo>/tree/<revision>[/<path>]` (file
-listing). Point `huggingface_hub` at it with `HF_ENDPOINT=hub.url` (the `fake_hub` fixture does).
+Content-Length, Range → 206), GET `/api/<type>s/<repo>/tree/<revision>[/<path>]` (file
+listing) and GET `/api/<type>s/<repo>[/revision/<revision>]` (repo info with its commit and
+files, which `snapshot_download` asks first). Point `huggingface_hub` at it with `HF_ENDPOINT=hub.url` (the `fake_hub` fixture does).
 
 Faults make the failure paths testable: `hub.inject(path, "drop")` sends half of the next GET's
 body and closes the connection, `"corrupt"` flips bytes in the middle of the body (size and
@@ -27,6 +28,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the one revision every re
 _PREFIXES = {"datasets/": "dataset", "spaces/": "space", "": "model"}
 _RESOLVE = re.compile(r"^/(datasets/|spaces/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
 _TREE = re.compile(r"^/api/(datasets|spaces|models)/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?$")
+_INFO = re.compile(r"^/api/(datasets|spaces|models)/([^/]+/[^/]+)(?:/revision/([^/]+))?$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
@@ -127,6 +129,9 @@ class _Handler(BaseHTTPRequestHandler):
             kind, repo, _revision, sub = m.groups()
             recursive = parse_qs(url.query).get("recursive", ["false"])[0].lower() == "true"
             self._tree(self.fake.repo_dir(repo, kind[:-1]), sub or "", recursive)
+        elif (m := _INFO.match(path)) and body:
+            kind, repo, _revision = m.groups()
+            self._info(self.fake.repo_dir(repo, kind[:-1]), repo)
         else:
             self._send(404, b"", {"X-Error-Code": "RepoNotFound"})
 
@@ -176,6 +181,13 @@ class _Handler(BaseHTTPRequestHandler):
         entries = sorted(base.rglob("*") if recursive else base.iterdir())
         listing = [_tree_entry(p, p.relative_to(repo_dir).as_posix()) for p in entries]
         self._send(200, json.dumps(listing).encode(), {"Content-Type": "application/json"})
+
+    def _info(self, repo_dir: Path, repo: str) -> None:
+        if not repo_dir.is_dir():
+            return self._send(404, b"", {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
+        files = sorted(p.relative_to(repo_dir).as_posix() for p in repo_dir.rglob("*") if p.is_file())
+        info = {"id": repo, "sha": COMMIT, "siblings": [{"rfilename": f} for f in files]}
+        self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
 
     def _send(self, status: int, data: bytes, headers: dict, head: bool = False) -> None:
         self.send_response(status)

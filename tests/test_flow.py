@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "base-train", "base-eval", "sample", "publish", "report"]
+STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "base-train", "base-eval", "mid-train", "sft-train",
+          "sample", "publish", "report"]
 
 pytestmark = pytest.mark.slow
 
@@ -52,13 +53,22 @@ def test_flow_runs_every_stage_then_reruns_from_cache(home):
     assert states == {s: "Completed" for s in STAGES}
     run = home / "runs" / "tiny"
     assert (run / "report.md").read_text().startswith("# mlxchat report: tiny")
-    assert (run / "plots" / "base.png").stat().st_size > 1000
+    assert all((run / "plots" / f"{stage}.png").stat().st_size > 1000 for stage in ("base", "mid", "sft"))
     assert "The capital of France is" in (run / "samples" / "base.md").read_text()
-    assert (home / "published" / "tiny-base" / "model.safetensors").exists()
-    assert (home / "published" / "tiny-base" / "config.json").read_text().count('"nanochat"') == 1
+    assert all("What is the capital of France?" in (run / "samples" / f"{s}.md").read_text() for s in ("mid", "sft"))
+    assert (run / "sft" / "latest").is_symlink() and (run / "mid" / "latest").is_symlink()
+    assert (home / "published" / "tiny-sft" / "model.safetensors").exists()
+    assert (home / "published" / "tiny-sft" / "config.json").read_text().count('"nanochat"') == 1
 
     again = _flow(home)
     assert _states(again.stdout + again.stderr) == {s: "Cached" for s in STAGES}
+
+    shutil.rmtree(home / "published")  # outputs deleted by hand: their stages rerun, despite the cache
+    (run / "tokenizer" / "tok_eval.json").unlink()
+    out = _flow(home)
+    repaired = _states(out.stdout + out.stderr)
+    assert {s for s, st in repaired.items() if st == "Completed"} == {"tokenizer-eval", "publish"}, repaired
+    assert (home / "published" / "tiny-sft" / "model.safetensors").exists()
 
     forced = _flow(home, "--force", "base-train")
     states = _states(forced.stdout + forced.stderr)
@@ -107,3 +117,43 @@ def test_a_failing_stage_fails_the_flow_and_the_fixed_rerun_resumes_there(tmp_pa
     pkl.write_bytes(good)
     fixed = _flow(tmp_path, "--from", "tokenizer-eval")
     assert _states(fixed.stdout + fixed.stderr)["tokenizer-eval"] == "Completed"
+
+
+def test_flow_runs_task_runs_and_artifacts_are_visible_through_the_prefect_client(
+        prefect_server, smoke_root, tmp_path, monkeypatch):
+    """The speedrun in-process against a Prefect test server: what the UI would show."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    sys.path.insert(0, str(REPO))
+    from flows.speedrun import build_flow
+
+    shutil.copytree(smoke_root / "data", tmp_path / "data")
+    monkeypatch.setenv("MLXCHAT_HOME", str(tmp_path))
+    state = build_flow()(preset="tiny", return_state=True)
+    assert state.is_completed(), state.message
+    flow_run_id = state.state_details.flow_run_id
+
+    async def read():
+        async with get_client() as client:
+            flow_run = await client.read_flow_run(flow_run_id)
+            runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            tasks = await client.read_task_runs(flow_run_filter=runs)
+            artifacts = await client.read_artifacts(flow_run_filter=runs)
+            return flow_run, tasks, artifacts
+
+    flow_run, tasks, artifacts = run_coro_as_sync(read())
+    assert flow_run.name and flow_run.state.is_completed()
+    assert sorted(t.name.rsplit("-", 1)[0] for t in tasks) == sorted(STAGES)
+    assert all(t.state.is_completed() for t in tasks)
+    by_key = {a.key: a for a in artifacts}
+    assert by_key["tiny-base-progress"].type == "progress" and by_key["tiny-base-progress"].data == 100.0
+    assert by_key["tiny-base-train"].type == "table" and "val_bpb" in str(by_key["tiny-base-train"].data)
+    checkpoint = tmp_path / "runs" / "tiny" / "base" / "step_000012"
+    assert by_key["tiny-base-checkpoint"].data == f"[base checkpoint (step 12)](file://{checkpoint})"
+    assert by_key["tiny-report"].type == "markdown" and by_key["tiny-report"].data.startswith("# mlxchat report: tiny")
+    assert by_key["tiny-samples-base"].type == "table"
+    assert f"(file://{tmp_path / 'published' / 'tiny-sft'})" in by_key["tiny-published-sft"].data
+    assert by_key["tiny-sft-progress"].data == 100.0 and by_key["tiny-mid-train"].type == "table"
+    assert {"tiny-samples-mid", "tiny-samples-sft"} <= set(by_key)

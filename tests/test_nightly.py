@@ -1,7 +1,7 @@
 """The nightly-eval flow against a Prefect test server: history rows, runs, artifacts, deployment.
 
-One tiny model is trained and published for the module, and one test server started (it takes
-tens of seconds here), since both dominate the cost of these tests."""
+One tiny model is trained and published for the module (it dominates the cost of these tests);
+the Prefect test server is the session's (conftest.prefect_server)."""
 
 import math
 import os
@@ -36,13 +36,10 @@ def home(smoke_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def flow(home):
-    from prefect.testing.utilities import prefect_test_harness
-
+def flow(home, prefect_server):
     from flows.nightly_eval import build_flow
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield build_flow()
+    return build_flow()
 
 
 def _run(flow, home):
@@ -51,7 +48,7 @@ def _run(flow, home):
 
 def test_each_run_appends_one_history_row_visible_in_prefect(flow, home):
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
     from prefect.utilities.asyncutils import run_coro_as_sync
 
     first = _run(flow, home)
@@ -68,10 +65,10 @@ def test_each_run_appends_one_history_row_visible_in_prefect(flow, home):
 
     async def read():
         async with get_client() as client:
-            runs = await client.read_flow_runs()
+            runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["nightly-eval"])))
             ids = [r.id for r in runs]
             tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-            artifacts = await client.read_artifacts()
+            artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
             return runs, tasks, artifacts
 
     runs, tasks, artifacts = run_coro_as_sync(read())

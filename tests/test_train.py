@@ -16,6 +16,8 @@ from mlxchat.checkpoint import latest_checkpoint
 from mlxchat.common import MlxchatError
 from mlxchat.train import TrainConfig, train_base
 
+from killing import kill_after_checkpoint
+
 TINY = dict(depth=2, seq_len=64, device_batch_size=4, total_batch_size=256, eval_tokens=4096, dtype="float32")
 TINY_ARGS = ["--depth", "2", "--seq-len", "64", "--device-batch-size", "4", "--total-batch-size", "256",
              "--eval-tokens", "4096", "--dtype", "float32"]
@@ -60,17 +62,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run_bitwise(home):
 
     run = _new_run(home, "killed")
     cmd, env = _cli(home, *common, "--run", run)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stage = home / "runs" / run / "base"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        ck = latest_checkpoint(stage) if (stage / "latest").is_symlink() else None
-        if ck is not None and ck.step >= 12:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = latest_checkpoint(stage).step
+    killed_at = kill_after_checkpoint(cmd, env, stage, 12)
     assert 12 <= killed_at < 40, "the run should have been killed part-way"
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -35,3 +35,18 @@ def evaluate_bpb(model, batches: Iterable, steps: int, token_bytes) -> float:
     if group.size() > 1:
         total_nats, total_bytes = mx.distributed.all_sum(total_nats), mx.distributed.all_sum(total_bytes)
     return total_nats.item() / (math.log(2) * max(total_bytes.item(), 1))
+
+
+def evaluate_loss(model, batches: Iterable, steps: int) -> float:
+    """Mean token loss over the targets of `steps` batches (ignored targets excluded), across
+    ranks: SFT's validation metric, whose targets are only the assistant's tokens."""
+    step_fn = mx.compile(lambda x, y: (model(x, y, reduction="none").sum(), (y >= 0).sum()), inputs=model.state)
+    total, count = mx.array(0.0), mx.array(0)
+    it = iter(batches)
+    for _ in range(max(1, steps)):
+        loss, n = step_fn(*next(it))
+        total, count = total + loss, count + n
+        mx.eval(total, count)
+    if mx.distributed.init().size() > 1:
+        total, count = mx.distributed.all_sum(total), mx.distributed.all_sum(count)
+    return total.item() / max(count.item(), 1)

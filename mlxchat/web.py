@@ -1,0 +1,257 @@
+"""`mlxchat serve`: a chat page and a streaming completion API, as nanochat's chat_web.
+
+- `GET /`: the chat page (`mlxchat/static/ui.html`).
+- `POST /chat/completions` with `{"messages": [...], "temperature", "top_k", "max_tokens"}`
+  (the last three optional): server-sent events, `data: {"token": "..."}` per text piece and a
+  final `data: {"done": true}`, nanochat's wire format, so either UI talks to either server.
+  A generation that fails midway ends with `data: {"error": "..."}` before `done`.
+- `GET /health`: liveness, the model served and how many requests wait.
+
+Input is checked before anything is queued, with nanochat's limits: bad JSON, wrong roles or
+order, empty or oversized messages and out-of-range sampling settings are answered 400 (a body
+too large to be a valid request at all, 413) with `{"detail": "..."}` saying what is wrong.
+
+One generation worker. MLX evaluates lazily on per-thread streams, and one model's arrays and
+the KV caches of two generations must not be driven from two threads at once; a replica per
+request would multiply memory for a machine that is computing flat out on one reply anyway.
+So a single thread owns the model (it also loads it, so every MLX call happens on it) and
+serves requests one at a time in arrival order; each request gets its own queue of text
+pieces, so concurrent streams never mix, and a later request simply starts after the earlier
+one ends. A client that disconnects cancels its generation at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import queue
+import threading
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib.resources import files
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+
+from mlxchat.chat import ChatModel, stream_reply
+from mlxchat.common import MlxchatError, get_logger
+
+log = get_logger()
+
+# nanochat's chat_web abuse limits.
+MAX_MESSAGES_PER_REQUEST = 500
+MAX_MESSAGE_LENGTH = 8000
+MAX_TOTAL_CONVERSATION_LENGTH = 32000
+TEMPERATURE_RANGE = (0.0, 2.0)
+TOP_K_RANGE = (1, 200)
+MAX_TOKENS_RANGE = (1, 4096)
+# A body beyond this cannot hold a valid request (a character is at most 12 bytes of JSON, an
+# escaped surrogate pair; plus each message's framing), so it is refused before parsing.
+MAX_BODY_BYTES = 12 * MAX_TOTAL_CONVERSATION_LENGTH + 64 * MAX_MESSAGES_PER_REQUEST
+
+
+class RequestError(ValueError):
+    """A request the server refuses: HTTP `status` and a message for the client."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.8
+    top_k: int = 50
+    max_tokens: int = 512
+
+
+def parse_request(body: bytes, defaults: Sampling) -> tuple[list[dict], Sampling]:
+    """The messages and sampling settings of a `/chat/completions` body, or a RequestError."""
+    if len(body) > MAX_BODY_BYTES:
+        raise RequestError(f"request body is {len(body)} bytes; at most {MAX_BODY_BYTES} accepted", 413)
+    try:
+        request = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise RequestError("request body nests too deeply to be a chat request") from None
+    if not isinstance(request, dict):
+        raise RequestError("request body must be a JSON object with a 'messages' list")
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list of {role, content} objects")
+    if len(messages) > MAX_MESSAGES_PER_REQUEST:
+        raise RequestError(f"too many messages ({len(messages)}); at most {MAX_MESSAGES_PER_REQUEST} per request")
+    total = 0
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RequestError(f"message {i} must be an object with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in ("user", "assistant", "system") or (role == "system" and i > 0):
+            raise RequestError(f"message {i} has role {role!r}; roles are 'user' and 'assistant' "
+                               "('system' only as the first message)")
+        if not isinstance(content, str) or not content:
+            raise RequestError(f"message {i} must have non-empty string content")
+        if len(content) > MAX_MESSAGE_LENGTH:
+            raise RequestError(f"message {i} is {len(content)} characters; at most {MAX_MESSAGE_LENGTH} allowed")
+        total += len(content)
+        clean.append({"role": role, "content": content})
+    if total > MAX_TOTAL_CONVERSATION_LENGTH:
+        raise RequestError(f"conversation is {total} characters; at most {MAX_TOTAL_CONVERSATION_LENGTH} allowed")
+    turns = clean[1:] if clean[0]["role"] == "system" else clean
+    for i, message in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise RequestError(f"messages must alternate user, assistant, ... (after an optional system message); "
+                               f"got {message['role']!r} where {expected!r} belongs")
+    if not turns or turns[-1]["role"] != "user":
+        raise RequestError("the last message must be the user's, for the assistant to answer")
+    sampling = Sampling(
+        temperature=_number(request, "temperature", defaults.temperature, TEMPERATURE_RANGE, float),
+        top_k=_number(request, "top_k", defaults.top_k, TOP_K_RANGE, int),
+        max_tokens=_number(request, "max_tokens", defaults.max_tokens, MAX_TOKENS_RANGE, int),
+    )
+    return clean, sampling
+
+
+def _number(request: dict, name: str, default, bounds: tuple, kind: type):
+    value = request.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (kind is int and value != int(value)):
+        raise RequestError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if not bounds[0] <= value <= bounds[1]:
+        raise RequestError(f"{name} must be between {bounds[0]} and {bounds[1]}, got {value}")
+    return kind(value)
+
+
+@dataclass
+class _Job:
+    messages: list[dict]
+    sampling: Sampling
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def send(self, event: dict) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody listens
+            self.cancelled.set()
+
+
+class GenerationWorker:
+    """The one thread that loads the model and runs every generation (see the module doc)."""
+
+    def __init__(self, load: Callable[[], ChatModel]):
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        ready: Future[ChatModel] = Future()
+        self._thread = threading.Thread(target=self._run, args=(load, ready), name="mlxchat-generate", daemon=True)
+        self._thread.start()
+        self.chat = ready.result()  # a load error (no checkpoint) surfaces here, before serving
+
+    def _run(self, load: Callable[[], ChatModel], ready: Future) -> None:
+        try:
+            chat = load()
+        except BaseException as e:
+            ready.set_exception(e)
+            return
+        ready.set_result(chat)
+        while (job := self._jobs.get()) is not None:
+            self._serve(chat, job)
+
+    def _serve(self, chat: ChatModel, job: _Job) -> None:
+        try:
+            if not job.cancelled.is_set():
+                s = job.sampling
+                for piece in stream_reply(chat, job.messages, s.temperature, s.top_k, s.max_tokens,
+                                          cancelled=job.cancelled.is_set):
+                    job.send({"token": piece})
+        except Exception as e:  # one failed generation must not take the worker down
+            log.exception("generation failed")
+            job.send({"error": f"generation failed: {e}"})
+        finally:
+            job.send({"done": True})
+
+    def submit(self, messages: list[dict], sampling: Sampling) -> _Job:
+        job = _Job(messages, sampling, asyncio.get_running_loop())
+        self._jobs.put(job)
+        return job
+
+    @property
+    def waiting(self) -> int:
+        return self._jobs.qsize()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=60)
+
+
+def _error(e: RequestError) -> JSONResponse:
+    return JSONResponse({"detail": str(e)}, status_code=e.status)
+
+
+def create_app(worker: GenerationWorker, defaults: Sampling = Sampling()) -> FastAPI:
+    """The FastAPI app serving `worker`'s model; the worker is closed when the app shuts down."""
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        worker.close()
+
+    app = FastAPI(title="mlxchat", lifespan=lifespan)
+    page = files("mlxchat").joinpath("static/ui.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page
+
+    @app.get("/health")
+    async def health():
+        chat = worker.chat
+        return {"status": "ok", "ready": True, "run": chat.run, "stage": chat.stage, "step": chat.step,
+                "waiting": worker.waiting}
+
+    @app.post("/chat/completions")
+    async def completions(request: Request):
+        try:
+            messages, sampling = parse_request(await request.body(), defaults)
+        except RequestError as e:
+            return _error(e)
+        job = worker.submit(messages, sampling)
+
+        async def events():
+            try:
+                while True:
+                    event = await job.events.get()
+                    yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+                    if event.get("done"):
+                        return
+            finally:
+                job.cancelled.set()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def serve(run: str, stage: str = "sft", host: str = "127.0.0.1", port: int = 8000, root=None,
+          defaults: Sampling = Sampling()) -> None:
+    """Load the run's chat model and serve it until interrupted (a missing checkpoint or a
+    default setting no request could ask for is a MlxchatError before anything listens)."""
+    import uvicorn
+
+    from mlxchat.chat import load_chat_model
+
+    for name, bounds in (("temperature", TEMPERATURE_RANGE), ("top_k", TOP_K_RANGE), ("max_tokens", MAX_TOKENS_RANGE)):
+        value = getattr(defaults, name)
+        if not bounds[0] <= value <= bounds[1]:
+            raise MlxchatError(f"--{name.replace('_', '-')} {value} is outside what requests may ask for "
+                               f"({bounds[0]} to {bounds[1]}); pick a default in that range")
+    worker = GenerationWorker(lambda: load_chat_model(run, stage, root))
+    log.info("serving %s/%s (step %d) on http://%s:%d", run, stage, worker.chat.step, host, port)
+    uvicorn.run(create_app(worker, defaults), host=host, port=port)
