@@ -180,6 +180,7 @@ def test_evaluate_core_on_a_tiny_bundle(tmp_path, model, tok):
                                      ("lm", "language_modeling", 1, lm), ("gone", "multiple_choice", 0, None)])
     out = core.evaluate_core(model, tok, bundle, max_per_task=4)
     assert set(out["results"]) == {"mc", "sc", "lm"} and out["skipped"]["gone"].startswith("skipped (")
+    assert out["skipped"]["winograd"].startswith("skipped (") and len(out["skipped"]) == 1 + 22
     assert out["name"] == "CORE-pack (3/22)"
     for label, base in (("mc", 50), ("sc", 50), ("lm", 0)):
         assert out["centered"][label] == pytest.approx(core.centered(out["results"][label], base))
