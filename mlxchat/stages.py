@@ -121,6 +121,30 @@ def eval_bpb(run: str, stage: str = "base", eval_tokens: int | None = None, root
     return {**result, "fingerprint": fingerprint_files([path])}
 
 
+@timed("{stage}-core")
+def eval_core(run: str, stage: str = "base", max_per_task: int = -1, root=None) -> dict:
+    """CORE (or CORE-pack, named by what the bundle holds) of a stage's latest checkpoint."""
+    from mlxchat.evaluation.core import evaluate_core
+    from mlxchat.evaluation.pack import evals_dir
+    from mlxchat.tokenizer import Tokenizer
+    from mlxchat.train import load_trained_model
+
+    rdir = run_dir(run, root, must_exist=True)
+    bundle = evals_dir(root) / "core"
+    if not bundle.is_dir():
+        raise MlxchatError(f"no CORE data at {bundle}; run: mlxchat data prepare-evals")
+    model, ck = load_trained_model(rdir / stage, f"train it first: mlxchat train {stage} --run {run}")
+    tok = Tokenizer.load(rdir / "tokenizer")
+    t0 = time.time()
+    result = evaluate_core(model, tok, bundle, max_per_task=max_per_task)
+    result.update({"stage": stage, "step": ck.step, "checkpoint": str(ck.path), "max_per_task": max_per_task,
+                   "eval_time_s": time.time() - t0})
+    path = rdir / "eval" / "core.json"
+    existing = read_json(path, "CORE results") if path.exists() else {}
+    atomic_write_json(path, {**existing, stage: result})
+    return {**result, "fingerprint": fingerprint_files([path])}
+
+
 @timed("{stage}-train")
 def train(run: str, stage: str, config: dict, root=None, fresh: bool = False, on_progress=None) -> dict:
     """Train a stage (base, mid or sft) from a config dict (as stored in run.json); resumes
