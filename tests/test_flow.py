@@ -2,6 +2,7 @@
 
 Each flow runs in a fresh process, as a user's rerun would, on Prefect's ephemeral local server."""
 
+import json
 import os
 import re
 import shutil
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "base-train", "base-eval", "mid-train", "sft-train",
-          "sample", "publish", "report"]
+STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "prepare-evals", "base-train", "base-eval", "mid-train",
+          "sft-train", "chat-eval", "sample", "publish", "report"]
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +42,11 @@ def _states(output: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def home(smoke_root, tmp_path_factory):
+def home(smoke_root, eval_pack_home, tmp_path_factory):
+    """The smoke corpus and the PyPI eval pack (the tiny preset uses the eval data it finds)."""
     root = tmp_path_factory.mktemp("flow_home")
     shutil.copytree(smoke_root / "data", root / "data")
+    shutil.copytree(eval_pack_home / "evals", root / "evals")
     return root
 
 
@@ -60,6 +63,16 @@ def test_flow_runs_every_stage_then_reruns_from_cache(home):
     assert (home / "published" / "tiny-sft" / "model.safetensors").exists()
     assert (home / "published" / "tiny-sft" / "config.json").read_text().count('"nanochat"') == 1
 
+    report = (run / "report.md").read_text()
+    assert "| CORE-pack (14/22) | " in report and "| ChatCORE | - | " in report
+    assert "Evaluated on at most 2 problems per task" in report
+    chat = json.loads((run / "eval" / "chat_sft.json").read_text())
+    assert chat["problems"] == {t: 2 for t in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")}
+    assert chat["chatcore"] is not None and chat["skipped"] == {}
+    answer = subprocess.run([sys.executable, "-m", "mlxchat.cli", "--home", str(home), "chat", "--run", "tiny",
+                             "-p", "Who are you?", "--max-tokens", "8"], capture_output=True, text=True, timeout=120)
+    assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr[-2000:]
+
     again = _flow(home)
     assert _states(again.stdout + again.stderr) == {s: "Cached" for s in STAGES}
 
@@ -72,7 +85,8 @@ def test_flow_runs_every_stage_then_reruns_from_cache(home):
 
     forced = _flow(home, "--force", "base-train")
     states = _states(forced.stdout + forced.stderr)
-    before, after = STAGES[:3], STAGES[3:]
+    cut = STAGES.index("base-train")
+    before, after = STAGES[:cut], STAGES[cut:]
     assert all(states[s] == "Cached" for s in before), states
     assert all(states[s] == "Completed" for s in after), states
 
