@@ -1,7 +1,9 @@
-"""Nightly evaluation of the newest published model: val bits per byte and greedy samples, into a history.
+"""Nightly evaluation of the newest published model: every evaluation that has data, into a history.
 
-Each run appends one row to `<home>/eval_history.parquet` and publishes Prefect artifacts:
-the recent val-bpb trend and the samples. `--serve` keeps a process serving the deployment
+Val bits per byte and greedy samples always; CORE when `<home>/evals/` holds the eval data;
+ChatCORE's tasks when the model is a chat stage. Each run appends one row to
+`<home>/eval_history.parquet` and publishes Prefect artifacts: the recent trend (table and a
+plot, `<home>/eval_trend.png`) and the samples. `--serve` keeps a process serving the deployment
 `nightly-eval/nightly-eval` on a cron schedule (default 03:00 every day).
 
     python flows/nightly_eval.py                 # evaluate once
@@ -31,12 +33,14 @@ def build_flow():
 
     @flow(name=NAME, log_prints=True)
     def nightly_eval(model: str | None = None, source: str = "smoke", batch_size: int = 4, seq_len: int = 256,
-                     eval_tokens: int = 16384, max_tokens: int = 16, root: str | None = None) -> dict:
+                     eval_tokens: int = 16384, max_tokens: int = 16, max_per_task: int = -1,
+                     chat_max_new_tokens: int = 512, root: str | None = None) -> dict:
         """`model` None picks the newest published model when the run starts, so a scheduled
         run always scores whatever the last speedrun published."""
         root = str(home(root))
         model_dir = model or str(T.latest_published(Path(root)))
-        result = T.evaluate_published(model_dir, source, batch_size, seq_len, eval_tokens, max_tokens, root)
+        result = T.evaluate_published(model_dir, source, batch_size, seq_len, eval_tokens, max_tokens, root,
+                                      max_per_task, chat_max_new_tokens)
         return {**T.record_history(result, root), "val_bpb": result["val_bpb"], "model_dir": model_dir}
 
     return nightly_eval
@@ -57,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--max-per-task", type=int, default=-1,
+                        help="CORE / ChatCORE: at most this many problems per task (-1: all, as nanochat)")
+    parser.add_argument("--chat-max-new-tokens", type=int, default=512)
     parser.add_argument("--home", help="run directory root (default $MLXCHAT_HOME or ./artifacts)")
     parser.add_argument("--serve", action="store_true", help="serve the deployment on --cron (blocks)")
     parser.add_argument("--cron", default=DEFAULT_CRON)
@@ -65,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MLXCHAT_HOME"] = args.home
     root = home()
     params = {"model": args.model, "source": args.source, "batch_size": args.batch_size, "seq_len": args.seq_len,
-              "eval_tokens": args.eval_tokens, "root": str(root)}
+              "eval_tokens": args.eval_tokens, "max_per_task": args.max_per_task,
+              "chat_max_new_tokens": args.chat_max_new_tokens, "root": str(root)}
     runtime.prepare(root)
     try:
         if not args.serve:  # a scheduled run looks for the model when it starts, not now

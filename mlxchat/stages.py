@@ -204,32 +204,37 @@ def chat_tasks(root=None) -> tuple[dict, dict]:
     return tasks, skipped
 
 
-@timed("{stage}-chat-eval")
-def eval_chat(run: str, stage: str = "sft", max_per_task: int = -1, max_new_tokens: int = 512, batch_size: int = 8,
-              root=None) -> dict:
-    """ChatCORE of a chat stage (nanochat's chat_eval: greedy, top-k 50, one sample, the
-    calculator on), into `eval/chat_<stage>.json`; ChatCORE itself only when all six tasks ran."""
+def score_chat(model, tok, max_per_task: int = -1, max_new_tokens: int = 512, batch_size: int = 8, root=None) -> dict:
+    """ChatCORE's tasks on a model (nanochat's chat_eval: greedy, top-k 50, one sample, the
+    calculator on); ChatCORE itself only when all six tasks ran."""
     from mlxchat.calculator import calculator_tool
     from mlxchat.evaluation.chat import centered_accuracy, chatcore, evaluate_chat
-    from mlxchat.tokenizer import Tokenizer
-    from mlxchat.train import load_trained_model
 
-    rdir = run_dir(run, root, must_exist=True)
-    model, ck = load_trained_model(rdir / stage, f"train it first: mlxchat train {stage} --run {run}")
-    tok = Tokenizer.load(rdir / "tokenizer")
     tasks, skipped = chat_tasks(root)
     t0 = time.time()
     limit = max_per_task if max_per_task > 0 else None
     outcome = evaluate_chat(tasks, model, tok, batch_size, max_problems=limit, max_new_tokens=max_new_tokens,
                             tool=calculator_tool(tok))
     results = {name: r.accuracy for name, r in outcome.items()}
-    record = {
-        "stage": stage, "step": ck.step, "checkpoint": str(ck.path), "max_per_task": max_per_task,
-        "results": results, "problems": {name: r.total for name, r in outcome.items()},
+    return {
+        "max_per_task": max_per_task, "results": results, "problems": {name: r.total for name, r in outcome.items()},
         "centered": {name: centered_accuracy(name, acc) for name, acc in results.items()},
-        "chatcore": chatcore(results) if not skipped else None, "skipped": skipped,
-        "eval_time_s": time.time() - t0,
+        "chatcore": chatcore(results) if not skipped else None, "skipped": skipped, "eval_time_s": time.time() - t0,
     }
+
+
+@timed("{stage}-chat-eval")
+def eval_chat(run: str, stage: str = "sft", max_per_task: int = -1, max_new_tokens: int = 512, batch_size: int = 8,
+              root=None) -> dict:
+    """ChatCORE of a chat stage's latest checkpoint, into `eval/chat_<stage>.json`."""
+    from mlxchat.tokenizer import Tokenizer
+    from mlxchat.train import load_trained_model
+
+    rdir = run_dir(run, root, must_exist=True)
+    model, ck = load_trained_model(rdir / stage, f"train it first: mlxchat train {stage} --run {run}")
+    tok = Tokenizer.load(rdir / "tokenizer")
+    record = {"stage": stage, "step": ck.step, "checkpoint": str(ck.path),
+              **score_chat(model, tok, max_per_task, max_new_tokens, batch_size, root=root)}
     path = rdir / "eval" / f"chat_{stage}.json"
     atomic_write_json(path, record)
     return {**record, "path": str(path), "fingerprint": fingerprint_files([path])}

@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pandas as pd
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from mlxchat.common import MlxchatError, read_json
 
 HISTORY_NAME = "eval_history.parquet"
-HISTORY_COLUMNS = ["timestamp", "model_dir", "run", "stage", "step", "val_bpb", "eval_tokens", "source"]
+HISTORY_COLUMNS = ["timestamp", "model_dir", "run", "stage", "step", "val_bpb", "eval_tokens", "source",
+                   "core_name", "core_metric", "chatcore", "max_per_task"]
+TREND_NAME = "eval_trend.png"
 TREND_ROWS = 20
 
 
@@ -36,9 +38,13 @@ def latest_published(root: Path) -> Path:
 # Never cached: the point of a nightly run is to measure again, even if nothing changed.
 @task(name="evaluate-published", cache_policy=NO_CACHE)
 def evaluate_published(model_dir: str, source: str, batch_size: int, seq_len: int, eval_tokens: int,
-                       max_tokens: int, root: str) -> dict:
-    """Validation bits per byte and greedy samples of one published model."""
-    from mlxchat import dataset, engine
+                       max_tokens: int, root: str, max_per_task: int = -1, chat_max_new_tokens: int = 512) -> dict:
+    """Every evaluation that has data, on one published model: validation bits per byte and
+    greedy samples always, CORE when `<home>/evals/core` exists, ChatCORE's tasks when the
+    model is a chat stage (mid, sft)."""
+    from mlxchat import dataset, engine, stages
+    from mlxchat.evaluation.core import evaluate_core
+    from mlxchat.evaluation.pack import evals_dir
     from mlxchat.dataloader import DataLoader
     from mlxchat.evaluation.bpb import evaluate_bpb
     from mlxchat.interop import load_published
@@ -50,11 +56,24 @@ def evaluate_published(model_dir: str, source: str, batch_size: int, seq_len: in
     t0 = time.time()
     val_bpb = evaluate_bpb(model, loader, steps, tok.token_bytes())
     samples = engine.sample_prompts(model, tok, engine.SAMPLE_PROMPTS, max_tokens=max_tokens)
-    get_run_logger().info(f"{model_dir}: val bpb {val_bpb:.4f} on {steps * batch_size * seq_len} tokens "
-                          f"of {source} ({time.time() - t0:.1f}s)")
-    return {"model_dir": str(model_dir), "run": origin.get("run"), "stage": origin.get("stage"),
-            "step": origin.get("step"), "val_bpb": val_bpb, "eval_tokens": steps * batch_size * seq_len,
-            "source": source, "samples": samples}
+    logger = get_run_logger()
+    logger.info(f"{model_dir}: val bpb {val_bpb:.4f} on {steps * batch_size * seq_len} tokens "
+                f"of {source} ({time.time() - t0:.1f}s)")
+    result = {"model_dir": str(model_dir), "run": origin.get("run"), "stage": origin.get("stage"),
+              "step": origin.get("step"), "val_bpb": val_bpb, "eval_tokens": steps * batch_size * seq_len,
+              "source": source, "samples": samples, "max_per_task": max_per_task}
+    bundle = evals_dir(root) / "core"
+    if bundle.is_dir():
+        core = evaluate_core(model, tok, bundle, max_per_task=max_per_task)
+        result.update(core_name=core["name"], core_metric=core["core_metric"])
+        logger.info(f"{core['name']}: {core['core_metric']:.4f}")
+    else:
+        logger.warning(f"CORE skipped: no evaluation data in {bundle}; run: mlxchat data prepare-evals")
+    if origin.get("stage") in ("mid", "sft"):
+        chat = stages.score_chat(model, tok, max_per_task, chat_max_new_tokens, root=root)
+        result.update(chatcore=chat["chatcore"], chat_results=chat["results"], chat_skipped=chat["skipped"])
+        logger.info("ChatCORE " + (f"{chat['chatcore']:.4f}" if chat["chatcore"] is not None else "n/a (tasks skipped)"))
+    return result
 
 
 def append_history(path: Path, row: dict) -> pd.DataFrame:
@@ -73,6 +92,28 @@ def append_history(path: Path, row: dict) -> pd.DataFrame:
     return history
 
 
+def plot_trend(history: pd.DataFrame, out_png: Path) -> Path:
+    """val bpb, CORE and ChatCORE against time, one panel each (empty where never measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mlxchat.common import atomic_path
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, column in zip(axes, ("val_bpb", "core_metric", "chatcore")):
+        rows = history.dropna(subset=[column]) if column in history else history.iloc[:0]
+        ax.plot(rows["timestamp"], rows[column], marker="o")
+        ax.set(title=column, xlabel="evaluated at")
+        ax.tick_params(axis="x", labelrotation=30)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return out_png
+
+
 @task(name="record-history", cache_policy=NO_CACHE)
 def record_history(result: dict, root: str) -> dict:
     """One history row per evaluation, plus artifacts: the recent trend and the samples."""
@@ -82,7 +123,9 @@ def record_history(result: dict, root: str) -> dict:
     history = append_history(path, result)
     trend = history.tail(TREND_ROWS).assign(timestamp=lambda d: d["timestamp"].astype(str))
     create_table_artifact(key="nightly-eval-history", table=trend.to_dict(orient="records"),
-                          description=f"val bpb of the last {len(trend)} nightly evaluations ({path})")
+                          description=f"the last {len(trend)} nightly evaluations ({path})")
+    png = plot_trend(history, Path(root) / TREND_NAME)
+    create_link_artifact(key="nightly-eval-trend", link=f"file://{png}", link_text="trend plot (val bpb, CORE, ChatCORE)")
     name = f"{result['run']}-{result['stage']} step {result['step']}"
     create_markdown_artifact(key="nightly-eval-samples", markdown=engine.render_samples_markdown(name, result["samples"]),
                              description=f"Greedy samples of {result['model_dir']}")

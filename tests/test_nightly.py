@@ -20,18 +20,23 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def home(smoke_root, tmp_path_factory):
-    """A home with the smoke corpus and one published 2-layer model (4 training steps)."""
-    from mlxchat import stages
-    from mlxchat.train import TrainConfig, train_base
+def home(smoke_root, eval_pack_home, tmp_path_factory):
+    """A home with the smoke corpus, the eval pack and a 2-layer model trained 4 steps per stage,
+    published after base and after SFT (the newest)."""
+    from dataclasses import replace
 
+    from mlxchat import stages
+    from mlxchat.presets import resolve
+
+    tiny = resolve("tiny")
     root = tmp_path_factory.mktemp("nightly_home")
     shutil.copytree(smoke_root / "data", root / "data")
+    shutil.copytree(eval_pack_home / "evals", root / "evals")
     stages.train_tokenizer("nightly", vocab_size=512, max_chars=300_000, root=root)
-    cfg = TrainConfig(depth=2, seq_len=64, device_batch_size=4, total_batch_size=256, max_steps=4, eval_every=0,
-                      checkpoint_every=4, eval_tokens=2048, dtype="float32")
-    train_base("nightly", cfg, root=root)
+    for stage in ("base", "mid", "sft"):
+        stages.train("nightly", stage, replace(getattr(tiny, stage), max_steps=4, eval_every=0).to_dict(), root=root)
     stages.publish("nightly", "base", root=root)
+    stages.publish("nightly", "sft", root=root)
     return root
 
 
@@ -43,7 +48,7 @@ def flow(home, prefect_server):
 
 
 def _run(flow, home):
-    return flow(root=str(home), seq_len=64, eval_tokens=1024, max_tokens=4)
+    return flow(root=str(home), seq_len=64, eval_tokens=1024, max_tokens=4, max_per_task=2, chat_max_new_tokens=8)
 
 
 def test_each_run_appends_one_history_row_visible_in_prefect(flow, home):
@@ -56,8 +61,11 @@ def test_each_run_appends_one_history_row_visible_in_prefect(flow, home):
     assert len(history) == 1 and first["rows"] == 1
     row = history.iloc[0]
     assert math.isfinite(row["val_bpb"]) and row["val_bpb"] > 0
-    assert (row["run"], row["stage"], row["step"], row["source"]) == ("nightly", "base", 4, "smoke")
-    assert row["model_dir"] == str(home / "published" / "nightly-base")
+    assert (row["run"], row["stage"], row["step"], row["source"]) == ("nightly", "sft", 4, "smoke")
+    assert row["model_dir"] == str(home / "published" / "nightly-sft")
+    assert row["core_name"] == "CORE-pack (14/22)" and math.isfinite(row["core_metric"])
+    assert math.isfinite(row["chatcore"]) and row["max_per_task"] == 2
+    assert (home / "eval_trend.png").stat().st_size > 1000
     assert str(row["timestamp"].tz) == "UTC"
 
     _run(flow, home)
@@ -76,6 +84,7 @@ def test_each_run_appends_one_history_row_visible_in_prefect(flow, home):
     assert sorted(t.task_key.split("-")[0] for t in tasks) == sorted(["evaluate_published", "record_history"] * 2)
     by_key = {a.key: a for a in artifacts}  # the latest version of each keyed artifact
     assert by_key["nightly-eval-history"].type == "table"
+    assert by_key["nightly-eval-trend"].data == f"[trend plot (val bpb, CORE, ChatCORE)](file://{home / 'eval_trend.png'})"
     assert by_key["nightly-eval-samples"].type == "markdown"
     assert "The capital of France is" in by_key["nightly-eval-samples"].data
 
