@@ -98,14 +98,25 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise MlxchatError(f"{what} {path} is corrupt ({e}); delete it and rerun the stage that writes it") from None
 
 
+def _hash_file(h, path: Path) -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file, read in 1 MiB chunks (downloads are verified against it)."""
+    h = hashlib.sha256()
+    _hash_file(h, Path(path))
+    return h.hexdigest()
+
+
 def fingerprint_files(paths: list[Path]) -> str:
     """A content hash of files (names and bytes), used as a stage output's identity."""
     h = hashlib.sha256()
     for p in sorted(Path(p) for p in paths):
         h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        _hash_file(h, p)
     return h.hexdigest()[:16]
 
 

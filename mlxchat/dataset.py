@@ -33,7 +33,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlxchat.common import MlxchatError, atomic_write_json, data_dir, get_logger, read_json
+from mlxchat.common import MlxchatError, atomic_write_json, data_dir, get_logger, read_json, sha256_file
 
 log = get_logger()
 
@@ -613,7 +613,7 @@ class HubSource(ShardSource):
         size = partial.stat().st_size
         if size != meta.size:
             problem = f"{size} bytes, the hub says {meta.size}"
-        elif re.fullmatch(r"[0-9a-f]{64}", meta.etag or "") and _sha256_file(partial) != meta.etag:
+        elif re.fullmatch(r"[0-9a-f]{64}", meta.etag or "") and sha256_file(partial) != meta.etag:
             problem = f"sha256 differs from the hub's {meta.etag[:12]}..."
         else:
             problem = _parquet_problem(partial)
@@ -626,13 +626,6 @@ def _endpoint() -> str | None:
     """HF_ENDPOINT as set now: huggingface_hub reads it only once, when first imported."""
     return os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
 
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- entry points

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from mlxchat.common import MlxchatError, atomic_write_json, get_logger, home, read_json
+from mlxchat.common import MlxchatError, atomic_write_json, get_logger, home, read_json, sha256_file
 
 log = get_logger(__name__)
 
@@ -114,13 +113,6 @@ def evals_dir(root=None) -> Path:
 
 # --------------------------------------------------------------------------- downloads
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def pip_download(name: str, dest: Path) -> Path:
