@@ -211,3 +211,10 @@ def test_eval_core_stage_and_cli_write_core_json(smoke_root, tmp_path, capsys):
     assert saved["name"] == "CORE-pack (1/22)" and saved["core_metric"] == pytest.approx(saved["centered"]["mc"])
     assert main(["--home", str(home), "eval", "core", "--run", "r", "--max-per-task", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["max_per_task"] == 2
+
+
+def test_identical_choices_do_not_crash_and_cannot_win():
+    """PIQA has items whose two solutions are the same text: nothing past the shared prefix."""
+    t, m = CharTokenizer(), FavourModel("a")
+    data = [{"query": "q", "choices": ["ab", "ab", "aa"], "gold": 2}, {"query": "q", "choices": ["b", "b"], "gold": 1}]
+    assert core.evaluate_task(m, t, data, meta("multiple_choice")) == 0.5

@@ -13,6 +13,8 @@ and a causal model's losses at the real positions do not depend on the padding.
 """
 from __future__ import annotations
 
+import math
+
 import csv
 import json
 import random
@@ -108,7 +110,9 @@ def _score(meta: dict, item: dict, rows, spans, losses, preds) -> bool:
     if meta["task_type"] == "language_modeling":
         (row,), ((s, e),), (pred,) = rows, spans, preds
         return pred[s - 1 : e - 1] == row[s:e]
-    means = [sum(loss[s - 1 : e - 1]) / (e - s) for loss, (s, e) in zip(losses, spans)]
+    # An option with no tokens past the shared prefix (identical choices occur in PIQA) has
+    # nothing to score and cannot win; nanochat divides by zero there.
+    means = [sum(loss[s - 1 : e - 1]) / (e - s) if e > s else math.inf for loss, (s, e) in zip(losses, spans)]
     return means.index(min(means)) == item["gold"]
 
 
