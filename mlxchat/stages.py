@@ -262,7 +262,7 @@ def sample(run: str, stage: str = "base", prompts: list[str] | None = None, max_
         samples = engine.sample_chat(model, tok, prompts or engine.CHAT_PROMPTS, max_tokens=max_tokens,
                                      temperature=temperature, top_k=top_k, tool=calculator_tool(tok))
     path = rdir / "samples" / f"{stage}.md"
-    atomic_write_text(path, engine.render_samples_markdown(stage, samples))
+    atomic_write_text(path, engine.render_samples_markdown(stage, samples, chat=stage != "base"))
     return {"path": str(path), "step": ck.step, "samples": samples, "fingerprint": fingerprint_files([path])}
 
 

@@ -157,3 +157,5 @@ def test_sample_prompts_and_markdown(model):
     md = render_samples_markdown("base", [{"prompt": "Say ", "completion": "```x```"}])
     assert md.startswith("# Samples after base\n")
     assert "````text\nSay ```x```\n````" in md
+    chat = render_samples_markdown("sft", [{"prompt": "Who are you?", "completion": "I'm mlxchat."}], chat=True)
+    assert "```text\nUser: Who are you?\nAssistant: I'm mlxchat.\n```" in chat
