@@ -217,3 +217,33 @@ def test_without_a_package_index_the_stage_says_why_and_the_evaluations_skip(tmp
     assert not (tmp_path / "evals").exists() or not any((tmp_path / "evals").iterdir())
     tasks, skipped = stages.chat_tasks(tmp_path)
     assert set(tasks) == {"SpellingBee"} and "mlxchat data prepare-evals" in skipped["GSM8K"]
+
+
+def test_gsm8k_gold_answers_and_every_calculator_annotation_reproduce(pypi_home):
+    """The tool-use format mid-training relies on, on all 1,319 real GSM8K test solutions: the
+    graded answer is the number after ####, and the calculator reproduces every <<expr=result>>."""
+    from fractions import Fraction
+
+    from mlxchat.calculator import calculate
+    from mlxchat.tasks import GSM8K
+    from mlxchat.tasks.base import evaluate_final_number, extract_answer, last_text
+
+    gsm = GSM8K.from_pack(pypi_home)
+    assert len(gsm) == 1319
+    calls, numeric, fraction = 0, 0, 0
+    for i in range(len(gsm)):
+        conversation = gsm[i]
+        gold = conversation["messages"][-1]["content"]
+        final = last_text(conversation)
+        assert extract_answer(final) == final.rsplit("####", 1)[1].strip().replace(",", "")
+        assert evaluate_final_number(conversation, f"so #### {extract_answer(final)}")
+        for call, output in zip(gold, gold[1:]):
+            if call["type"] != "python" or output["type"] != "python_output":
+                continue
+            calls += 1
+            value, expected = calculate(call["text"]), output["text"].replace(",", "")
+            try:
+                numeric += value is not None and abs(value - float(expected)) < 1e-6 * max(1.0, abs(float(expected)))
+            except ValueError:  # a fraction written as the result, e.g. <<3/4=3/4>>
+                fraction += value is not None and Fraction(value).limit_denominator(1000) == Fraction(expected)
+    assert (calls, numeric, fraction) == (4282, 4281, 1)
