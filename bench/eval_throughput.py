@@ -1,0 +1,90 @@
+"""Evaluation throughput: CORE-style scoring and categorical (letter) evaluation, batched
+against one example per forward, at several depths, in one run.
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
+        python bench/eval_throughput.py --home DIR [--depths 4 12] [--examples 48]
+
+DIR must hold the eval pack (`mlxchat --home DIR data prepare-evals`) and the smoke corpus
+(`mlxchat --home DIR data prepare-smoke`); a 4,096-token tokenizer is trained on the corpus.
+Models are randomly initialised: throughput does not depend on what they learned. Prints
+examples/s and the batched / one-by-one ratio; `--json` writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--home", required=True)
+    ap.add_argument("--depths", type=int, nargs="+", default=[4, 12])
+    ap.add_argument("--examples", type=int, default=48)
+    ap.add_argument("--core-task", default="hellaswag_zeroshot", help="a multiple-choice task of the pack")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    import mlx.core as mx
+
+    from mlxchat import dataset
+    from mlxchat.evaluation import core
+    from mlxchat.evaluation.chat import run_categorical_eval
+    from mlxchat.gpt import GPT, GPTConfig
+    from mlxchat.tasks import ARC
+    from mlxchat.tokenizer import Tokenizer
+
+    home = Path(args.home)
+    texts = dataset.iter_texts(dataset.get_source("smoke", root=home), "train", max_chars=2_000_000)
+    tok = Tokenizer.train_from_iterator(texts, 4096)
+    bundle = home / "evals" / "core"
+    tasks, _, _ = core.load_bundle(bundle)
+    spec = next(t for t in tasks if t["label"] == args.core_task)
+    meta = {"label": spec["label"], "task_type": spec["icl_task_type"], "num_fewshot": spec["num_fewshot"][0],
+            "continuation_delimiter": spec.get("continuation_delimiter", " ")}
+    with open(bundle / "eval_data" / spec["dataset_uri"]) as f:
+        data = [json.loads(line) for line in f if line.strip()]
+    random.Random(1337).shuffle(data)
+    data = data[: args.examples]
+    arc = ARC.from_pack(home, "ARC-Easy", stop=args.examples)
+
+    results = {"device": str(mx.default_device()), "examples": args.examples, "core_task": args.core_task, "depths": {}}
+    for depth in args.depths:
+        model = GPT(GPTConfig.from_depth(depth, vocab_size=tok.vocab_size, sequence_len=2048))
+        model.init_weights(0)
+        mx.eval(model.parameters())
+        row = {"params": model.num_params()}
+        # warm up the compiled shapes once, so neither side pays first-call costs
+        core.evaluate_task(model, tok, data[:2], meta, batch_tokens=8192)
+        run_categorical_eval(arc, model, tok, batch_size=8, max_problems=8)
+        for name, tokens in (("core_batched", 8192), ("core_one_by_one", 1)):
+            seconds, _ = timed(lambda: core.evaluate_task(model, tok, data, meta, batch_tokens=tokens))
+            row[name] = len(data) / seconds
+        for name, batch in (("categorical_batched", 16), ("categorical_one_by_one", 1)):
+            seconds, _ = timed(lambda: run_categorical_eval(arc, model, tok, batch_size=batch))
+            row[name] = len(arc) / seconds
+        results["depths"][depth] = row
+        print(f"d{depth} ({row['params'] / 1e6:.1f}M params), {args.examples} examples, {results['device']}")
+        print(f"  CORE-style ({args.core_task}): batched {row['core_batched']:.2f} ex/s, one-by-one "
+              f"{row['core_one_by_one']:.2f} ex/s, ratio {row['core_batched'] / row['core_one_by_one']:.2f}x")
+        print(f"  categorical (ARC-Easy):  batched {row['categorical_batched']:.2f} ex/s, one-by-one "
+              f"{row['categorical_one_by_one']:.2f} ex/s, ratio "
+              f"{row['categorical_batched'] / row['categorical_one_by_one']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
