@@ -59,20 +59,30 @@ def summary_rows(rdir: Path) -> list[dict]:
     """nanochat's summary table: a row per metric, a column per stage (BASE / MID / SFT).
 
     CORE comes from `eval/core.json` (named "CORE-pack (N/22)" when its data is not the
-    official bundle), the chat tasks and ChatCORE from `eval/chat_<stage>.json`. A missing
-    value is "-", never a guess."""
+    official bundle), the chat tasks and ChatCORE from `eval/chat_<stage>.json`. A task that
+    could not run says "skipped (reason)"; "-" is a cell that does not apply or has not run
+    yet; never a guess."""
     core = (_read(rdir / "eval" / "core.json") or {}).get("base", {})
     chat = {stage: _read(rdir / "eval" / f"chat_{stage}.json") or {} for stage in ("mid", "sft")}
 
     def cell(value) -> str:
         return "-" if value is None else f"{value:.4f}"
 
-    rows = [{"metric": core.get("name", "CORE"), "BASE": cell(core.get("core_metric")), "MID": "-", "SFT": "-"}]
+    def skipped(reason: str) -> str:
+        return "skipped (no eval data: mlxchat data prepare-evals)" if "prepare-evals" in reason else f"skipped ({reason[:60]})"
+
+    base_trained = (rdir / "base" / "latest").exists()
+    core_cell = cell(core.get("core_metric")) if core else (skipped("prepare-evals") if base_trained else "-")
+    rows = [{"metric": core.get("name", "CORE"), "BASE": core_cell, "MID": "-", "SFT": "-"}]
     for task in CHAT_ROWS + ["ChatCORE"]:
         row = {"metric": task, "BASE": "-"}
         for stage, data in chat.items():
-            value = data.get("chatcore") if task == "ChatCORE" else data.get("results", {}).get(task)
-            row[stage.upper()] = cell(value)
+            if task in data.get("skipped", {}):
+                row[stage.upper()] = skipped(data["skipped"][task])
+            elif task == "ChatCORE" and data and data.get("chatcore") is None:
+                row[stage.upper()] = "skipped (needs all six tasks)"
+            else:
+                row[stage.upper()] = cell(data.get("chatcore") if task == "ChatCORE" else data.get("results", {}).get(task))
         rows.append(row)
     return rows
 

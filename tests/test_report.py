@@ -1,0 +1,31 @@
+"""The report's summary table: real numbers where they exist, "skipped (reason)" where data could not be had."""
+
+import json
+
+from mlxchat.report import summary_markdown, summary_rows
+
+
+def _write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def test_summary_table_shows_numbers_and_says_why_a_cell_was_skipped(tmp_path):
+    (tmp_path / "base" / "latest").mkdir(parents=True)
+    _write(tmp_path / "eval" / "core.json", {"base": {"name": "CORE-pack (14/22)", "core_metric": 0.0438, "max_per_task": 16}})
+    results = {"ARC-Easy": 0.1875, "ARC-Challenge": 0.0625, "MMLU": 0.0625, "GSM8K": 0.0, "HumanEval": 0.0,
+               "SpellingBee": 0.25}
+    _write(tmp_path / "eval" / "chat_sft.json", {"results": results, "skipped": {}, "chatcore": -0.05, "max_per_task": 16})
+    _write(tmp_path / "eval" / "chat_mid.json", {"results": {"SpellingBee": 0.5}, "chatcore": None, "max_per_task": 16,
+                                                 "skipped": {"MMLU": "MMLU: mmlu.jsonl is missing; run mlxchat data prepare-evals"}})
+    md = summary_markdown(summary_rows(tmp_path), "note")
+    assert "| CORE-pack (14/22) | 0.0438 | - | - |" in md
+    assert "| ARC-Easy | - | - | 0.1875 |" in md
+    assert "| MMLU | - | skipped (no eval data: mlxchat data prepare-evals) | 0.0625 |" in md
+    assert "| ChatCORE | - | skipped (needs all six tasks) | -0.0500 |" in md
+
+
+def test_without_eval_data_core_says_skipped_once_base_is_trained(tmp_path):
+    assert summary_rows(tmp_path)[0]["BASE"] == "-"  # nothing trained yet: nothing to say
+    (tmp_path / "base" / "latest").mkdir(parents=True)
+    assert summary_rows(tmp_path)[0]["BASE"] == "skipped (no eval data: mlxchat data prepare-evals)"
