@@ -64,7 +64,7 @@ def evaluate_published(model_dir: str, source: str, batch_size: int, seq_len: in
               "source": source, "samples": samples, "max_per_task": max_per_task}
     bundle = evals_dir(root) / "core"
     if bundle.is_dir():
-        core = evaluate_core(model, tok, bundle, max_per_task=max_per_task)
+        core = evaluate_core(model, tok, bundle, max_per_task=max_per_task, batch_tokens=stages.eval_batching()[0])
         result.update(core_name=core["name"], core_metric=core["core_metric"])
         logger.info(f"{core['name']}: {core['core_metric']:.4f}")
     else:
