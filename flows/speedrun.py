@@ -58,7 +58,7 @@ def build_flow():
                 records[name] = stages.existing_output(name, run, p.source, p.num_shards, root=root)
             else:
                 extra = {"fresh": True} if (name == force and "fresh" in fn.fn.__code__.co_varnames) else {}
-                missing = stages.stage_output(name, run, p.source, p.num_shards, root=root) is None
+                missing = stages.stage_output(name, run, p.source, p.num_shards, root=root, fingerprint=False) is None
                 records[name] = fn.with_options(refresh_cache=name in forced or missing)(**kwargs, **extra)
             return records[name]
 

@@ -23,7 +23,18 @@ from typing import Iterator
 from mlxchat.calculator import calculator_tool
 from mlxchat.checkpoint import latest_checkpoint
 from mlxchat.common import MlxchatError, run_dir
-from mlxchat.engine import generate
+from mlxchat.engine import generate, generate_batch
+
+# Questions for the chat stages (mid, SFT): facts, identity, the calculator and spelling, the
+# skills their mixtures teach.
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Who are you?",
+    "What is 12 * 7?",
+    "How many r are in the word strawberry?",
+    "Spell the word apple.",
+    "Why is the sky blue?",
+]
 
 # How the tool's special tokens read in a reply (GSM8K's calculator annotation).
 TOOL_MARKS = {"<|python_start|>": "<<", "<|python_end|>": "", "<|output_start|>": "=", "<|output_end|>": ">>"}
@@ -109,6 +120,20 @@ def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
         raise MlxchatError("the conversation must end with a user message for the assistant to answer")
     ids, _ = tokenizer.render_conversation({"messages": messages}, max_tokens=sys.maxsize)
     return ids + [tokenizer.encode_special("<|assistant_start|>")]
+
+
+def sample_chat(model, tokenizer, prompts: list[str] | None = None, max_tokens: int = 64, temperature: float = 0.0,
+                top_k: int | None = None) -> list[dict]:
+    """Answer each prompt (default CHAT_PROMPTS) as a one-turn conversation, calculator on;
+    the reply ends at <|assistant_end|>. What the sample stage writes for mid and SFT."""
+    stop = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_id)
+    samples = []
+    for prompt in prompts or CHAT_PROMPTS:
+        ids = render_prompt(tokenizer, [{"role": "user", "content": prompt}])
+        (reply,) = generate_batch(model, ids, max_tokens, temperature=temperature, top_k=top_k, stop_tokens=stop,
+                                  tool=calculator_tool(tokenizer))
+        samples.append({"prompt": prompt, "completion": tokenizer.decode(reply)})
+    return samples
 
 
 def stream_reply(

@@ -33,17 +33,6 @@ SAMPLE_PROMPTS = [
     "If 5*x + 3 = 13, then x is",
 ]
 
-# Questions for the chat stages (mid, SFT): facts, identity, the calculator and spelling, the
-# skills their mixtures teach.
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Who are you?",
-    "What is 12 * 7?",
-    "How many r are in the word strawberry?",
-    "Spell the word apple.",
-    "Why is the sky blue?",
-]
-
 # A tool sees a row's tokens (prompt + generated) after each sampled token and returns tokens
 # to force into that row next (an empty list for none).
 Tool = Callable[[list[int]], list[int]]
@@ -203,21 +192,6 @@ def sample_prompts(
             model, ids, max_tokens, temperature=temperature, top_k=top_k, stop_tokens=(tokenizer.bos_id,)
         )
         samples.append({"prompt": prompt, "completion": tokenizer.decode(completion)})
-    return samples
-
-
-def sample_chat(
-    model, tokenizer, prompts: Sequence[str], max_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
-    tool: Tool | None = None,
-) -> list[dict]:
-    """Answer each prompt as a one-turn conversation; the reply ends at <|assistant_end|>."""
-    stop = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_id)
-    samples = []
-    for prompt in prompts:
-        conversation = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]}
-        ids = tokenizer.render_for_completion(conversation)
-        (reply,) = generate_batch(model, ids, max_tokens, temperature=temperature, top_k=top_k, stop_tokens=stop, tool=tool)
-        samples.append({"prompt": prompt, "completion": tokenizer.decode(reply)})
     return samples
 
 

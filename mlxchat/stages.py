@@ -183,12 +183,10 @@ def eval_core(run: str, stage: str = "base", max_per_task: int = -1, root=None) 
 def train(run: str, stage: str, config: dict, root=None, fresh: bool = False, on_progress=None) -> dict:
     """Train a stage (base, mid or sft) from a config dict (as stored in run.json); resumes
     from the stage's `latest` checkpoint."""
-    from mlxchat.train import CHAT_STAGES, TrainConfig, train_base, train_chat
+    from mlxchat.train import TrainConfig, train_base, train_chat
 
     cfg = TrainConfig.from_dict({**config, "stage": stage})
-    if stage != "base" and stage not in CHAT_STAGES:
-        raise MlxchatError(f"unknown training stage {stage!r}; expected base, {', '.join(CHAT_STAGES)}")
-    fn = train_base if stage == "base" else train_chat
+    fn = train_base if stage == "base" else train_chat  # train_chat names the stages it knows
     result = fn(run, cfg, root=root, fresh=fresh, on_progress=on_progress)
     out = result.to_dict()
     out["fingerprint"] = fingerprint_files([result.checkpoint / "model.safetensors"])
@@ -272,10 +270,9 @@ def sample(run: str, stage: str = "base", prompts: list[str] | None = None, max_
         samples = engine.sample_prompts(model, tok, prompts or engine.SAMPLE_PROMPTS, max_tokens=max_tokens,
                                         temperature=temperature, top_k=top_k)
     else:
-        from mlxchat.calculator import calculator_tool
+        from mlxchat.chat import sample_chat
 
-        samples = engine.sample_chat(model, tok, prompts or engine.CHAT_PROMPTS, max_tokens=max_tokens,
-                                     temperature=temperature, top_k=top_k, tool=calculator_tool(tok))
+        samples = sample_chat(model, tok, prompts, max_tokens=max_tokens, temperature=temperature, top_k=top_k)
     path = rdir / "samples" / f"{stage}.md"
     atomic_write_text(path, engine.render_samples_markdown(stage, samples, chat=stage != "base"))
     return {"path": str(path), "step": ck.step, "samples": samples, "fingerprint": fingerprint_files([path])}
@@ -310,12 +307,15 @@ MODEL_STAGES = ["base", "mid", "sft"]  # trained in this order; each starts from
 CHAT_MODEL_STAGE = MODEL_STAGES[-1]  # what the flow samples last and publishes
 
 
-def stage_output(stage: str, run: str, source: str = "smoke", num_shards: int | None = None, root=None) -> dict | None:
+def stage_output(stage: str, run: str, source: str = "smoke", num_shards: int | None = None, root=None,
+                 fingerprint: bool = True) -> dict | None:
     """The record of a stage's finished output as found in the run directory, or None when it
     is missing (never run, killed, or deleted by hand).
 
     The flow checks this before trusting a cached result: Prefect's cache remembers that a
-    stage ran, not that its files are still there.
+    stage ran, not that its files are still there. That check passes `fingerprint=False`:
+    hashing a checkpoint (gigabytes at d20) only to learn that it exists would slow every
+    cached rerun.
     """
     from mlxchat import checkpoint, dataset
     from mlxchat.common import home
@@ -330,7 +330,8 @@ def stage_output(stage: str, run: str, source: str = "smoke", num_shards: int | 
         ck = checkpoint.latest_checkpoint(rdir / stage.removesuffix("-train"))
         if ck is None or ck.step < ck.state.get("num_iterations", 0):
             return None
-        return {"checkpoint": str(ck.path), "step": ck.step, "fingerprint": fingerprint_files([ck.model_file])}
+        return {"checkpoint": str(ck.path), "step": ck.step,
+                **({"fingerprint": fingerprint_files([ck.model_file])} if fingerprint else {})}
     paths = {
         "tokenizer-train": rdir / "tokenizer" / "tokenizer.pkl",
         "tokenizer-eval": rdir / "tokenizer" / "tok_eval.json",
@@ -344,7 +345,7 @@ def stage_output(stage: str, run: str, source: str = "smoke", num_shards: int | 
     path = paths.get(stage)
     if path is None or not path.exists():
         return None
-    return {"path": str(path), "fingerprint": fingerprint_files([path])}
+    return {"path": str(path), **({"fingerprint": fingerprint_files([path])} if fingerprint else {})}
 
 
 def existing_output(stage: str, run: str, source: str = "smoke", num_shards: int | None = None, root=None) -> dict:

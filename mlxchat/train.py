@@ -301,7 +301,7 @@ def train_chat(
     from mlxchat.tokenizer import Tokenizer
 
     if cfg.stage not in CHAT_STAGES:
-        raise MlxchatError(f"unknown chat stage {cfg.stage!r}; expected one of {', '.join(CHAT_STAGES)}")
+        raise MlxchatError(f"unknown training stage {cfg.stage!r}; expected base, {' or '.join(CHAT_STAGES)}")
     parent = cfg.init_from or CHAT_STAGES[cfg.stage]
     rdir = run_dir(run, root, must_exist=True)
     tokenizer = Tokenizer.load(rdir / "tokenizer")
@@ -309,7 +309,10 @@ def train_chat(
     group = mx.distributed.init()
     data = {split: build_mixture(cfg.stage, split, cfg.source, root=root) for split in ("train", "val")}
     Loader = PackedConversations if cfg.stage == "mid" else PaddedConversations
-    epoch = epoch_tokens(data["train"], tokenizer) if cfg.stage == "mid" else len(data["train"])
+    if cfg.max_steps > 0:  # an explicit horizon: rendering the whole mixture to count its tokens would be wasted
+        epoch = None
+    else:
+        epoch = epoch_tokens(data["train"], tokenizer) if cfg.stage == "mid" else len(data["train"])
     p = plan(cfg, tokenizer.vocab_size, group.size(), model=GPTConfig(**start.state["model_config"]), epoch_size=epoch)
     if p.model.sequence_len < cfg.seq_len:
         raise MlxchatError(f"--seq-len {cfg.seq_len} is longer than the {parent} model's context {p.model.sequence_len}")
