@@ -1,38 +1,35 @@
-"""The sandbox's child process: limit itself, disable what is destructive, run one program.
+"""The sandbox's child process: confine itself, disable what is destructive, run one program.
 
-Started by `sandbox.run_program` as `python -I <this file> <program> <workdir> <limits...>`
-in a new session whose cwd is `<workdir>`. Standard library only (it runs in an isolated
-interpreter, not with mlxchat importable), and everything happens before the program's
-first line runs, so the program inherits limits it cannot lift.
+Started by `sandbox.run_program` as `python -I <this file> <program> <workdir> <staging>
+<limits...> <token fd> <verdict fd> <namespaces 0/1>` in a new session. Standard library only (it runs in an
+isolated interpreter, not with mlxchat importable), and everything happens before the
+program's first line runs, so the program inherits limits it cannot lift.
 
 Layers, strongest first:
-1. Resource limits (address space, data, file size, CPU seconds, processes, no core dumps):
-   enforced by the kernel, soft = hard so an unprivileged program cannot raise them.
-2. On Linux, Landlock (5.13+): the kernel refuses to create, write, truncate, remove,
-   rename or link anything outside the workdir (and /dev/null), whatever Python or ctypes
-   the program uses.
-3. On Linux (x86_64, aarch64), a seccomp filter that fails the system calls which would
-   leave this process: creating processes or threads (clone, clone3, fork, vfork), execve,
-   signalling other processes (kill, tkill, tgkill), sockets (no network), raising rlimits,
-   ptrace, namespaces and mounts. Kernel-enforced, so it holds against ctypes too, and
-   it is what stops a fork bomb when the evaluator runs as root (RLIMIT_NPROC does not
-   bind root).
-4. nanochat's `reliability_guard`: destructive functions of os, shutil, subprocess and
+1. On Linux, the kernel layers of `_sandbox_linux.py`: namespaces and a root filesystem of
+   the program's own (the evaluator's processes and files are not there), a size-bounded
+   tmpfs as the work directory, `nobody` instead of root and no capabilities, Landlock
+   (writes, TCP, signals), and last a seccomp allow-list. Each one the kernel refuses is
+   named with its reason in the layers report.
+2. Resource limits (address space, data, file size, CPU seconds, processes, no core dumps),
+   soft = hard so the program cannot raise them.
+3. nanochat's `reliability_guard`: destructive functions of os, shutil, subprocess and
    builtins replaced by ones that raise, `resource`/`psutil`/... unimportable, and writes
-   (open for writing, os.open with write flags, mkdir, links, and unlink/rename/truncate,
-   which nanochat disables outright) refused outside the workdir, so the program's own
-   temporary files (tempfile) work.
-   These are Python-level and a determined program can get around them (ctypes, `_io`,
-   `posix`); they exist to turn accidents into clear errors, not to contain malice.
+   refused outside the workdir. Python-level, so a determined program gets around them
+   (ctypes, `_io`, `posix`); they turn accidents into clear errors, the kernel holds malice.
 
-Exit status tells the parent what happened: 0 the program ran to its end, 1 it raised
-(SystemExit and SyntaxError included, as nanochat counts any exception a failure), 2 the
-sandbox could not be set up; anything else, or a signal, means it was stopped from
-outside the Python level.
+What the parent learns comes through the verdict pipe, not the exit status: first a JSON line,
+the layers report (written before the program runs, so the program cannot change it), then,
+only once the program has run to its end, the token the parent sent over the token pipe
+(read and closed before the program starts). A program that stops early with exit status 0
+(`posix._exit(0)` before a failing assert) writes no token, so it has not passed.
+Exit status: 0 ran to its end, 1 raised (SystemExit and SyntaxError included, as nanochat
+counts any exception a failure), 2 the sandbox could not be set up, 128 + N killed by signal N.
 """
 
 import builtins
 import faulthandler
+import json
 import linecache
 import os
 import resource
@@ -45,22 +42,6 @@ import traceback
 # Exit statuses besides 0 (the program ran to its end); sandbox.py reads them.
 RAISED = 1
 SETUP_FAILED = 2
-
-# seccomp: syscall numbers of what the filter refuses, per audit arch.
-_BLOCKED_SYSCALLS = {
-    "x86_64": (
-        0xC000003E,
-        # clone fork vfork execve execveat clone3 kill tkill tgkill socket socketpair
-        # setrlimit prlimit64 ptrace unshare setns mount chroot
-        [56, 57, 58, 59, 322, 435, 62, 200, 234, 41, 53, 160, 302, 101, 272, 308, 165, 161],
-    ),
-    "aarch64": (
-        0xC00000B7,
-        # clone execve execveat clone3 kill tkill tgkill socket socketpair
-        # setrlimit prlimit64 ptrace unshare setns mount chroot
-        [220, 221, 281, 435, 129, 130, 131, 198, 199, 164, 261, 117, 97, 268, 40, 51],
-    ),
-}
 
 
 def set_limits(memory_bytes: int, fsize_bytes: int, cpu_seconds: int) -> None:
@@ -87,92 +68,6 @@ def set_limits(memory_bytes: int, fsize_bytes: int, cpu_seconds: int) -> None:
     # Past RLIMIT_FSIZE a write fails with EFBIG (an exception the program sees) instead of
     # SIGXFSZ killing the process, so a flood of output reads as the program failing.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-
-def install_seccomp() -> str | None:
-    """Load the filter described in the module docstring; return why not, or None."""
-    if sys.platform != "linux":
-        return None  # no seccomp: the rlimits and Python guards are what remains
-    arch = os.uname().machine
-    if arch not in _BLOCKED_SYSCALLS:
-        return f"no seccomp syscall table for {arch}"
-    import ctypes
-
-    audit_arch, blocked = _BLOCKED_SYSCALLS[arch]
-
-    class SockFilter(ctypes.Structure):
-        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
-
-    load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
-    allow, deny = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
-    # seccomp_data: nr at offset 0, arch at offset 4. Jump targets are relative to the next
-    # instruction; the last two instructions are "allow" then "deny".
-    body = [(load, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, deny), (load, 0, 0, 0)]
-    if arch == "x86_64":
-        body.append((jge, None, 0, 0x40000000))  # the x32 ABI: the same calls under other numbers
-    body += [(jeq, None, 0, nr) for nr in blocked]
-    n = len(body) + 2
-    program = [(c, (n - 1 - (i + 1)) if jt is None else jt, jf, k) for i, (c, jt, jf, k) in enumerate(body)]
-    program += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
-    filters = (SockFilter * n)(*[SockFilter(*insn) for insn in program])
-    prog = SockFprog(n, filters)
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
-    if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0 or libc.prctl(
-        pr_set_seccomp, seccomp_mode_filter, ctypes.byref(prog), 0, 0
-    ) != 0:
-        return f"prctl failed: {os.strerror(ctypes.get_errno())}"
-    return None
-
-
-def restrict_writes_with_landlock(workdir: str) -> str | None:
-    """Make the kernel refuse every filesystem change outside `workdir` (and /dev/null):
-    creating, writing, truncating, removing, renaming, linking. Reads stay allowed.
-    Landlock (Linux 5.13+) needs no privileges; return why it is not in force, or None."""
-    if sys.platform != "linux":
-        return None  # no Landlock: the Python-level write guard is what remains
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    create_ruleset, add_rule, restrict_self = 444, 445, 446  # the same numbers on every arch
-    abi = libc.syscall(create_ruleset, None, 0, 1)  # LANDLOCK_CREATE_RULESET_VERSION
-    if abi < 1:
-        return f"Landlock unavailable: {os.strerror(ctypes.get_errno())}"
-    # WRITE_FILE, REMOVE_DIR, REMOVE_FILE, MAKE_{CHAR,DIR,REG,SOCK,FIFO,BLOCK,SYM}; REFER
-    # (rename/link across directories) from ABI 2; TRUNCATE from ABI 3.
-    handled = (1 << 1) | sum(1 << b for b in range(4, 13))
-    if abi >= 2:
-        handled |= 1 << 13
-    if abi >= 3:
-        handled |= 1 << 14
-    file_rights = handled & ((1 << 1) | (1 << 14))  # the rights a rule on a file may carry
-
-    class PathBeneath(ctypes.Structure):
-        _pack_ = 1
-        _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-    attr = ctypes.c_uint64(handled)  # struct landlock_ruleset_attr, first field only
-    ruleset = libc.syscall(create_ruleset, ctypes.byref(attr), ctypes.sizeof(attr), 0)
-    if ruleset < 0:
-        return f"landlock_create_ruleset failed: {os.strerror(ctypes.get_errno())}"
-    try:
-        for path, rights in ((workdir, handled), (os.devnull, file_rights)):
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            try:
-                rule = PathBeneath(rights, fd)
-                if libc.syscall(add_rule, ruleset, 1, ctypes.byref(rule), 0) != 0:  # PATH_BENEATH
-                    return f"landlock_add_rule({path}) failed: {os.strerror(ctypes.get_errno())}"
-            finally:
-                os.close(fd)
-        if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.syscall(restrict_self, ruleset, 0) != 0:  # NO_NEW_PRIVS
-            return f"landlock_restrict_self failed: {os.strerror(ctypes.get_errno())}"
-    finally:
-        os.close(ruleset)
-    return None
 
 
 def _refuse(name: str):
@@ -264,21 +159,55 @@ def _confine_writes(workdir: str) -> None:
         guard_paths(name, 0, 1)
 
 
+def confine(workdir: str, staging: str, disk_bytes: int, limits: tuple[int, int, int], namespaces: bool) -> dict:
+    """Apply every layer; return {layer: None if in force, else why not}."""
+    if sys.platform != "linux":
+        set_limits(*limits)
+        why = f"{sys.platform}: no such kernel layer; the sandbox-exec profile holds the same promises"
+        return {layer: why for layer in LINUX_LAYERS}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _sandbox_linux as kernel
+
+    del sys.path[0]
+    was_root = os.geteuid() == 0
+    entered = kernel.enter_namespaces() if namespaces else "left out by the caller"
+    layers: dict[str, str | None] = {}
+    if isinstance(entered, str):
+        uid, gid = (kernel.NOBODY, kernel.NOBODY) if was_root else (os.getuid(), os.getgid())
+        why = f"no namespaces ({entered})"
+        layers.update({"namespaces": why, "read-only root": why, "fresh /proc": why,
+                       "disk bound": f"{why}: each file is bounded (RLIMIT_FSIZE), not their total"})
+    else:
+        uid, gid = entered
+        layers["namespaces"] = None
+        layers.update(kernel.build_root(staging, workdir, disk_bytes))
+    kept_uid = kernel.become(uid, gid, in_namespace=not isinstance(entered, str))
+    layers["unprivileged uid"] = kept_uid if was_root else None
+    layers.update(kernel.landlock(workdir))
+    set_limits(*limits)
+    layers["seccomp"] = kernel.seccomp()
+    return layers
+
+
+LINUX_LAYERS = ("namespaces", "read-only root", "fresh /proc", "disk bound", "unprivileged uid",
+                "Landlock filesystem", "Landlock network", "Landlock scoping", "seccomp")
+
+
 def main() -> None:
-    exit_now = os._exit  # kept before the guard refuses it, for the final exit
+    # Kept before the guard or the program can replace them: the harness's own way out.
+    exit_now, write = os._exit, os.write
     try:
-        program_path, workdir = sys.argv[1], sys.argv[2]
-        memory_bytes, fsize_bytes, cpu_seconds = (int(a) for a in sys.argv[3:6])
+        program_path, workdir, staging = sys.argv[1:4]
+        memory_bytes, fsize_bytes, cpu_seconds, disk_bytes, token_fd, verdict_fd, namespaces = (
+            int(a) for a in sys.argv[4:11])
+        token = os.read(token_fd, 64)
+        os.close(token_fd)
         with open(program_path, encoding="utf-8") as f:
             source = f.read()
         linecache.cache[program_path] = (len(source), None, source.splitlines(True), program_path)
-        set_limits(memory_bytes, fsize_bytes, cpu_seconds)
-        for layer, why_not in [
-            ("Landlock write restriction", restrict_writes_with_landlock(workdir)),
-            ("seccomp filter", install_seccomp()),
-        ]:
-            if why_not:
-                print(f"sandbox: {layer} not in force ({why_not})", file=sys.stderr)
+        layers = confine(workdir, staging, disk_bytes, (memory_bytes, fsize_bytes, cpu_seconds), bool(namespaces))
+        write(verdict_fd, json.dumps(layers).encode() + b"\n")
+        bytearray(1 << 20)  # limits that leave no megabyte to run in are a setup error, not the program's
         reliability_guard(workdir)
     except BaseException:
         traceback.print_exc()
@@ -295,6 +224,8 @@ def main() -> None:
             stream.flush()
         except OSError:
             status = RAISED  # output past the file-size limit: the program's output was cut
+    if status == 0:
+        write(verdict_fd, token + b"\n")
     exit_now(status)
 
 

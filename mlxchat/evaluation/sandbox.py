@@ -9,32 +9,32 @@ Each program runs in a fresh interpreter, `sys.executable -I`, not a forked or s
 copy of the evaluator: a fork of a process that holds MLX/BLAS threads can deadlock, a
 spawn re-imports the evaluator's modules (slow, and they become reachable from the
 program), and `-I` ignores PYTHON* variables, the user's site directory and the current
-directory, so nothing of the evaluator leaks in. The environment is reduced to a few
-variables. What confines the program (see `_sandbox_child.py` for the layers):
+directory. The environment is a handful of variables, never the evaluator's. What confines
+the program, layer by layer (`_sandbox_child.py`, `_sandbox_linux.py`):
 
-- the kernel: rlimits on address space, data, file size, CPU time, process count and core
-  dumps; on Linux, Landlock confining every filesystem change to the workdir, and a
-  seccomp filter that fails process creation, exec, signals to other processes and
-  sockets. These hold whatever the program does in Python or ctypes;
-- the parent: the program runs in its own session (process group); at the deadline, and
-  in every case once it has ended, the whole group is killed, so nothing it started lives
-  on. stdout and stderr go to unnamed temporary files bounded by RLIMIT_FSIZE, so a flood
-  of output costs neither the evaluator's memory nor a pipe that could block;
-- Python-level guards (nanochat's): they turn accidental damage (os.remove, shutil.rmtree,
-  os.system, a write outside the directory) into a PermissionError. They can be bypassed
-  (ctypes, `_io`, `posix`) and are not a security boundary.
+- Linux: namespaces (its own PID 1, /proc, network and root filesystem, where the
+  evaluator's processes and files do not exist), a size-bounded tmpfs work directory,
+  `nobody` instead of root, Landlock and a default-deny seccomp allow-list. Each layer the
+  kernel refuses is named with its reason in `Result.layers`.
+- macOS: a `sandbox-exec` profile (`SANDBOX_PROFILE`) denying the network, process
+  creation, writes outside the work directory and /dev/null, and signals or process
+  information of other processes. The Linux layers are reported as not in force there.
+- Everywhere: rlimits (memory, file size, CPU time, processes), nanochat's Python-level
+  guard, the program in its own session whose whole group is killed at the deadline and
+  in every case once it ended, and stdout/stderr in unnamed files bounded by RLIMIT_FSIZE.
 
-Not covered, as in nanochat: this is no container. Reads anywhere the evaluator's user can
-read are possible, and disk use is bounded per file (RLIMIT_FSIZE) and by the timeout, not
-in total. Where the kernel lacks Landlock or seccomp (macOS; old or locked-down
-Linux: the child then says so on stderr), writes, the network and process creation are
-stopped only at the Python level (plus RLIMIT_NPROC, which binds non-root users). Run
-evaluations of untrusted models inside a container or VM.
+Passing is the harness's verdict, not the exit status: the parent sends a random token
+over a pipe the child reads and closes before the program starts, and the child writes it
+back only once the program has run to its end without raising. `posix._exit(0)` halfway is
+a failure. (A program that dug the token out of its own interpreter's memory, knowing
+this harness, could still forge it; the checks must run in the program's process.)
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -42,27 +42,34 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
-from mlxchat.common import MlxchatError
+from mlxchat.common import MlxchatError, get_logger
 from mlxchat.evaluation._sandbox_child import RAISED
 
 CHILD = Path(__file__).with_name("_sandbox_child.py")
+NOBODY = 65534
+log = get_logger()
 
 
 @dataclass(frozen=True)
 class Result:
-    """The outcome of one program. `status`: "passed" (ran to its end), "failed" (raised:
-    a failed assert, MemoryError, a refused call, output past the size limit), "timeout"
-    (wall clock or CPU time ran out), "error" (killed by a signal, e.g. a segfault, the
-    sandbox could not be set up, or it exited other than through the sandbox). stdout/stderr are cut to `max_output_chars`."""
+    """The outcome of one program. `status`: "passed" (ran to its end: the harness wrote the
+    token back), "failed" (raised: a failed assert, MemoryError, a refused call, output past
+    the size limit; or ended early without the harness's token), "timeout" (wall clock or
+    CPU time ran out), "error" (killed by a signal, e.g. a segfault, or the sandbox could not
+    be set up). stdout/stderr are cut to `max_output_chars`. `layers`: each confinement
+    layer, None where it was in force, else why not (empty if setup never got that far).
+    `leftover`: what of the temporary directory could not be removed (logged too)."""
 
     status: Literal["passed", "failed", "timeout", "error"]
     stdout: str
     stderr: str
     duration: float
+    layers: dict = field(default_factory=dict)
+    leftover: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -74,45 +81,72 @@ def run_program(
     timeout_s: float = 5.0,
     memory_mb: int = 256,
     output_mb: int = 16,
+    disk_mb: int = 64,
     max_output_chars: int = 10_000,
+    namespaces: bool = True,
 ) -> Result:
     """Run `code` in a sandboxed child process and report how it ended.
 
     `timeout_s` is wall-clock time from start (nanochat's default, 5 s); `memory_mb` bounds
     the address space; `output_mb` bounds each file the program writes, stdout and stderr
-    included.
+    included; `disk_mb` bounds all it writes in its work directory together (where the
+    kernel allows a mount namespace; `Result.layers["disk bound"]` says). `namespaces=False`
+    leaves them out (a kernel where they misbehave; the tests, to show the other layers hold
+    on their own).
     """
-    if timeout_s <= 0 or memory_mb <= 0 or output_mb <= 0:
-        raise MlxchatError(
-            f"sandbox limits must be positive: timeout_s={timeout_s}, memory_mb={memory_mb}, output_mb={output_mb}"
-        )
+    if timeout_s <= 0 or memory_mb <= 0 or output_mb <= 0 or disk_mb <= 0:
+        raise MlxchatError(f"sandbox limits must be positive: timeout_s={timeout_s}, memory_mb={memory_mb}, "
+                           f"output_mb={output_mb}, disk_mb={disk_mb}")
     base = Path(tempfile.mkdtemp(prefix="mlxchat-sandbox-"))
+    token = secrets.token_hex(16).encode()
     try:
-        workdir = base / "work"
+        workdir, staging = base / "work", base / "root"
         workdir.mkdir()
+        staging.mkdir()
+        if os.geteuid() == 0:  # without namespaces the child runs as nobody in this very directory
+            base.chmod(0o711)
+            os.chown(workdir, NOBODY, NOBODY)
         program = base / "program.py"
         program.write_text(code, encoding="utf-8")
+        token_r, token_w = os.pipe()
+        verdict_r, verdict_w = os.pipe()
+        os.write(token_w, token)
+        os.close(token_w)
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             command = [
-                sys.executable, "-I", "-X", "utf8", str(CHILD), str(program), str(workdir),
-                str(memory_mb << 20), str(output_mb << 20), str(int(timeout_s) + 1),
+                sys.executable, "-I", "-X", "utf8", str(CHILD), str(program), str(workdir), str(staging),
+                str(memory_mb << 20), str(output_mb << 20), str(int(timeout_s) + 1), str(disk_mb << 20),
+                str(token_r), str(verdict_w), str(int(namespaces)),
             ]
             start = time.monotonic()
-            proc = subprocess.Popen(
-                command,
-                cwd=workdir,
-                env=_child_env(workdir),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-            )
-            timed_out = _wait_then_kill_group(proc, start + timeout_s)
+            try:
+                proc = subprocess.Popen(
+                    _confined(command, workdir), cwd=workdir, env=_child_env(workdir), stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=err, start_new_session=True, pass_fds=(token_r, verdict_w),
+                )
+            finally:
+                os.close(token_r)
+                os.close(verdict_w)
+            try:
+                timed_out = _wait_then_kill_group(proc, start + timeout_s)
+                os.set_blocking(verdict_r, False)
+                verdict = _read_pipe(verdict_r)
+            finally:
+                os.close(verdict_r)
             duration = time.monotonic() - start
             stdout, stderr = _read(out, max_output_chars), _read(err, max_output_chars)
     finally:
-        shutil.rmtree(base, ignore_errors=True)
-    return Result(_status(proc.returncode, timed_out), stdout, stderr, duration)
+        leftover = remove_tree(base)
+    layers_line, _, rest = verdict.partition(b"\n")
+    try:
+        layers = json.loads(layers_line) if layers_line else {}
+    except ValueError:
+        layers = {}
+    finished = token in rest.split(b"\n")
+    status = _status(proc.returncode, timed_out, finished)
+    if status == "failed" and proc.returncode == 0:
+        stderr += "\n[sandbox: the program ended before running to its end (exit status 0 without the harness's token)]"
+    return Result(status, stdout, stderr, duration, layers, leftover)
 
 
 def run_programs(codes: Iterable[str], workers: int = 2, **kwargs) -> list[Result]:
@@ -126,6 +160,33 @@ def run_programs(codes: Iterable[str], workers: int = 2, **kwargs) -> list[Resul
         return list(pool.map(lambda code: run_program(code, **kwargs), codes))
 
 
+# macOS: what the Linux layers promise, in Seatbelt's language. `(allow default)` keeps
+# reading the Python installation and system libraries working; the denials are the promises.
+SANDBOX_PROFILE = """(version 1)
+(allow default)
+(deny network*)
+(deny process-fork)
+(deny process-exec (require-not (literal "{python}")))
+(deny file-write* (require-not (require-any (subpath "{workdir}") (literal "/dev/null"))))
+(deny file-write-mode)
+(deny file-write-owner)
+(deny file-write-flags)
+(deny file-write-times (require-not (subpath "{workdir}")))
+(deny process-info* (require-not (target self)))
+(deny signal (require-not (target self)))
+(deny mach-lookup)
+(deny system-socket)
+"""
+
+
+def _confined(command: list[str], workdir: Path) -> list[str]:
+    """On macOS, the command run under the sandbox-exec profile (where the tool exists)."""
+    if sys.platform != "darwin" or not os.path.exists("/usr/bin/sandbox-exec"):
+        return command
+    profile = SANDBOX_PROFILE.format(python=os.path.realpath(sys.executable), workdir=os.path.realpath(workdir))
+    return ["/usr/bin/sandbox-exec", "-p", profile, *command]
+
+
 def _child_env(workdir: Path) -> dict[str, str]:
     """A minimal environment: temporary files and HOME inside the workdir, one thread per
     numeric library, nothing of the evaluator's (tokens, LD_PRELOAD, proxies)."""
@@ -137,6 +198,60 @@ def _child_env(workdir: Path) -> dict[str, str]:
         "OPENBLAS_NUM_THREADS": "1",
         "PATH": os.defpath,
     }
+
+
+def _read_pipe(fd: int, limit: int = 1 << 16) -> bytes:
+    """What the child left in the verdict pipe (it has ended, so nothing more will come)."""
+    chunks, size = [], 0
+    while size < limit:
+        try:
+            chunk = os.read(fd, limit - size)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def remove_tree(path: Path) -> tuple[str, ...]:
+    """Remove `path` whatever the program left in it (read-only directories, immutable or
+    append-only flags where the sandbox could not stop them); return, and log, what could
+    still not be removed."""
+    def unblock(_func, failed, _exc):
+        for target in {failed, os.path.dirname(failed)}:
+            _clear_flags(target)
+            try:
+                os.chmod(target, 0o700, follow_symlinks=False)
+            except OSError:
+                pass
+
+    for _ in range(3):
+        if not os.path.lexists(path):
+            return ()
+        shutil.rmtree(path, onerror=unblock)
+    left = tuple(str(p) for p in ([path] + sorted(path.rglob("*"))) if os.path.lexists(p))
+    log.warning("sandbox: could not remove %d path(s) under %s: %s", len(left), path, ", ".join(left[:5]))
+    return left
+
+
+def _clear_flags(path: str) -> None:
+    """Clear a file's immutable/append-only flags (FS_IOC_SETFLAGS 0), where permitted."""
+    if sys.platform != "linux" or os.path.islink(path):
+        return
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        fcntl.ioctl(fd, 0x40086602, bytes(8))  # FS_IOC_SETFLAGS with no flags
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _wait_then_kill_group(proc: subprocess.Popen, deadline: float) -> bool:
@@ -174,11 +289,11 @@ def _exited(proc: subprocess.Popen) -> bool:
     return proc.poll() is not None
 
 
-def _status(returncode: int, timed_out: bool) -> str:
-    if timed_out or returncode == -signal.SIGXCPU:
+def _status(returncode: int, timed_out: bool, finished: bool) -> str:
+    if timed_out or returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
         return "timeout"
     if returncode == 0:
-        return "passed"
+        return "passed" if finished else "failed"
     if returncode == RAISED:
         return "failed"
     return "error"
