@@ -114,12 +114,58 @@ class _TextStream:
 
 def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Tokens asking for the assistant's next turn: the conversation and <|assistant_start|>.
-    Never cut (training rendering cuts at 2048 tokens, which here would drop the newest turn,
-    the one being answered); the web server bounds the conversation's length instead."""
+    Never cut here (training rendering cuts at 2048 tokens, which would drop the newest
+    turn, the one being answered); `fit_to_context` cuts from the oldest end instead."""
     if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
         raise MlxchatError("the conversation must end with a user message for the assistant to answer")
     ids, _ = tokenizer.render_conversation({"messages": messages}, max_tokens=sys.maxsize)
     return ids + [tokenizer.encode_special("<|assistant_start|>")]
+
+
+def fit_to_context(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tuple[list[dict], int, str | None]:
+    """The newest part of a conversation whose prompt fits in `max_prompt_tokens`: the
+    oldest turns are left out (a user turn with the assistant's answer to it, so roles still
+    alternate), then, if the user's last message alone is too long, its beginning; a system
+    message stays unless even the last message's end needs its room. Returns the messages,
+    their prompt length and a note saying what was left out (None when nothing was).
+
+    Each message is encoded once to find where to cut, then the kept ones are rendered, so
+    a conversation far beyond the context costs one pass over its text, never its prefill."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    sizes = [len(tokenizer.encode(m["content"])) + 2 for m in turns]  # + the turn's start and end tokens
+    room = max_prompt_tokens - 2 - (len(tokenizer.encode(system[0]["content"])) + 1 if system else 0)
+    first = len(turns) - 1
+    while first >= 2 and sum(sizes[first - 2:]) <= room:
+        first -= 2
+    kept = turns[first:]
+    prompt = render_prompt(tokenizer, system + kept)
+    if len(prompt) <= max_prompt_tokens:
+        return system + kept, len(prompt), _left_out(first, 0, max_prompt_tokens)
+    if system and len(render_prompt(tokenizer, kept)) <= max_prompt_tokens:
+        return kept, len(render_prompt(tokenizer, kept)), _left_out(first + 1, 0, max_prompt_tokens)
+    content = kept[-1]["content"]
+    lo, hi = 0, len(content)  # the longest end of the last message that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(render_prompt(tokenizer, [{"role": "user", "content": content[-mid:]}])) <= max_prompt_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:
+        raise MlxchatError(f"a context of {max_prompt_tokens} prompt tokens holds no message at all")
+    last = [{"role": "user", "content": content[-lo:]}]
+    return last, len(render_prompt(tokenizer, last)), _left_out(len(messages) - 1, len(content) - lo,
+                                                                 max_prompt_tokens)
+
+
+def _left_out(messages: int, characters: int, budget: int) -> str | None:
+    if not messages and not characters:
+        return None
+    parts = [f"the {messages} oldest message{'s' * (messages != 1)}"] if messages else []
+    if characters:
+        parts.append(f"the first {characters} characters of the last one")
+    return f"the conversation was cut to the model's context ({budget} prompt tokens): left out {' and '.join(parts)}"
 
 
 def sample_chat(model, tokenizer, prompts: list[str] | None = None, max_tokens: int = 64, temperature: float = 0.0,

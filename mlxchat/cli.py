@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--stage", default="sft", choices=["sft", "mid"])
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                     help="also answer web pages of this origin (e.g. https://example.com; * for any); repeatable")
     _add_sampling_args(srv, "default for requests that leave it out")
 
     pub = sub.add_parser("publish", help="write an mlx-lm loadable model folder from a stage's checkpoint")
@@ -148,7 +150,8 @@ def run_command(args: argparse.Namespace) -> dict | list | None:
     if args.command == "serve":
         from mlxchat.web import Sampling, serve
 
-        return serve(args.run, args.stage, args.host, args.port, root=root, defaults=Sampling(**_sampling(args)))
+        return serve(args.run, args.stage, args.host, args.port, root=root, defaults=Sampling(**_sampling(args)),
+                     allow_origins=tuple(args.allow_origin))
     if args.command == "data":
         from mlxchat import dataset
 

@@ -9,7 +9,19 @@
 
 Input is checked before anything is queued, with nanochat's limits: bad JSON, wrong roles or
 order, empty or oversized messages and out-of-range sampling settings are answered 400 (a body
-too large to be a valid request at all, 413) with `{"detail": "..."}` saying what is wrong.
+too large to be a valid request at all, 413, refused from its Content-Length or as soon as
+that many bytes came, never read whole) with `{"detail": "..."}` saying what is wrong.
+
+No one request, nor a handful, can exhaust the server:
+- the prompt is cut to the model's context (the newest turns kept, `chat.fit_to_context`),
+  the stream saying so first as `data: {"notice": "..."}`, and the reply to what is left of
+  the context, so memory and prefill are bounded by the model, not by the request;
+- at most `max_waiting` requests wait for the worker; past that, 503 with Retry-After;
+- a stream whose client does not read it for `write_timeout_s`, or that gets no event for
+  `idle_timeout_s`, is dropped and its generation cancelled;
+- a request whose Host is not this server's address or localhost, or that comes from a web
+  page of another origin, is refused 403 (a cross-origin form POST needs no CORS preflight,
+  and DNS rebinding lets a page read the replies): `allow_origins` adds origins ("*": any).
 
 One generation worker. MLX evaluates lazily on per-thread streams, and one model's arrays and
 the KV caches of two generations must not be driven from two threads at once; a replica per
@@ -23,10 +35,13 @@ one ends. A client that disconnects cancels its generation at the next token.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import math
 import queue
+import socket
 import threading
+from urllib.parse import urlsplit
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -36,7 +51,7 @@ from typing import Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from mlxchat.chat import ChatModel, stream_reply
+from mlxchat.chat import ChatModel, fit_to_context, stream_reply
 from mlxchat.common import MlxchatError, get_logger
 
 log = get_logger()
@@ -51,6 +66,11 @@ MAX_TOKENS_RANGE = (1, 4096)
 # A body beyond this cannot hold a valid request (a character is at most 12 bytes of JSON, an
 # escaped surrogate pair; plus each message's framing), so it is refused before parsing.
 MAX_BODY_BYTES = 12 * MAX_TOTAL_CONVERSATION_LENGTH + 64 * MAX_MESSAGES_PER_REQUEST
+MAX_WAITING = 8
+RETRY_AFTER_S = 10
+WRITE_TIMEOUT_S = 30.0
+IDLE_TIMEOUT_S = 120.0
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 class RequestError(ValueError):
@@ -68,10 +88,29 @@ class Sampling:
     max_tokens: int = 512
 
 
+def _too_large(size: int | str) -> RequestError:
+    return RequestError(f"request body is {size} bytes; at most {MAX_BODY_BYTES} accepted", 413)
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, refused (413) from its Content-Length or as soon as more than
+    MAX_BODY_BYTES arrived, so an oversized body is never held in memory."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+        raise _too_large(declared)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _too_large(f"more than {MAX_BODY_BYTES}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse_request(body: bytes, defaults: Sampling) -> tuple[list[dict], Sampling]:
     """The messages and sampling settings of a `/chat/completions` body, or a RequestError."""
     if len(body) > MAX_BODY_BYTES:
-        raise RequestError(f"request body is {len(body)} bytes; at most {MAX_BODY_BYTES} accepted", 413)
+        raise _too_large(len(body))
     try:
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -146,10 +185,11 @@ class _Job:
 
 
 class GenerationWorker:
-    """The one thread that loads the model and runs every generation (see the module doc)."""
+    """The one thread that loads the model and runs every generation (see the module doc);
+    at most `max_waiting` requests wait for it."""
 
-    def __init__(self, load: Callable[[], ChatModel]):
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+    def __init__(self, load: Callable[[], ChatModel], max_waiting: int = MAX_WAITING):
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_waiting)
         ready: Future[ChatModel] = Future()
         self._thread = threading.Thread(target=self._run, args=(load, ready), name="mlxchat-generate", daemon=True)
         self._thread.start()
@@ -169,8 +209,13 @@ class GenerationWorker:
         try:
             if not job.cancelled.is_set():
                 s = job.sampling
-                for piece in stream_reply(chat, job.messages, s.temperature, s.top_k, s.max_tokens,
-                                          cancelled=job.cancelled.is_set):
+                context = chat.model.config.sequence_len
+                messages, prompt_len, note = fit_to_context(chat.tokenizer, job.messages,
+                                                            context - min(s.max_tokens, context // 2))
+                if note:
+                    job.send({"notice": note})
+                for piece in stream_reply(chat, messages, s.temperature, s.top_k,
+                                          min(s.max_tokens, context - prompt_len), cancelled=job.cancelled.is_set):
                     job.send({"token": piece})
         except Exception as e:  # one failed generation must not take the worker down
             log.exception("generation failed")
@@ -179,8 +224,13 @@ class GenerationWorker:
             job.send({"done": True})
 
     def submit(self, messages: list[dict], sampling: Sampling) -> _Job:
+        """Queue a generation; RequestError 503 when `max_waiting` already wait."""
         job = _Job(messages, sampling, asyncio.get_running_loop())
-        self._jobs.put(job)
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            raise RequestError(f"the server is busy ({self._jobs.maxsize} requests waiting); retry in a moment",
+                               503) from None
         return job
 
     @property
@@ -188,16 +238,89 @@ class GenerationWorker:
         return self._jobs.qsize()
 
     def close(self) -> None:
-        self._jobs.put(None)
+        self._jobs.put(None)  # blocks while the queue is full: it drains one job at a time
         self._thread.join(timeout=60)
 
 
 def _error(e: RequestError) -> JSONResponse:
-    return JSONResponse({"detail": str(e)}, status_code=e.status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None
+    return JSONResponse({"detail": str(e)}, status_code=e.status, headers=headers)
 
 
-def create_app(worker: GenerationWorker, defaults: Sampling = Sampling()) -> FastAPI:
-    """The FastAPI app serving `worker`'s model; the worker is closed when the app shuts down."""
+class _StalledStream(Exception):
+    pass
+
+
+class _TimedStream(StreamingResponse):
+    """A streaming response whose every write must complete within `write_timeout_s`: a
+    client that stops reading is dropped, not waited for (its generation is then cancelled
+    as for a client that left)."""
+
+    def __init__(self, content, write_timeout_s: float, **kwargs):
+        super().__init__(content, **kwargs)
+        self.write_timeout_s = write_timeout_s
+
+    async def stream_response(self, send) -> None:
+        async def timed(message):
+            try:
+                await asyncio.wait_for(send(message), self.write_timeout_s)
+            except asyncio.TimeoutError:
+                raise _StalledStream() from None
+
+        try:
+            await super().stream_response(timed)
+        except _StalledStream:
+            log.warning("dropped a stream whose client read nothing for %.0f s", self.write_timeout_s)
+            await self.body_iterator.aclose()
+            raise OSError("client stopped reading") from None  # Starlette: the client is gone
+
+
+def allowed_hosts(host: str, allow_origins: tuple[str, ...] = ()) -> set[str] | None:
+    """The Host names a request may carry: the bound address and localhost, this machine's
+    names when bound to every address, and the hosts of `allow_origins`; None: any ("*")."""
+    if "*" in allow_origins:
+        return None
+    hosts = {*LOOPBACK_NAMES, host.lower()}
+    if host in ("0.0.0.0", "::"):
+        hosts |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+    hosts |= {urlsplit(origin).hostname or "" for origin in allow_origins}
+    return hosts
+
+
+def _host_name(value: str) -> str:
+    """The host part of a Host header or of an origin's netloc, brackets off an IPv6 one."""
+    return (urlsplit("//" + value).hostname or "").lower()
+
+
+def _foreign(request: Request, hosts: set[str] | None, allow_origins: tuple[str, ...]) -> str | None:
+    """Why the request is refused, or None. Its Host must be one of `hosts` or an IP address
+    (DNS rebinding needs a name); an Origin, which browsers send with cross-origin requests,
+    must be this very server (the page it served) or one of `allow_origins`."""
+    if hosts is None:
+        return None
+    netloc = request.headers.get("host", "")
+    host = _host_name(netloc)
+    if host not in hosts and not _is_ip(host):
+        return f"Host {host or '(none)'!r} is not this server's; use http://localhost or pass --allow-origin"
+    origin = request.headers.get("origin")
+    if origin is not None and origin not in allow_origins and urlsplit(origin).netloc.lower() != netloc.lower():
+        return f"requests from the web page at {origin} are not allowed; pass --allow-origin {origin} to allow them"
+    return None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def create_app(worker: GenerationWorker, defaults: Sampling = Sampling(), host: str = "127.0.0.1",
+               allow_origins: tuple[str, ...] = (), write_timeout_s: float = WRITE_TIMEOUT_S,
+               idle_timeout_s: float = IDLE_TIMEOUT_S) -> FastAPI:
+    """The FastAPI app serving `worker`'s model on `host`; the worker is closed when the app
+    shuts down. See the module doc for `allow_origins` and the timeouts."""
     @asynccontextmanager
     async def lifespan(_app):
         yield
@@ -205,6 +328,14 @@ def create_app(worker: GenerationWorker, defaults: Sampling = Sampling()) -> Fas
 
     app = FastAPI(title="mlxchat", lifespan=lifespan)
     page = files("mlxchat").joinpath("static/ui.html").read_text(encoding="utf-8")
+    hosts = allowed_hosts(host, allow_origins)
+
+    @app.middleware("http")
+    async def same_origin_only(request: Request, call_next):
+        why = _foreign(request, hosts, allow_origins)
+        if why:
+            return _error(RequestError(why, 403))
+        return await call_next(request)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -219,28 +350,33 @@ def create_app(worker: GenerationWorker, defaults: Sampling = Sampling()) -> Fas
     @app.post("/chat/completions")
     async def completions(request: Request):
         try:
-            messages, sampling = parse_request(await request.body(), defaults)
+            messages, sampling = parse_request(await read_body(request), defaults)
+            job = worker.submit(messages, sampling)
         except RequestError as e:
             return _error(e)
-        job = worker.submit(messages, sampling)
 
         async def events():
             try:
                 while True:
-                    event = await job.events.get()
+                    try:
+                        event = await asyncio.wait_for(job.events.get(), idle_timeout_s)
+                    except asyncio.TimeoutError:
+                        event = {"error": f"no reply within {idle_timeout_s:.0f} s; try again later"}
+                        yield f"data: {json.dumps(event)}\n\ndata: {json.dumps({'done': True})}\n\n"
+                        return
                     yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
                     if event.get("done"):
                         return
             finally:
                 job.cancelled.set()
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return _TimedStream(events(), write_timeout_s, media_type="text/event-stream")
 
     return app
 
 
 def serve(run: str, stage: str = "sft", host: str = "127.0.0.1", port: int = 8000, root=None,
-          defaults: Sampling = Sampling()) -> None:
+          defaults: Sampling = Sampling(), allow_origins: tuple[str, ...] = ()) -> None:
     """Load the run's chat model and serve it until interrupted (a missing checkpoint or a
     default setting no request could ask for is a MlxchatError before anything listens)."""
     import uvicorn
@@ -252,6 +388,12 @@ def serve(run: str, stage: str = "sft", host: str = "127.0.0.1", port: int = 800
         if not bounds[0] <= value <= bounds[1]:
             raise MlxchatError(f"--{name.replace('_', '-')} {value} is outside what requests may ask for "
                                f"({bounds[0]} to {bounds[1]}); pick a default in that range")
+    for origin in allow_origins:
+        if origin != "*" and (urlsplit(origin).scheme not in ("http", "https") or not urlsplit(origin).hostname):
+            raise MlxchatError(f"--allow-origin {origin!r} is not an origin; give one like https://example.com, or *")
     worker = GenerationWorker(lambda: load_chat_model(run, stage, root))
+    if host not in LOOPBACK_NAMES:
+        log.warning("listening on %s: anyone who can reach this machine on port %d can use the model "
+                    "(no authentication); use --host 127.0.0.1 to keep it to this machine", host, port)
     log.info("serving %s/%s (step %d) on http://%s:%d", run, stage, worker.chat.step, host, port)
-    uvicorn.run(create_app(worker, defaults), host=host, port=port)
+    uvicorn.run(create_app(worker, defaults, host, tuple(allow_origins)), host=host, port=port)
