@@ -243,7 +243,9 @@ class GenerationWorker:
 
 
 def _error(e: RequestError) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else {}
+    if e.status == 413:
+        headers["Connection"] = "close"  # else the server would go on receiving the body, to discard it
     return JSONResponse({"detail": str(e)}, status_code=e.status, headers=headers)
 
 
