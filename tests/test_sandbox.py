@@ -253,3 +253,43 @@ def test_human_eval_reference_answers_pass_as_chat_completions(human_eval_proble
     ]
     results = run_programs(programs, workers=2)
     assert sum(r.passed for r in results) == 164, [r.stderr[-300:] for r in results if not r.passed][:3]
+
+
+# -- macOS: the sandbox-exec profile -----------------------------------------------------------
+
+
+def test_on_macos_programs_run_under_the_sandbox_exec_profile(monkeypatch, tmp_path):
+    """Checked on any machine by building the command as macOS would; the profile's rules
+    are the promises the Linux layers keep there (the test below runs them on a Mac)."""
+    from mlxchat.evaluation import sandbox
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(sandbox, "SANDBOX_EXEC", sys.executable)  # a file that exists
+    command, why_not = sandbox._confined(["python", "child.py"], tmp_path / "work")
+    assert why_not is None and command[:2] == [sys.executable, "-p"] and command[3:] == ["python", "child.py"]
+    profile = command[2]
+    for rule in ["(deny network*)", "(deny process-fork)", "(deny process-info* (require-not (target self)))",
+                 "(deny signal (require-not (target self)))",
+                 f'(deny file-write* (require-not (require-any (subpath "{os.path.realpath(tmp_path / "work")}")']:
+        assert rule in profile, rule
+    assert f'(subpath "{os.path.realpath(sys.base_prefix)}")' in profile  # Python stays readable in $HOME
+    monkeypatch.setattr(sandbox, "SANDBOX_EXEC", str(tmp_path / "missing"))
+    assert "not found" in sandbox._confined(["python"], tmp_path)[1]
+    assert sandbox._sbpl('/a "b"\\c') == '"/a \\"b\\"\\\\c"'
+
+
+@pytest.mark.skipif(sys.platform != "darwin" or not os.path.exists("/usr/bin/sandbox-exec"), reason="macOS only")
+def test_macos_profile_stops_the_network_writes_and_reads_of_home(tmp_path):
+    home_secret = os.path.expanduser("~/.mlxchat-sandbox-test-secret")
+    with open(home_secret, "w") as f:
+        f.write("hf_secret")
+    try:
+        for code in ["import socket\nsocket.create_connection(('127.0.0.1', 9))",
+                     f"open({str(tmp_path / 'x')!r}, 'w')", f"print(open({home_secret!r}).read())",
+                     "import ctypes\nassert ctypes.CDLL(None).fork() >= 0"]:
+            r = run_program(code)
+            assert r.status == "failed" and "hf_secret" not in r.stdout, code
+        assert r.layers["sandbox-exec profile"] is None and run_program("import math\nprint(1)").passed
+    finally:
+        os.remove(home_secret)
+    assert list(tmp_path.iterdir()) == []

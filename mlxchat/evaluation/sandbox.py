@@ -118,10 +118,11 @@ def run_program(
                 str(memory_mb << 20), str(output_mb << 20), str(int(timeout_s) + 1), str(disk_mb << 20),
                 str(token_r), str(verdict_w), str(int(namespaces)),
             ]
+            command, profile_missing = _confined(command, workdir)
             start = time.monotonic()
             try:
                 proc = subprocess.Popen(
-                    _confined(command, workdir), cwd=workdir, env=_child_env(workdir), stdin=subprocess.DEVNULL,
+                    command, cwd=workdir, env=_child_env(workdir), stdin=subprocess.DEVNULL,
                     stdout=out, stderr=err, start_new_session=True, pass_fds=(token_r, verdict_w),
                 )
             finally:
@@ -142,6 +143,8 @@ def run_program(
         layers = json.loads(layers_line) if layers_line else {}
     except ValueError:
         layers = {}
+    if sys.platform == "darwin":
+        layers["sandbox-exec profile"] = profile_missing
     finished = token in rest.split(b"\n")
     status = _status(proc.returncode, timed_out, finished)
     if status == "failed" and proc.returncode == 0:
@@ -160,31 +163,46 @@ def run_programs(codes: Iterable[str], workers: int = 2, **kwargs) -> list[Resul
         return list(pool.map(lambda code: run_program(code, **kwargs), codes))
 
 
-# macOS: what the Linux layers promise, in Seatbelt's language. `(allow default)` keeps
-# reading the Python installation and system libraries working; the denials are the promises.
+# macOS: what the Linux layers promise, in Seatbelt's language. `(allow default)` keeps the
+# Python installation and system libraries working; the denials are the promises: no network,
+# no processes, writes only in the work directory, nothing read from the evaluator's home
+# directory but Python itself and the harness, no other process's information or signals.
 SANDBOX_PROFILE = """(version 1)
 (allow default)
 (deny network*)
+(deny system-socket)
 (deny process-fork)
-(deny process-exec (require-not (literal "{python}")))
-(deny file-write* (require-not (require-any (subpath "{workdir}") (literal "/dev/null"))))
-(deny file-write-mode)
-(deny file-write-owner)
-(deny file-write-flags)
-(deny file-write-times (require-not (subpath "{workdir}")))
+(deny process-exec (require-not (require-any (literal {python}) (subpath {prefix}))))
+(deny file-write* (require-not (require-any (subpath {workdir}) (literal "/dev/null"))))
+(deny file-read* (require-all (subpath {home}) (require-not (require-any {readable}))))
 (deny process-info* (require-not (target self)))
 (deny signal (require-not (target self)))
-(deny mach-lookup)
-(deny system-socket)
 """
+SANDBOX_EXEC = "/usr/bin/sandbox-exec"
 
 
-def _confined(command: list[str], workdir: Path) -> list[str]:
-    """On macOS, the command run under the sandbox-exec profile (where the tool exists)."""
-    if sys.platform != "darwin" or not os.path.exists("/usr/bin/sandbox-exec"):
-        return command
-    profile = SANDBOX_PROFILE.format(python=os.path.realpath(sys.executable), workdir=os.path.realpath(workdir))
-    return ["/usr/bin/sandbox-exec", "-p", profile, *command]
+def sandbox_profile(workdir: Path) -> str:
+    """The `sandbox-exec` profile for a program whose work directory is `workdir`."""
+    real = os.path.realpath
+    readable = {real(p) for p in (sys.base_prefix, sys.prefix, CHILD.parent, workdir.parent)}
+    return SANDBOX_PROFILE.format(
+        python=_sbpl(real(sys.executable)), prefix=_sbpl(real(sys.base_prefix)), workdir=_sbpl(real(workdir)),
+        home=_sbpl(real(os.path.expanduser("~"))), readable=" ".join(f"(subpath {_sbpl(p)})" for p in sorted(readable)),
+    )
+
+
+def _sbpl(path: str) -> str:
+    """A path as a Seatbelt (Scheme) string literal."""
+    return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _confined(command: list[str], workdir: Path) -> tuple[list[str], str | None]:
+    """On macOS, the command under the sandbox-exec profile; with why not, where it cannot be."""
+    if sys.platform != "darwin":
+        return command, None
+    if not os.path.exists(SANDBOX_EXEC):
+        return command, f"{SANDBOX_EXEC} not found: only the rlimits and the Python-level guard hold"
+    return [SANDBOX_EXEC, "-p", sandbox_profile(workdir), *command], None
 
 
 def _child_env(workdir: Path) -> dict[str, str]:
