@@ -180,7 +180,12 @@ def confine(workdir: str, staging: str, disk_bytes: int, limits: tuple[int, int,
     else:
         uid, gid = entered
         layers["namespaces"] = None
-        layers.update(kernel.build_root(staging, workdir, disk_bytes))
+        try:
+            layers.update(kernel.build_root(staging, workdir, disk_bytes))
+        except OSError as e:  # e.g. a kernel that grants no capability in a new user namespace
+            kernel.become_namespace_root()
+            why = f"could not build the program's own root ({e})"
+            layers.update({"read-only root": why, "fresh /proc": why, "disk bound": why})
     kept_uid = kernel.become(uid, gid, in_namespace=not isinstance(entered, str))
     layers["unprivileged uid"] = kept_uid if was_root else None
     layers.update(kernel.landlock(workdir))

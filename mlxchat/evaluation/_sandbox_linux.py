@@ -148,9 +148,7 @@ def build_root(staging: str, workdir: str, disk_bytes: int) -> dict[str, str | N
             sources[path] = os.readlink(path)  # /lib -> usr/lib on merged-/usr systems
         elif os.path.exists(path):
             sources[path] = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    os.setresgid(0, 0, 0)
-    os.setresuid(0, 0, 0)
-    _libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, reset by the uid change: /proc/self/fd stays ours
+    become_namespace_root()
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here propagates to the host
     _mount("tmpfs", staging, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=1024,mode=0755")
     os.makedirs(staging + "/dev")
@@ -187,6 +185,15 @@ def build_root(staging: str, workdir: str, disk_bytes: int) -> dict[str, str | N
         raise _fail("umount /.old")
     os.chdir(workdir)
     return notes
+
+
+def become_namespace_root() -> None:
+    """Take uid/gid 0 of the new namespace (`nobody` or the user outside), leaving the
+    evaluator's uid, which outside the namespace owns what the evaluator owns."""
+    if os.geteuid() != 0:  # the evaluator's uid, unmapped, reads as the overflow uid
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+        _libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, reset by the uid change: /proc/self/fd stays ours
 
 
 def become(uid: int, gid: int, in_namespace: bool) -> str | None:
