@@ -435,8 +435,10 @@ def _landlock_abi() -> int:
 
 
 def _user_namespaces_work() -> bool:
-    probe = subprocess.run([sys.executable, "-c", "import ctypes, sys\n"
-                            "sys.exit(ctypes.CDLL(None).unshare(0x10000000 | 0x20000000 | 0x40000000 | 0x20000))"])
+    """Asked of a bare interpreter: a preloaded threaded library (OpenBLAS) makes unshare fail."""
+    probe = subprocess.run([sys.executable, "-I", "-c", "import ctypes, sys\n"
+                            "sys.exit(ctypes.CDLL(None).unshare(0x10000000 | 0x20000000 | 0x40000000 | 0x20000))"],
+                           env={"PATH": os.defpath})
     return probe.returncode == 0
 
 
