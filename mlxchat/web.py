@@ -269,12 +269,14 @@ class _TimedStream(StreamingResponse):
             except asyncio.TimeoutError:
                 raise _StalledStream() from None
 
+        await super().stream_response(timed)
+
+    async def __call__(self, scope, receive, send) -> None:
         try:
-            await super().stream_response(timed)
-        except _StalledStream:
+            await super().__call__(scope, receive, send)
+        except _StalledStream:  # the server then closes the connection, the response unfinished
             log.warning("dropped a stream whose client read nothing for %.0f s", self.write_timeout_s)
             await self.body_iterator.aclose()
-            raise OSError("client stopped reading") from None  # Starlette: the client is gone
 
 
 def allowed_hosts(host: str, allow_origins: tuple[str, ...] = ()) -> set[str] | None:

@@ -289,3 +289,25 @@ def test_a_body_past_the_limit_without_content_length_is_refused_as_it_arrives(l
     r = httpx.post(f"{local_url}/chat/completions", content=body(), timeout=30)
     assert r.status_code == 413 and "at most" in r.json()["detail"]
     healthy(local_url)
+
+
+def test_fit_to_context_keeps_the_newest_turns_in_order_within_the_budget(root):
+    from mlxchat.chat import fit_to_context, render_prompt
+
+    tokenizer = load_chat_model(RUN, "sft", root).tokenizer
+    conversation = [{"role": "system", "content": "Be brief."}]
+    for i in range(6):
+        conversation += [{"role": "user", "content": f"Question {i}: what is {i} * 7?"},
+                         {"role": "assistant", "content": f"It is {i * 7}."}]
+    conversation.append({"role": "user", "content": "And the capital of France?"})
+    full = len(render_prompt(tokenizer, conversation))
+    assert fit_to_context(tokenizer, conversation, full) == (conversation, full, None)
+    for budget in range(full - 1, 4, -7):
+        kept, length, note = fit_to_context(tokenizer, conversation, budget)
+        assert length == len(render_prompt(tokenizer, kept)) <= budget
+        turns = kept[1:] if kept[0]["role"] == "system" else kept
+        assert [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2) + ["user"]
+        assert conversation[-1]["content"].endswith(kept[-1]["content"])
+        if len(turns) > 1:
+            assert turns == conversation[-len(turns):]  # whole turns, the newest ones
+        assert note and "left out" in note
