@@ -26,6 +26,7 @@ reason, so the evaluator (and the tests) can tell what holds on this machine:
 import ctypes
 import os
 import sys
+from typing import NoReturn
 
 NOBODY = 65534
 
@@ -129,7 +130,7 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
-def _exit_as(pid: int):
+def _exit_as(pid: int) -> NoReturn:
     """Wait for `pid` and end this process the same way (a signal as 128 + its number)."""
     status = os.waitpid(pid, 0)[1]
     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))

@@ -148,7 +148,7 @@ def run_program(
     finished = token in rest.split(b"\n")
     status = _status(proc.returncode, timed_out, finished)
     if status == "failed" and proc.returncode == 0:
-        stderr += "\n[sandbox: the program ended before running to its end (exit status 0 without the harness's token)]"
+        stderr += "\n[sandbox: the program stopped before its end (exit status 0, but the harness never got there)]"
     return Result(status, stdout, stderr, duration, layers, leftover)
 
 
