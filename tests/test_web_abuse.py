@@ -104,6 +104,7 @@ def test_a_128k_token_conversation_is_answered_cut_to_the_context_in_bounded_mem
     assert got[0] == {"notice": "the conversation was cut to the model's context (64 prompt tokens): left out "
                                 "the 4 oldest messages and the first 6385 characters of the last one"}
     assert got[-1] == {"done": True} and all("token" in e for e in got[1:-1])
+    print(f"peak RSS {before:.0f} MB before, {after:.0f} MB after the 128k-token request")
     assert after - before < 150, (before, after)  # MB; uncut, the prefill alone took 9 GB
     healthy(url)
 
