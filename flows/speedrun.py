@@ -19,27 +19,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows import runtime  # noqa: E402
-from mlxchat.common import MlxchatError, home  # noqa: E402
+from mlxchat.common import MlxchatError, check_run_name, home  # noqa: E402
+from mlxchat.runlock import run_lock  # noqa: E402
 
 
 def build_flow():
     from prefect import flow
+    from prefect.logging import get_run_logger
+    from prefect.states import Cancelled
 
     from mlxchat import presets, stages
     from tasks import stages as T
+    from tasks.caching import cache_key, key_settings
     from tasks.report import report
 
     @flow(name="speedrun", log_prints=True)
     def speedrun(preset: str = "smoke", run: str | None = None, depth: int | None = None,
                  only: str | None = None, start: str | None = None, force: str | None = None,
-                 max_steps: int | None = None) -> dict:
-        p = presets.resolve(preset, depth, max_steps)
-        run = run or p.name
+                 max_steps: int | None = None, vocab_size: int | None = None):
+        p = presets.resolve(preset, depth, max_steps, vocab_size)
+        run = check_run_name(run or p.name)
         root = str(home())
         order = stages.STAGES
-        for name, value in (("--only", only), ("--from", start), ("--force", force)):
-            if value is not None and value not in order:
-                raise MlxchatError(f"{name} {value!r} is not a stage; stages: {', '.join(order)}")
+        stages.check_selection(only=only, start=start, force=force)
         first = order.index(start) if start else 0
         selected = {only} if only else set(order[first:])
         forced = set(order[order.index(force):]) if force else set()
@@ -51,15 +53,33 @@ def build_flow():
         class AllSelectedDone(Exception):
             """Stages after the last selected one are neither run nor required."""
 
+        class Interrupted(Exception):
+            """A training stage stopped on Ctrl-C (after writing a checkpoint)."""
+
         def step(name: str, fn, **kwargs) -> dict:
+            """Run one pipeline step, or reuse its result: only while its record was made with
+            the same key (settings, input fingerprints, code) and its outputs still hold what
+            was written. Downstream steps key on the fingerprint of those outputs."""
             if order.index(name) > last:
                 raise AllSelectedDone
             if name not in selected:
                 records[name] = stages.existing_output(name, run, p.source, p.num_shards, root=root)
-            else:
-                extra = {"fresh": True} if (name == force and "fresh" in fn.fn.__code__.co_varnames) else {}
-                missing = stages.stage_output(name, run, p.source, p.num_shards, root=root, fingerprint=False) is None
-                records[name] = fn.with_options(refresh_cache=name in forced or missing)(**kwargs, **extra)
+                return records[name]
+            key = cache_key(name, kwargs)
+            record, why = stages.reuse_problem(name, run, key, p.source, p.num_shards, root=root)
+            if name in forced:
+                why = f"--force {force}"
+            if why is not None and record is not None:
+                get_run_logger().info(f"{name}: recomputing: {why}")
+            # --force recomputes for real: a training stage ignores its checkpoints too
+            extra = {"fresh": True} if (name in forced and "fresh" in fn.fn.__code__.co_varnames) else {}
+            state = fn.with_options(refresh_cache=why is not None)(**kwargs, **extra, return_state=True)
+            if state.is_cancelled():
+                raise Interrupted(state.message)
+            result = state.result()
+            if why is not None or state.name != "Cached":
+                record = stages.record_step(name, run, key, key_settings(kwargs), p.source, p.num_shards, root=root)
+            records[name] = {**result, "fingerprint": record["fingerprint"]}
             return records[name]
 
         def compose(step) -> None:
@@ -73,9 +93,11 @@ def build_flow():
             bpb = step("base-eval", T.base_eval, run=run, eval_tokens=p.bpb_eval_tokens, max_per_task=p.max_per_task,
                        checkpoint_fingerprint=base["fingerprint"], evals_fingerprint=evals["fingerprint"], root=root)
             mid = step("mid-train", T.mid_train, run=run, stage="mid", config=p.mid.to_dict(),
-                       inputs={**inputs, "base": base["fingerprint"]}, root=root)
+                       inputs={**inputs, "base": base["fingerprint"], **stages.mixture_inputs("mid", p.mid.source, root)},
+                       root=root)
             sft = step("sft-train", T.sft_train, run=run, stage="sft", config=p.sft.to_dict(),
-                       inputs={**inputs, "mid": mid["fingerprint"]}, root=root)
+                       inputs={**inputs, "mid": mid["fingerprint"], **stages.mixture_inputs("sft", p.sft.source, root)},
+                       root=root)
             checkpoints = {"base": base["fingerprint"], "mid": mid["fingerprint"], "sft": sft["fingerprint"]}
             chat = {k: checkpoints[k] for k in ("mid", "sft")}
             step("chat-eval", T.chat_eval, run=run, checkpoints=chat, max_per_task=p.max_per_task,
@@ -89,9 +111,21 @@ def build_flow():
             compose(step)
         except AllSelectedDone:
             pass
+        except Interrupted as e:
+            return Cancelled(message=str(e))
         return records
 
     return speedrun
+
+
+def validate(preset: str, run: str | None, depth: int | None, only: str | None, start: str | None,
+             force: str | None, max_steps: int | None, vocab_size: int | None) -> str:
+    """Check the flow's arguments as the flow will use them; returns the run name."""
+    from mlxchat import presets, stages
+
+    p = presets.resolve(preset, depth, max_steps, vocab_size)
+    stages.check_selection(only=only, start=start, force=force)
+    return check_run_name(run or p.name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", help="run name (default: the preset's name)")
     parser.add_argument("--depth", type=int)
     parser.add_argument("--max-steps", type=int, help="override the preset's base-training steps")
+    parser.add_argument("--vocab-size", type=int, help="override the preset's tokenizer vocabulary size")
     parser.add_argument("--home", help="run directory root (default $MLXCHAT_HOME or ./artifacts)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--only", metavar="STAGE")
@@ -108,12 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.home:
         os.environ["MLXCHAT_HOME"] = args.home
-    runtime.prepare(home())
-    speedrun = build_flow()
+    options = dict(preset=args.preset, run=args.run, depth=args.depth, only=args.only, start=args.start,
+                   force=args.force, max_steps=args.max_steps, vocab_size=args.vocab_size)
     try:
-        runtime.wait_until_ready()
-        records = speedrun(preset=args.preset, run=args.run, depth=args.depth, only=args.only, start=args.start,
-                           force=args.force, max_steps=args.max_steps)
+        run = validate(**options)  # every bad argument is one line, before Prefect creates a flow run
+        with run_lock(run, command="flows/speedrun.py " + " ".join(argv if argv is not None else sys.argv[1:])):
+            runtime.prepare(home())
+            speedrun = build_flow()
+            runtime.wait_until_ready()
+            state = speedrun(**options, return_state=True)
+            if state.is_cancelled():
+                print(f"cancelled: {state.message}", file=sys.stderr)
+                return 130
+            records = state.result()
     except MlxchatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

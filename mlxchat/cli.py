@@ -41,6 +41,8 @@ def train_config(args: argparse.Namespace):
 
     from mlxchat.presets import stage_defaults
 
+    if args.max_steps is not None and args.max_steps < 1:
+        raise MlxchatError(f"--max-steps must be positive, got {args.max_steps} (leave it out for the Chinchilla horizon)")
     cfg = stage_defaults(args.stage)
     optim = replace(cfg.optim, **{k: getattr(args, k) for k in OPTIM_FLAGS if getattr(args, k) is not None})
     return replace(cfg, optim=optim, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
@@ -184,12 +186,25 @@ def run_command(args: argparse.Namespace) -> dict | list | None:
     raise AssertionError(args.command)
 
 
+def _run_lock(args: argparse.Namespace, argv: list[str] | None):
+    """The run's lock for the commands that write a run (see runlock.py); chat and serve only read."""
+    from contextlib import nullcontext
+
+    if args.command not in ("tokenizer", "train", "eval", "sample", "publish"):
+        return nullcontext()
+    from mlxchat.runlock import run_lock
+
+    command = "mlxchat " + " ".join(sys.argv[1:] if argv is None else argv)
+    return run_lock(args.run, args.home, command=command, create=args.command == "tokenizer")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.home:
         os.environ[HOME_ENV] = args.home
     try:
-        result = run_command(args)
+        with _run_lock(args, argv):
+            result = run_command(args)
     except MlxchatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,10 +38,21 @@ def home(override: str | os.PathLike | None = None) -> Path:
     return Path(root).expanduser().resolve()
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_run_name(run: str) -> str:
+    """A run name is also a directory and part of Prefect artifact keys: 1-64 letters, digits,
+    '-' or '_' (starting with a letter or digit)."""
+    if not isinstance(run, str) or not RUN_NAME.fullmatch(run):
+        shown = run if not isinstance(run, str) or len(run) <= 40 else f"{run[:40]}... ({len(run)} characters)"
+        raise MlxchatError(f"invalid run name {shown!r}: use 1-64 letters, digits, '-' or '_'")
+    return run
+
+
 def run_dir(run: str, root: str | os.PathLike | None = None, must_exist: bool = False) -> Path:
     """`<home>/runs/<run>`; with `must_exist`, a missing run is a user error."""
-    if not run or "/" in run or run.startswith("."):
-        raise MlxchatError(f"invalid run name {run!r}: use letters, digits, '-' or '_'")
+    check_run_name(run)
     path = home(root) / "runs" / run
     if must_exist and not path.is_dir():
         raise MlxchatError(
@@ -55,12 +67,70 @@ def data_dir(source: str, root: str | os.PathLike | None = None) -> Path:
     return home(root) / "data" / source
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def owned_temporary(path: str | os.PathLike, kind: str = "tmp") -> Path:
+    """A hidden name beside `path` that carries this process's PID (`.NAME.tmp-PID`), so a
+    sweep can tell a crashed writer's leftovers from a live writer's work in progress."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+
+
+def owner_pid(path: str | os.PathLike) -> int | None:
+    """The PID a temporary's name carries, or None for a name that is not a temporary."""
+    tail = Path(path).name.rsplit("-", 1)
+    return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() and Path(path).name.startswith(".") else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def sweep_temporaries(directory: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Remove the temporaries (`.*.tmp-PID`) in `directory` whose writer is gone; never a live
+    process's. Returns what it removed."""
+    import shutil
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in (directory.rglob if recursive else directory.glob)(".*.tmp-*"):
+        pid = owner_pid(path)
+        if pid is None or pid_alive(pid):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def digest_cache(root: str | os.PathLike | None = None) -> Path:
+    """`<home>/.cache/digests.json`: content digests of data files by size and mtime, so an
+    unchanged shard is not re-hashed on every run (provenance.cached_digests)."""
+    return home(root) / ".cache" / "digests.json"
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+    The file gets the permissions the user's umask gives (mkstemp alone would make it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp-{os.getpid()}", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_current_umask())
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -33,7 +33,10 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlxchat.common import MlxchatError, atomic_write_json, data_dir, get_logger, read_json, sha256_file
+from mlxchat.common import (
+    MlxchatError, atomic_write_json, data_dir, digest_cache, get_logger, owned_temporary, read_json, sha256_file,
+    sweep_temporaries,
+)
 
 log = get_logger()
 
@@ -138,6 +141,7 @@ class LocalDirSource(ShardSource):
             self.dir = _convert_text_dir(src, data_dir(self.name, root))
             self.remedy = remedy or f"delete {self.dir} to rebuild it from {src}"
         self.paths = sorted(self.dir.glob("*.parquet"))
+        self.root = root
 
     def num_shards(self) -> int:
         return len(self.paths)
@@ -146,14 +150,12 @@ class LocalDirSource(ShardSource):
         return _check_parquet(self.paths[i], self.remedy)
 
     def fingerprint(self) -> str:
-        """The checksums of our manifest when it describes exactly these shards (a corpus we
-        built: stable across machines), else their names, sizes and mtimes."""
-        manifest = self.dir / "manifest.json"
-        if manifest.exists():
-            shards = read_json(manifest, "shard manifest").get("shards") or []
-            if [s.get("name") for s in shards] == [p.name for p in self.paths]:
-                return _digest([s["sha256"] for s in shards])
-        return _stat_fingerprint(self.paths, self.dir)
+        """The shards' names and content digests: another shard with the same name is other
+        data. Re-hashed only where a shard's size or mtime changed (provenance.cached_digests)."""
+        from mlxchat.provenance import cached_digests
+
+        digests = cached_digests(self.paths, digest_cache(self.root))
+        return _digest([[p.name, d] for p, d in zip(self.paths, digests)])
 
 
 def _digest(items) -> str:
@@ -210,7 +212,10 @@ def _build_corpus(docs: list[str], out: Path, shard_chars: int, meta: dict) -> d
     n_val = max(1, round(len(docs) * VAL_FRACTION))
     groups = _pack(docs[:-n_val], shard_chars) + [docs[-n_val:]]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    sweep_temporaries(out.parent)
+    tmp = owned_temporary(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         shards = [_write_shard(tmp / shard_name(k), group) for k, group in enumerate(groups)]
         manifest = {**meta, "docs": len(docs), "chars": sum(s["chars"] for s in shards), "shards": shards}
@@ -268,10 +273,15 @@ def prepare_smoke(root=None, force: bool = False) -> Path:
     """
     out = data_dir("smoke", root)
     if (out / "manifest.json").exists() and not force:
-        log.info("smoke corpus already prepared at %s", out)
-        return out
+        damaged = _damaged_shard(out)
+        if damaged is None:
+            log.info("smoke corpus already prepared at %s", out)
+            return out
+        log.warning("smoke corpus: %s; rebuilding it", damaged)
     t0 = time.time()
-    docs = _stdlib_documents()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(out.parent)
+    docs = _stdlib_documents(out.parent)
     meta = {"source": "python stdlib documentation and docstrings", "python": platform.python_version()}
     m = _build_corpus(docs, out, SMOKE_SHARD_CHARS, meta)
     log.info(
@@ -281,7 +291,21 @@ def prepare_smoke(root=None, force: bool = False) -> Path:
     return out
 
 
-def _stdlib_documents() -> list[str]:
+def _damaged_shard(corpus: Path) -> str | None:
+    """Why a corpus we built no longer matches its manifest (a shard changed or is gone), or None."""
+    from mlxchat.provenance import cached_digests
+
+    shards = read_json(corpus / "manifest.json", "shard manifest").get("shards") or []
+    paths = [corpus / s["name"] for s in shards]
+    if missing := [p for p in paths if not p.exists()]:
+        return f"{missing[0]} is missing"
+    for p, want, got in zip(paths, shards, cached_digests(paths, digest_cache(corpus.parent.parent))):
+        if got != want["sha256"]:
+            return f"{p} does not match {corpus / 'manifest.json'}"
+    return None
+
+
+def _stdlib_documents(workdir: Path) -> list[str]:
     """Run `_collect_stdlib_docs` in a fresh interpreter without site-packages (`-I -S`):
     importing every stdlib module has side effects we keep out of this process, and
     third-party packages (e.g. setuptools' `distutils` shim) must not change the corpus."""
@@ -289,7 +313,9 @@ def _stdlib_documents() -> list[str]:
         "\nimport json, sys\n"
         "json.dump(_collect_stdlib_docs(*json.loads(sys.argv[2])), open(sys.argv[1], 'w', encoding='utf-8'))\n"
     )
-    with tempfile.TemporaryDirectory() as tmp:
+    # The documents' JSON (megabytes) goes in a temporary beside the corpus, named for this
+    # process, so a kill leaves it where the next build sweeps it, not in the system temp dir.
+    with tempfile.TemporaryDirectory(prefix=".smoke-docs.", suffix=f".tmp-{os.getpid()}", dir=workdir) as tmp:
         out = Path(tmp) / "docs.json"
         args = json.dumps([list(SKIP_MODULES), MIN_DOCSTRING_CHARS])
         proc = subprocess.run(

@@ -13,6 +13,7 @@ from the ranks, our split regex), and `tokenizer.pkl` is kept beside it for mlxc
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -23,9 +24,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlxchat.checkpoint import require_checkpoint
-from mlxchat.common import MlxchatError, atomic_write_json, read_json
+from mlxchat.common import MlxchatError, atomic_write_json, owned_temporary, owner_pid, pid_alive, read_json
 from mlxchat.gpt import GPT, ROPE_BASE, GPTConfig
-from mlxchat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from mlxchat.tokenizer import SPECIAL_TOKENS, Tokenizer, tokenizer_fingerprint
 
 EOS_TOKEN = "<|assistant_end|>"
 
@@ -57,6 +58,11 @@ CHAT_TEMPLATE = (
 )
 
 
+# Written into every published folder: publish replaces a folder only if it holds this, so a
+# user's own files under --out are never deleted.
+PUBLISHED_MARKER = ".mlxchat-published"
+
+
 def publish(run_dir: Path, stage: str, out_dir: Path, metrics: dict | None = None) -> dict:
     """Write `out_dir` from the stage's latest checkpoint and the run's tokenizer.
 
@@ -74,15 +80,23 @@ def publish(run_dir: Path, stage: str, out_dir: Path, metrics: dict | None = Non
             f"tokenizer in {run_dir / 'tokenizer'} has {tok.vocab_size} tokens but the {stage} model only "
             f"{cfg.vocab_size}: the checkpoint was trained with another tokenizer"
         )
+    trained_with = (ck.state.get("identity") or {}).get("tokenizer")
+    if trained_with and trained_with != tokenizer_fingerprint(run_dir / "tokenizer"):
+        raise MlxchatError(f"the {stage} checkpoint {ck.path} was trained with another tokenizer than "
+                           f"{run_dir / 'tokenizer'}; retrain {stage} (rerun the flow) before publishing")
     n_params = sum(w.size for w in weights.values())
     source = {"run": run_dir.name, "stage": stage, "step": ck.step, "checkpoint": str(ck.path)}
 
+    _recover(out_dir)
+    if out_dir.exists() and not (out_dir / PUBLISHED_MARKER).exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise MlxchatError(f"{out_dir} already holds files that mlxchat publish did not write; "
+                           f"choose a new or empty --out folder (nothing was changed)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(f".{out_dir.name}.*-*"):  # left by a publish that crashed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    tmp = owned_temporary(out_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        atomic_write_json(tmp / PUBLISHED_MARKER, source)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         config = hf_config(cfg, tok, {**source, "model_config": cfg.to_dict(), "num_params": n_params})
         atomic_write_json(tmp / "config.json", config)
@@ -128,9 +142,24 @@ def _checked_weights(path: Path, cfg: GPTConfig) -> dict[str, mx.array]:
     return weights
 
 
+def _recover(out_dir: Path) -> None:
+    """Clean up after a publish that was killed, touching only its own leftovers beside
+    `out_dir` (`.NAME.tmp-PID`, `.NAME.old-PID` of a process that is gone): a moved-aside
+    previous version comes back if the new one never arrived."""
+    for kind in ("old", "tmp"):
+        for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.{kind}-*"):
+            pid = owner_pid(path)
+            if pid is None or pid_alive(pid) or path.name != f".{out_dir.name}.{kind}-{pid}":
+                continue
+            if kind == "old" and not out_dir.exists():
+                os.replace(path, out_dir)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def _swap_in(tmp: Path, out_dir: Path) -> None:
     """Rename `tmp` onto `out_dir`, moving any previous version aside first and deleting it after."""
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    old = owned_temporary(out_dir, "old")
     if out_dir.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out_dir, old)

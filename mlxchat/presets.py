@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, replace
 
 from mlxchat.common import MlxchatError
 from mlxchat.optim import OptimConfig
+from mlxchat.tokenizer import MIN_VOCAB_SIZE
 from mlxchat.train import TrainConfig
 
 
@@ -97,10 +98,16 @@ def stage_defaults(stage: str) -> TrainConfig:
     return defaults[stage]
 
 
-def resolve(preset: str, depth: int | None = None, max_steps: int | None = None) -> RunPreset:
+def resolve(preset: str, depth: int | None = None, max_steps: int | None = None,
+            vocab_size: int | None = None) -> RunPreset:
     if preset not in PRESETS:
         raise MlxchatError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    for flag, value, low in (("--depth", depth, 1), ("--max-steps", max_steps, 1), ("--vocab-size", vocab_size, MIN_VOCAB_SIZE)):
+        if value is not None and value < low:
+            raise MlxchatError(f"{flag} must be at least {low}, got {value}")
     p = PRESETS[preset]
+    if vocab_size is not None:
+        p = replace(p, vocab_size=vocab_size)
     base = replace(p.base, source=p.source)
     if depth is not None:
         base = replace(base, depth=depth)

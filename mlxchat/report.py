@@ -22,7 +22,9 @@ def plot_training(metrics_file: Path, out_png: Path, metric: str = "val_bpb") ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    from mlxchat.train import read_metrics
+
+    rows = read_metrics(metrics_file)
     train = [(r["step"], r["smooth_loss"]) for r in rows if "smooth_loss" in r]
     val = [(r["step"], r[metric]) for r in rows if metric in r]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))

@@ -307,56 +307,124 @@ MODEL_STAGES = ["base", "mid", "sft"]  # trained in this order; each starts from
 CHAT_MODEL_STAGE = MODEL_STAGES[-1]  # what the flow samples last and publishes
 
 
-def stage_output(stage: str, run: str, source: str = "smoke", num_shards: int | None = None, root=None,
-                 fingerprint: bool = True) -> dict | None:
-    """The record of a stage's finished output as found in the run directory, or None when it
-    is missing (never run, killed, or deleted by hand).
+def check_selection(**options: str | None) -> None:
+    """`--only`/`--from`/`--force` name pipeline steps; anything else is a one-line error."""
+    for name, value in options.items():
+        if value is not None and value not in STAGES:
+            flag = "--from" if name == "start" else f"--{name}"
+            raise MlxchatError(f"{flag} {value!r} is not a stage; stages: {', '.join(STAGES)}")
 
-    The flow checks this before trusting a cached result: Prefect's cache remembers that a
-    stage ran, not that its files are still there. That check passes `fingerprint=False`:
-    hashing a checkpoint (gigabytes at d20) only to learn that it exists would slow every
-    cached rerun.
-    """
-    from mlxchat import checkpoint, dataset
+
+def mixture_inputs(stage: str, source: str, root=None) -> dict:
+    """The fingerprints of a chat stage's conversation mixtures (train and val), for its key."""
+    from mlxchat.tasks import mixture_fingerprint
+
+    return {f"mixture_{split}": mixture_fingerprint(stage, split, source, root=root) for split in ("train", "val")}
+
+
+TRAIN_STEPS = {"base-train": "base", "mid-train": "mid", "sft-train": "sft"}  # pipeline step -> model stage
+
+
+def step_files(step: str, run: str, root=None) -> list[Path] | None:
+    """The files a finished pipeline step leaves that later steps (or users) read — what its
+    record's manifest covers — or None for a step that has none to show (never ran)."""
     from mlxchat.common import home
+    from mlxchat.evaluation.pack import evals_dir
 
     rdir = run_dir(run, root)
-    if stage == "prepare-data":
-        try:
-            return {"fingerprint": dataset.get_source(source, root=root, num_shards=num_shards).fingerprint()}
-        except MlxchatError:
-            return None
-    if stage in ("base-train", "mid-train", "sft-train"):
-        ck = checkpoint.latest_checkpoint(rdir / stage.removesuffix("-train"))
+    published = home(root) / "published" / f"{run}-{CHAT_MODEL_STAGE}"
+    candidates = {
+        "tokenizer-train": [rdir / "tokenizer" / "tokenizer.pkl", rdir / "tokenizer" / "token_bytes.npy"],
+        "tokenizer-eval": [rdir / "tokenizer" / "tok_eval.json"],
+        "prepare-evals": sorted(p for p in evals_dir(root).rglob("*") if p.is_file()),
+        "base-eval": [rdir / "eval" / "bpb.json", rdir / "eval" / "core.json"],
+        "chat-eval": [rdir / "eval" / f"chat_{s}.json" for s in MODEL_STAGES[1:]],
+        "sample": [rdir / "samples" / f"{s}.md" for s in MODEL_STAGES],
+        "publish": sorted(p for p in published.glob("*") if p.is_file()),
+        "report": [rdir / "report.md", *sorted((rdir / "plots").glob("*.png"))],
+    }[step]
+    found = [p for p in candidates if p.exists()]
+    return found or (None if step != "prepare-evals" else [])
+
+
+def record_path(run: str, step: str, root=None) -> Path:
+    """`runs/<run>/.stages/<step>.json`: what a step's outputs were made from and their digests."""
+    return run_dir(run, root) / ".stages" / f"{step}.json"
+
+
+def _outputs(step: str, run: str, source: str, num_shards: int | None, root=None) -> tuple[dict, str]:
+    """(manifest of a step's outputs, their fingerprint) as they are now; raises MlxchatError
+    when the step has no finished output."""
+    from mlxchat import checkpoint, dataset, provenance
+
+    if step == "prepare-data":
+        return {}, dataset.get_source(source, root=root, num_shards=num_shards).fingerprint()
+    if step in TRAIN_STEPS:
+        ck = checkpoint.latest_checkpoint(run_dir(run, root) / TRAIN_STEPS[step])
         if ck is None or ck.step < ck.state.get("num_iterations", 0):
-            return None
-        return {"checkpoint": str(ck.path), "step": ck.step,
-                **({"fingerprint": fingerprint_files([ck.model_file])} if fingerprint else {})}
-    paths = {
-        "tokenizer-train": rdir / "tokenizer" / "tokenizer.pkl",
-        "tokenizer-eval": rdir / "tokenizer" / "tok_eval.json",
-        "base-eval": rdir / "eval" / "bpb.json",
-        "sample": rdir / "samples" / f"{CHAT_MODEL_STAGE}.md",
-        "chat-eval": rdir / "eval" / f"chat_{CHAT_MODEL_STAGE}.json",
-        "prepare-evals": home(root) / "evals" / "PROVENANCE.json",
-        "publish": home(root) / "published" / f"{run}-{CHAT_MODEL_STAGE}" / "model.safetensors",
-        "report": rdir / "report.md",
-    }
-    path = paths.get(stage)
-    if path is None or not path.exists():
-        return None
-    return {"path": str(path), **({"fingerprint": fingerprint_files([path])} if fingerprint else {})}
+            raise MlxchatError(f"{TRAIN_STEPS[step]} has no finished checkpoint")
+        entries = ck.manifest() or provenance.manifest(sorted(p for p in ck.path.iterdir() if p.is_file()))
+        return entries, ck.fingerprint  # the weights: what the stages after it read
+    files = step_files(step, run, root)
+    if files is None:
+        raise MlxchatError(f"{step} has no outputs")
+    entries = provenance.manifest(files)
+    return entries, provenance.fingerprint(entries) if entries else ""
+
+
+def record_step(step: str, run: str, key: str, settings: dict, source: str = "smoke", num_shards: int | None = None,
+                root=None) -> dict:
+    """Write the record of a step that just ran: its cache key, the settings and input
+    fingerprints it ran with, the code version, and a manifest of its outputs. Returns it."""
+    outputs, fp = _outputs(step, run, source, num_shards, root)
+    record = {"step": step, "key": key, "settings": settings, "code_version": code_version(), "fingerprint": fp,
+              "outputs": outputs}
+    atomic_write_json(record_path(run, step, root), record)
+    return record
+
+
+def reuse_problem(step: str, run: str, key: str | None, source: str = "smoke", num_shards: int | None = None,
+                  root=None) -> tuple[dict | None, str | None]:
+    """(the step's record, None) when its outputs can be reused as they are: made with `key`
+    (any key when None) and still holding what was written, checked by size and stored digest
+    (see provenance.py). Otherwise (record or None, why not, in a few words)."""
+    from mlxchat import provenance
+
+    path = record_path(run, step, root)
+    if not path.exists():
+        return None, "it has no results yet"
+    try:
+        record = read_json(path, "stage record")
+        if not isinstance(record, dict) or not isinstance(record.get("outputs"), dict):
+            raise MlxchatError(f"stage record {path} is not valid")
+        if key is not None and record.get("key") != key:
+            return record, "its settings, inputs or code changed"
+        if step == "prepare-data":
+            now = _outputs(step, run, source, num_shards, root)[1]
+            return (record, None) if now == record.get("fingerprint") else (record, "the data's content changed")
+        why = provenance.problem(record["outputs"])
+        if why is None and step in TRAIN_STEPS:
+            _outputs(step, run, source, num_shards, root)  # `latest` still names a finished checkpoint
+        return record, why
+    except MlxchatError as e:
+        return None, str(e)
 
 
 def existing_output(stage: str, run: str, source: str = "smoke", num_shards: int | None = None, root=None) -> dict:
-    """The record of a stage that is not being run (`--only`/`--from`); a missing output is a
-    user error that names the stage to run first."""
-    record = stage_output(stage, run, source, num_shards, root=root)
-    if record is None and stage == "prepare-evals":  # no eval data: the evaluations say "skipped"
-        return {"fingerprint": "", "skipped": "no evaluation data; run: mlxchat data prepare-evals"}
-    if record is None:
+    """The record of a stage that is not being run (`--only`/`--from`); a missing or damaged
+    output is a user error that names the stage to run first."""
+    record, why = reuse_problem(stage, run, None, source, num_shards, root)
+    if why is None:
+        return record
+    if stage in ("prepare-data", "prepare-evals"):  # shared data: what is there now, if anything
+        try:
+            return {"fingerprint": _outputs(stage, run, source, num_shards, root)[1]}
+        except MlxchatError:
+            if stage == "prepare-evals":  # no eval data: the evaluations say "skipped"
+                return {"fingerprint": "", "skipped": "no evaluation data; run: mlxchat data prepare-evals"}
+    if record is None and why == "it has no results yet":
         raise MlxchatError(f"stage {stage!r} has no results for run {run!r}: run it first (--from {stage})")
-    return record
+    raise MlxchatError(f"stage {stage!r} of run {run!r} cannot be reused ({why}): run it again (--from {stage})")
 
 
 def write_run_json(run: str, preset: dict, root=None) -> Path:

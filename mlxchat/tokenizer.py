@@ -330,6 +330,16 @@ def _chat_messages(conversation: dict) -> list[dict]:
     return messages
 
 
+def tokenizer_fingerprint(directory: Path) -> str:
+    """The content digest of `<directory>/tokenizer.pkl`: what a model trained with it records."""
+    from mlxchat.common import sha256_file
+
+    path = Path(directory) / PICKLE_NAME
+    if not path.exists():
+        raise MlxchatError(f"no tokenizer at {path}; run: mlxchat tokenizer train --run {_run_name(path)}")
+    return sha256_file(path)[:16]
+
+
 def _run_name(pickle_path: Path) -> str:
     """The run a tokenizer path belongs to (`runs/<run>/tokenizer/tokenizer.pkl`), for hints."""
     parts = pickle_path.resolve().parts

@@ -27,13 +27,17 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from mlxchat import checkpoint as ckpt_lib
-from mlxchat.common import MlxchatError, default_dtype, get_logger, run_dir, seed_everything
+from mlxchat.common import MlxchatError, atomic_write_text, default_dtype, get_logger, run_dir, seed_everything
 from mlxchat.dataloader import DataLoader
 from mlxchat.evaluation.bpb import evaluate_bpb, evaluate_loss
 from mlxchat.gpt import GPT, GPTConfig
 from mlxchat.optim import OptimConfig, build_optimizer, clip_gradients
 
 log = get_logger()
+
+# Longest context trained: one attention score matrix (T x T) per head stays well under 2^31
+# elements; past it MLX's CPU kernels crash instead of raising.
+MAX_SEQ_LEN = 32768
 
 # Peak dense bf16 FLOP/s by device, for MFU (nanochat uses the H100's 989 TFLOP/s).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
@@ -104,9 +108,13 @@ def plan(cfg: TrainConfig, vocab_size: int, world_size: int = 1, model: GPTConfi
     one pass over their data holds: tokens for mid-training, conversations for SFT.
     """
     model_cfg = model or GPTConfig.from_depth(cfg.depth, vocab_size=vocab_size, sequence_len=cfg.seq_len)
-    for name in ("device_batch_size", "seq_len", "total_batch_size"):
+    for name in ("device_batch_size", "seq_len", "total_batch_size", "depth"):
         if getattr(cfg, name) < 1:
             raise MlxchatError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.seq_len > MAX_SEQ_LEN:
+        raise MlxchatError(f"--seq-len {cfg.seq_len} is longer than mlxchat supports ({MAX_SEQ_LEN}); nanochat uses 2048")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise MlxchatError(f"--max-steps must be positive, got {cfg.max_steps} (leave it out for the Chinchilla horizon)")
     if cfg.examples_per_step > 0:
         per_step = cfg.device_batch_size * world_size
         if cfg.examples_per_step % per_step:
@@ -281,7 +289,9 @@ def train_base(
     def loader(split: str, state: dict | None = None) -> DataLoader:
         return DataLoader(source, tokenizer, cfg.device_batch_size, cfg.seq_len, split, group.rank(), group.size(), state=state)
 
-    return train_loop(rdir / cfg.stage, cfg, p, loader, token_bytes, fresh=fresh, on_progress=on_progress)
+    identity = training_identity(cfg, rdir, data=source.fingerprint())
+    return train_loop(rdir / cfg.stage, cfg, p, loader, token_bytes, fresh=fresh, on_progress=on_progress,
+                      identity=identity)
 
 
 CHAT_STAGES = {"mid": "base", "sft": "mid"}  # stage -> the stage it continues
@@ -297,7 +307,7 @@ def train_chat(
     """nanochat's mid_train (stage "mid") or chat_sft (stage "sft"): continue the previous
     stage's latest checkpoint on a conversation mixture (`cfg.source`: smoke or hub)."""
     from mlxchat.chatloader import PackedConversations, PaddedConversations, epoch_tokens
-    from mlxchat.tasks import build_mixture
+    from mlxchat.tasks import build_mixture, mixture_fingerprint
     from mlxchat.tokenizer import Tokenizer
 
     if cfg.stage not in CHAT_STAGES:
@@ -321,8 +331,27 @@ def train_chat(
     def loader(split: str, state: dict | None = None):
         return Loader(data[split], tokenizer, cfg.device_batch_size, cfg.seq_len, group.rank(), group.size(), state=state)
 
+    mixtures = {split: mixture_fingerprint(cfg.stage, split, cfg.source, root=root) for split in ("train", "val")}
+    identity = training_identity(cfg, rdir, data=mixtures, parent=start.fingerprint)
     return train_loop(rdir / cfg.stage, cfg, p, loader, tokenizer.token_bytes(), fresh=fresh, init_from=start.path,
-                      on_progress=on_progress)
+                      on_progress=on_progress, identity=identity)
+
+
+# Settings that change how often a run saves, not what it computes: a checkpoint made with
+# other values is still the same training.
+NOT_IN_IDENTITY = ("checkpoint_every", "keep_checkpoints", "peak_flops")
+
+
+def training_identity(cfg: TrainConfig, rdir: Path, data, parent: str | None = None) -> dict:
+    """What a stage's checkpoints are made from: its settings, the tokenizer's and the data's
+    content fingerprints and (mid, SFT) the parent checkpoint's. Stored in every checkpoint's
+    state.json; a checkpoint is resumed only by a run with the same identity."""
+    from mlxchat.tokenizer import tokenizer_fingerprint
+
+    config = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IN_IDENTITY}
+    identity = {"settings": config, "tokenizer": tokenizer_fingerprint(rdir / "tokenizer"), "data": data,
+                "parent": parent}
+    return json.loads(json.dumps(identity, sort_keys=True, default=str))  # as state.json will hold it
 
 
 def build_model(p: Plan, seed: int) -> GPT:
@@ -340,8 +369,10 @@ def train_loop(
     fresh: bool = False,
     init_from: Path | None = None,
     on_progress: Callable[[dict], None] | None = None,
+    identity: dict | None = None,
 ) -> TrainResult:
-    """Train `p.num_iterations` steps into `stage_dir`, resuming from its `latest` checkpoint.
+    """Train `p.num_iterations` steps into `stage_dir`, resuming from its newest checkpoint made
+    from the same `identity` (see training_identity); otherwise from scratch.
 
     `init_from` (a checkpoint directory) seeds the weights of a fresh run (mid/SFT start from
     the previous stage)."""
@@ -354,10 +385,12 @@ def train_loop(
     optimizer.init(model.trainable_parameters())
     log.info(p.describe(cfg))
 
-    resume = None if fresh else ckpt_lib.latest_checkpoint(stage_dir)
+    identity = identity if identity is not None else {"settings": cfg.to_dict()}
+    resume = None if fresh else resumable_checkpoint(stage_dir, identity)
     start_step, loader_state, history = 0, None, []
     if resume is not None:
-        _check_compatible(resume, cfg, p)
+        if is_main and (stage_dir / ckpt_lib.LATEST).resolve() != resume.path:
+            ckpt_lib.point_latest(stage_dir, resume.path.name)
         ckpt_lib.load_model_weights(model, resume)
         optimizer.state = ckpt_lib.load_arrays(resume.path / "optim.safetensors")
         optimizer.init(model.trainable_parameters())
@@ -401,6 +434,7 @@ def train_loop(
             "config": cfg.to_dict(),
             "model_config": p.model.to_dict(),
             "num_iterations": p.num_iterations,
+            "identity": identity,
             "history": history,
             metric: history[-1][metric] if history else None,
         }
@@ -469,20 +503,40 @@ def train_loop(
     return TrainResult(stage_dir, last_ckpt, step, p.num_iterations, interrupted, final)
 
 
-def _check_compatible(resume: ckpt_lib.Checkpoint, cfg: TrainConfig, p: Plan) -> None:
-    saved = TrainConfig.from_dict(resume.state["config"])
-    keys = ("depth", "seq_len", "device_batch_size", "total_batch_size", "examples_per_step", "source", "seed",
-            "init_from", "optim")
-    diff = [k for k in keys if getattr(saved, k) != getattr(cfg, k)]
-    if resume.state["model_config"] != p.model.to_dict():
-        diff.append("model")
-    if resume.state.get("num_iterations") != p.num_iterations:
-        diff.append("num_iterations")
-    if diff:
-        raise MlxchatError(
-            f"checkpoint {resume.path} was trained with different settings ({', '.join(diff)}); "
-            f"use the same settings to resume, or --fresh to start over"
-        )
+def resumable_checkpoint(stage_dir: Path, identity: dict) -> ckpt_lib.Checkpoint | None:
+    """The newest intact checkpoint in `stage_dir` made from `identity`, or None. Why a newer
+    one is passed over (damaged, other settings or inputs) is logged in one line."""
+    ckpt_lib.recover(stage_dir)
+    passed_over = None
+    for path, ck in ckpt_lib.checkpoints(stage_dir):
+        if isinstance(ck, str):
+            why = ck
+        elif ck.state.get("identity") != identity:
+            why = f"{path.name} was made with {_differences(ck.state.get('identity'), identity)}"
+        else:
+            if passed_over:
+                log.info(f"{stage_dir.name}: resuming from {path.name}, not a newer checkpoint: {passed_over}")
+            return ck
+        passed_over = passed_over or why
+    if passed_over:
+        log.info(f"{stage_dir.name}: starting fresh: {passed_over}")
+    return None
+
+
+def _differences(old, new: dict) -> str:
+    """What differs between two identities, for a person ("other settings (max_steps), another tokenizer")."""
+    if not isinstance(old, dict):
+        return "an older mlxchat that recorded no identity"
+    words = {"tokenizer": "another tokenizer", "data": "other data", "parent": "another parent checkpoint"}
+    names = []
+    for key in new:
+        if key == "settings" and isinstance(old.get(key), dict):
+            fields = sorted(k for k in {*old[key], *new[key]} if old[key].get(k) != new[key].get(k))
+            if fields:
+                names.append(f"other settings ({', '.join(fields)})")
+        elif old.get(key) != new[key]:
+            names.append(words.get(key, f"another {key}"))
+    return ", ".join(names) or "another identity"
 
 
 def _append_metrics(path: Path, row: dict, is_main: bool) -> None:
@@ -491,12 +545,25 @@ def _append_metrics(path: Path, row: dict, is_main: bool) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line that is not a row (cut short by a kill mid-append,
+    or edited by hand) is skipped, not fatal: the log is for reading, not for resuming."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows past the resumed step, so a resumed run's log reads as one run."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(r + "\n" for r in rows))
+    """Drop metric rows past the resumed step, so a resumed run's log reads as one run; the
+    rewrite is atomic, so a kill during it leaves the old log, never an empty one."""
+    if path.exists():
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= step))
 
 
 def load_trained_model(stage_dir: Path, hint: str) -> tuple[GPT, ckpt_lib.Checkpoint]:

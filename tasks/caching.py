@@ -17,9 +17,18 @@ from mlxchat.stages import code_version
 NOT_IN_KEY = {"root", "on_progress", "fresh"}
 
 
-def stage_cache_key(context, parameters: dict) -> str:
-    stage = context.task.name
-    settings = {k: v for k, v in parameters.items() if k not in NOT_IN_KEY}
-    blob = json.dumps({"stage": stage, "settings": settings, "code": code_version()}, sort_keys=True, default=str)
+def key_settings(parameters: dict) -> dict:
+    """The parameters that decide what a stage computes (its settings and input fingerprints)."""
+    return {k: v for k, v in parameters.items() if k not in NOT_IN_KEY}
+
+
+def cache_key(stage: str, parameters: dict) -> str:
+    """The key of `stage` called with `parameters`; the flow checks a step's record against it."""
+    blob = json.dumps({"stage": stage, "settings": key_settings(parameters), "code": code_version()}, sort_keys=True,
+                      default=str)
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:24]}"
+
+
+def stage_cache_key(context, parameters: dict) -> str:
+    return cache_key(context.task.name, parameters)
 

@@ -13,6 +13,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.logging import get_run_logger
+from prefect.states import Cancelled
 
 from mlxchat import stages
 from tasks.caching import stage_cache_key
@@ -79,8 +80,9 @@ def _train(run: str, stage: str, config: dict, inputs: dict, root: str, fresh: b
     """Train one stage; `inputs` (fingerprints of the tokenizer, data and starting checkpoint)
     is only there for the cache key."""
     result = stages.train(run, stage, config, root=root, fresh=fresh, on_progress=_Progress(run, stage))
-    if result["interrupted"]:
-        raise RuntimeError(f"{stage}-train was interrupted at step {result['step']}; rerun the flow to resume")
+    if result["interrupted"]:  # Ctrl-C: a checkpoint was written; the run ends Cancelled, not Failed
+        return Cancelled(message=f"{stage}-train stopped at step {result['step']} of {result['num_iterations']}; "
+                                 f"rerun the flow to resume from {result['checkpoint']}")
     _table(_artifact_key(run, f"{stage}-train"), result["metrics"], f"{stage} training")
     create_link_artifact(key=_artifact_key(run, f"{stage}-checkpoint"), link=f"file://{result['checkpoint']}",
                          link_text=f"{stage} checkpoint (step {result['step']})")

@@ -58,9 +58,15 @@ def test_missing_and_damaged_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(MlxchatError, match="no checkpoint in .*train it"):
         ck.require_checkpoint(tmp_path, "train it first")
     path = ck.save_checkpoint(tmp_path, 1, _params(1.0), None, {})
+    good = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(MlxchatError, match="model.safetensors"):
         ck.load_arrays(path / "model.safetensors")
-    (path / "state.json").write_text("{not json")
-    with pytest.raises(MlxchatError, match="state.json"):
-        ck.latest_checkpoint(tmp_path)
+    with pytest.raises(MlxchatError, match=r"is damaged: .*model.safetensors is 7 bytes"):
+        ck.latest_checkpoint(tmp_path)  # caught by the manifest before anything reads it
+    (path / "model.safetensors").write_bytes(good)
+    for bad in ("{not json", "[]", "{}", '{"step": "twelve"}'):
+        (path / "state.json").write_text(bad)
+        (path / ck.MANIFEST).unlink(missing_ok=True)  # only the state is at fault
+        with pytest.raises(MlxchatError, match="state.json"):
+            ck.latest_checkpoint(tmp_path)

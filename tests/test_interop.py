@@ -111,7 +111,7 @@ def test_published_folder_contents(run):
     card = (out / "README.md").read_text()
     assert "| val_bpb | 1.2345 |" in card and "mlx_lm" in card
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "config.json", "model.safetensors", "token_bytes.npy",
+        ".mlxchat-published", "README.md", "config.json", "model.safetensors", "token_bytes.npy",
         "tokenizer.json", "tokenizer.pkl", "tokenizer_config.json",
     ]
 
@@ -124,6 +124,27 @@ def test_republish_replaces_atomically(run):
     assert result["step"] == 1 and not (out / "stale.txt").exists()
     assert "| val_bpb | 0.5000 |" in (out / "README.md").read_text()
     assert [p.name for p in out.parent.iterdir()] == ["tiny-base"]  # no temporaries left beside it
+
+
+def test_publish_refuses_a_folder_of_foreign_files_and_leaves_siblings_alone(run, tmp_path):
+    run_dir, _, _, _ = run
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes" / "todo.txt").write_text("my own file")
+    (mine / "config.json").write_text("{}")
+    backup = tmp_path / ".mine.backup-2024"  # a user's sibling folder, named like a temporary
+    backup.mkdir()
+    (backup / "weights.bin").write_bytes(b"keep me")
+    before = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
+    with pytest.raises(MlxchatError, match="already holds files that mlxchat publish did not write") as e:
+        publish(run_dir, "base", mine)
+    assert "\n" not in str(e.value)
+    assert sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    publish(run_dir, "base", empty)  # an empty folder is fine, and so is republishing there
+    publish(run_dir, "base", empty)
+    assert (empty / "model.safetensors").exists() and (backup / "weights.bin").read_bytes() == b"keep me"
 
 
 def test_publish_without_checkpoint_is_a_user_error(run, tmp_path):

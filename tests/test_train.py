@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -122,6 +123,11 @@ def test_nonfinite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint
         (["train", "base", "--run", "tok", "--depth", "2", "--seq-len", "64", "--device-batch-size", "3",
           "--total-batch-size", "1000"], "not a multiple"),
         (["eval", "bpb", "--run", "tok", "--stage", "base"], "no checkpoint in"),
+        (["train", "base", "--run", "tok", "--seq-len", "100000"], "--seq-len 100000 is longer than mlxchat supports"),
+        (["train", "base", "--run", "tok", "--max-steps", "0"], "--max-steps must be positive, got 0"),
+        (["train", "base", "--run", "tok", "--max-steps", "-5"], "--max-steps must be positive, got -5"),
+        (["train", "base", "--run", "my run"], "invalid run name 'my run'"),
+        (["train", "base", "--run", "r" * 300], "invalid run name 'rrrr"),
     ],
 )
 def test_bad_input_is_a_one_line_error(home, args, message, capsys):
@@ -133,11 +139,19 @@ def test_bad_input_is_a_one_line_error(home, args, message, capsys):
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
-def test_changed_settings_refuse_to_resume(home):
+def test_changed_settings_start_fresh_and_say_why(home, caplog):
     run = _new_run(home, "mismatch")
-    train_base(run, TrainConfig(**TINY, max_steps=2, eval_every=0, checkpoint_every=2), root=home)
-    with pytest.raises(MlxchatError, match="different settings .*--fresh"):
-        train_base(run, TrainConfig(**{**TINY, "depth": 3}, max_steps=2, eval_every=0), root=home)
+    cfg = TrainConfig(**TINY, max_steps=2, eval_every=0, checkpoint_every=2)
+    train_base(run, cfg, root=home)
+    stage = home / "runs" / run / "base"
+    caplog.set_level("INFO", logger="mlxchat")
+    result = train_base(run, replace(cfg, max_steps=3), root=home)
+    assert result.step == 3 and latest_checkpoint(stage).state["identity"]["settings"]["max_steps"] == 3
+    said = [r.getMessage() for r in caplog.records if "starting fresh" in r.getMessage()]
+    assert said == ["base: starting fresh: step_000002 was made with other settings (max_steps)"]
+    caplog.clear()
+    again = train_base(run, replace(cfg, max_steps=3, checkpoint_every=1), root=home)  # saving more often: same run
+    assert again.step == 3 and not [r for r in caplog.records if "starting fresh" in r.getMessage()]
 
 
 def test_eval_bpb_stage_writes_results(home):
