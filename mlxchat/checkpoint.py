@@ -105,7 +105,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         if aside.exists() and not final.exists():
             os.replace(aside, final)
-        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        # MLX reports a failed write as a RuntimeError without errno: ask the disk too
+        full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "space" in str(e).lower() \
+            or shutil.disk_usage(stage_dir).free < 1 << 20
         raise MlxchatError(
             f"cannot write checkpoint {final} ({'no space left on device' if full else e}); "
             f"{'free some disk space' if full else 'fix the problem'} and rerun to resume from the last checkpoint"

@@ -1,6 +1,11 @@
 """Checkpoints are atomic: `latest` only ever names a complete checkpoint."""
 
+import errno
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -70,3 +75,49 @@ def test_missing_and_damaged_checkpoints_are_clear_errors(tmp_path):
         (path / ck.MANIFEST).unlink(missing_ok=True)  # only the state is at fault
         with pytest.raises(MlxchatError, match="state.json"):
             ck.latest_checkpoint(tmp_path)
+
+
+def _crash_harness(what, tmp_path):
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("crashing.py")), what, str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)["results"]
+
+
+@pytest.mark.slow
+def test_sigkill_at_every_line_of_save_leaves_a_checkpoint_the_next_run_uses(tmp_path):
+    results = _crash_harness("checkpoint", tmp_path)
+    assert [r for r in results if not r["ok"]] == []
+    lines = {r["at"] for r in results}
+    # every line of the protocol was a kill point, including between moving the old step aside and the rename
+    assert {"save_checkpoint", "point_latest", "recover", "_prune"} <= {at.split("(")[1][:-1] for at in lines}
+    assert {tuple(r["found"]) for r in results} == {(2, 2.0), (3, 3.0), (2, 20.0)}
+
+
+def test_sigkill_inside_the_metrics_rewrite_loses_nothing(tmp_path):
+    results = _crash_harness("metrics", tmp_path)
+    assert len(results) > 10 and [r for r in results if not r["ok"]] == []
+
+
+def test_disk_full_during_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    ck.save_checkpoint(tmp_path, 1, _params(1.0), None, {})
+
+    def disk_full(path, arrays):
+        open(path, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mx, "save_safetensors", disk_full)
+    with pytest.raises(MlxchatError, match=r"cannot write checkpoint .*step_000002 \(no space left on device\); free some disk space and rerun") as e:
+        ck.save_checkpoint(tmp_path, 2, _params(2.0), None, {})
+    assert "\n" not in str(e.value)
+    assert ck.latest_checkpoint(tmp_path).step == 1
+    assert [p.name for p in tmp_path.iterdir()] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_live_writers_temporary_is_never_swept(tmp_path):
+    live = tmp_path / f".step_000009.tmp-{os.getppid()}"  # another process's save in progress
+    live.mkdir()
+    dead = tmp_path / ".step_000008.tmp-999999999"
+    dead.mkdir()
+    ck.save_checkpoint(tmp_path, 1, _params(1.0), None, {})
+    assert live.exists() and not dead.exists()
