@@ -383,3 +383,20 @@ def test_every_smoke_conversation_renders_with_something_to_train_on():
             for i in range(len(mixture)):
                 ids, mask = tok.render_conversation(mixture[i], max_tokens=10**6)
                 assert 0 < sum(mask) < len(ids)
+
+
+def test_the_chat_stages_keys_change_with_the_identity_file_and_the_word_list(tmp_path, monkeypatch):
+    from mlxchat import stages
+    from mlxchat.tasks import customjson, spelling
+
+    identity, words = tmp_path / "identity.jsonl", tmp_path / "words"
+    identity.write_bytes(customjson.identity_path().read_bytes())
+    words.write_text("apple\nbanana\n")
+    monkeypatch.setattr(customjson, "identity_path", lambda: identity)
+    monkeypatch.setattr(spelling, "WORDS_PATH", words)
+    before = {stage: stages.mixture_inputs(stage, "smoke") for stage in ("mid", "sft")}
+    identity.write_text(identity.read_text().replace("mlxchat", "mlxchat!", 1))
+    edited = {stage: stages.mixture_inputs(stage, "smoke") for stage in ("mid", "sft")}
+    assert all(edited[s]["mixture_train"] != before[s]["mixture_train"] for s in before)
+    words.write_text("apple\ncherry\n")
+    assert all(stages.mixture_inputs(s, "smoke")["mixture_train"] != edited[s]["mixture_train"] for s in before)

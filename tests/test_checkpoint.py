@@ -121,3 +121,18 @@ def test_a_live_writers_temporary_is_never_swept(tmp_path):
     dead.mkdir()
     ck.save_checkpoint(tmp_path, 1, _params(1.0), None, {})
     assert live.exists() and not dead.exists()
+
+
+def test_files_are_created_with_the_users_umask(tmp_path):
+    from mlxchat.common import atomic_write_json
+
+    previous = os.umask(0o027)
+    try:
+        path = ck.save_checkpoint(tmp_path / "base", 1, _params(1.0), None, {})
+        atomic_write_json(tmp_path / "eval" / "bpb.json", {})
+    finally:
+        os.umask(previous)
+    assert {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()} == dict.fromkeys(
+        ["model.safetensors", "state.json", ck.MANIFEST], 0o640)
+    assert path.stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "eval" / "bpb.json").stat().st_mode & 0o777 == 0o640

@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import shutil
 import time
 
 import huggingface_hub.constants
@@ -204,9 +205,24 @@ def test_prepare_smoke_is_deterministic_and_a_no_op_when_built(smoke_root, tmp_p
     stamp = (fresh / "manifest.json").stat().st_mtime_ns
     dataset.prepare_smoke()
     assert (fresh / "manifest.json").stat().st_mtime_ns == stamp
+    (fresh.parent / ".smoke.tmp-999999999").mkdir()  # what builds killed mid-way leave
+    (fresh.parent / ".smoke-docs.x1y2.tmp-999999999").mkdir()
+    (fresh.parent / ".smoke-docs.x1y2.tmp-999999999" / "docs.json").write_text("[]")
     dataset.prepare_smoke(force=True)
     assert (fresh / "manifest.json").stat().st_mtime_ns != stamp
     assert not [p for p in fresh.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_changed_shard_content_changes_the_fingerprint_and_a_damaged_smoke_corpus_rebuilds(smoke_root, tmp_path):
+    shutil.copytree(smoke_root / "data", tmp_path / "data")
+    fingerprint = dataset.get_source("smoke", root=tmp_path).fingerprint()
+    shard = tmp_path / "data" / "smoke" / "shard_00001.parquet"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:100] + bytes(255 - b for b in good[100:200]) + good[200:])  # same name, same size
+    assert dataset.get_source("smoke", root=tmp_path).fingerprint() != fingerprint
+    dataset.prepare_smoke(root=tmp_path)  # no longer what its manifest says: rebuilt
+    assert shard.read_bytes() == good
+    assert dataset.get_source("smoke", root=tmp_path).fingerprint() == fingerprint
 
 
 def test_smoke_corpus_is_real_prose_with_a_held_out_last_shard(smoke_root):

@@ -50,11 +50,37 @@ def home(smoke_root, eval_pack_home, tmp_path_factory):
     return root
 
 
+def _run(home) -> Path:
+    return home / "runs" / "tiny"
+
+
+def _record_fingerprints(home) -> dict[str, str]:
+    return {s: json.loads((_run(home) / ".stages" / f"{s}.json").read_text())["fingerprint"] for s in STAGES}
+
+
+def assert_trained_from_their_parents(home):
+    """Every checkpoint records the tokenizer and parent it was trained from: they are the
+    current ones, and the published model carries the tokenizer its weights were trained with."""
+    from mlxchat.checkpoint import latest_checkpoint
+    from mlxchat.interop import load_published
+    from mlxchat.tokenizer import tokenizer_fingerprint
+
+    run = _run(home)
+    tok = tokenizer_fingerprint(run / "tokenizer")
+    base, mid, sft = (latest_checkpoint(run / s) for s in ("base", "mid", "sft"))
+    assert [ck.state["identity"]["tokenizer"] for ck in (base, mid, sft)] == [tok] * 3
+    assert mid.state["identity"]["parent"] == base.fingerprint and sft.state["identity"]["parent"] == mid.fingerprint
+    published = home / "published" / "tiny-sft"
+    assert tokenizer_fingerprint(published) == tok
+    model, ptok = load_published(published)
+    assert model.config.vocab_size == ptok.vocab_size == sft.state["model_config"]["vocab_size"]
+
+
 def test_flow_runs_every_stage_then_reruns_from_cache(home):
     first = _flow(home)
     states = _states(first.stdout + first.stderr)
     assert states == {s: "Completed" for s in STAGES}
-    run = home / "runs" / "tiny"
+    run = _run(home)
     assert (run / "report.md").read_text().startswith("# mlxchat report: tiny")
     assert all((run / "plots" / f"{stage}.png").stat().st_size > 1000 for stage in ("base", "mid", "sft"))
     assert "The capital of France is" in (run / "samples" / "base.md").read_text()
@@ -62,6 +88,7 @@ def test_flow_runs_every_stage_then_reruns_from_cache(home):
     assert (run / "sft" / "latest").is_symlink() and (run / "mid" / "latest").is_symlink()
     assert (home / "published" / "tiny-sft" / "model.safetensors").exists()
     assert (home / "published" / "tiny-sft" / "config.json").read_text().count('"nanochat"') == 1
+    assert_trained_from_their_parents(home)
 
     report = (run / "report.md").read_text()
     assert "| CORE-pack (14/22) | " in report and "| ChatCORE | - | " in report
@@ -76,19 +103,103 @@ def test_flow_runs_every_stage_then_reruns_from_cache(home):
     again = _flow(home)
     assert _states(again.stdout + again.stderr) == {s: "Cached" for s in STAGES}
 
-    shutil.rmtree(home / "published")  # outputs deleted by hand: their stages rerun, despite the cache
-    (run / "tokenizer" / "tok_eval.json").unlink()
-    out = _flow(home)
-    repaired = _states(out.stdout + out.stderr)
-    assert {s for s, st in repaired.items() if st == "Completed"} == {"tokenizer-eval", "publish"}, repaired
-    assert (home / "published" / "tiny-sft" / "model.safetensors").exists()
 
-    forced = _flow(home, "--force", "base-train")
-    states = _states(forced.stdout + forced.stderr)
-    cut = STAGES.index("base-train")
-    before, after = STAGES[:cut], STAGES[cut:]
-    assert all(states[s] == "Cached" for s in before), states
-    assert all(states[s] == "Completed" for s in after), states
+def test_damaged_or_deleted_outputs_recompute_their_stage_never_cached(home):
+    """Truncated weights, an emptied tokenizer, garbage in an eval file, deleted published /
+    sample / eval files: each such stage reruns; a stage after them reruns exactly when what
+    it reads changed (retraining from the same inputs gives the same weights)."""
+    from mlxchat import stages
+
+    run = _run(home)
+    before = _record_fingerprints(home)
+    ckpt = (run / "base" / "latest").resolve() / "model.safetensors"
+    with open(ckpt, "r+b") as f:
+        f.truncate(1000)
+    (run / "tokenizer" / "tokenizer.pkl").write_bytes(b"")
+    (run / "eval" / "chat_sft.json").write_text("garbage")
+    for path in (home / "published" / "tiny-sft" / "config.json", run / "samples" / "base.md",
+                 run / "eval" / "chat_mid.json", run / "tokenizer" / "tok_eval.json"):
+        path.unlink()
+    out = _flow(home)
+    log = out.stdout + out.stderr
+    states = _states(log)
+    damaged = {"tokenizer-train", "tokenizer-eval", "base-train", "chat-eval", "sample", "publish"}
+    assert {s for s in damaged if states[s] != "Completed"} == set(), states
+    assert states["prepare-data"] == states["prepare-evals"] == "Cached"
+    assert "base-train: recomputing: " + str(ckpt) + " is 1000 bytes" in log
+    after = _record_fingerprints(home)
+    assert after["tokenizer-train"] == before["tokenizer-train"]  # retrained from the same data: the same tokenizer
+    for stage, inputs in (("base-eval", ["base-train"]), ("mid-train", ["base-train"]), ("sft-train", ["mid-train"])):
+        changed = any(after[s] != before[s] for s in inputs)
+        assert states[stage] == ("Completed" if changed else "Cached"), (stage, states)
+    for stage in STAGES:  # nothing that is left is broken
+        assert stages.reuse_problem(stage, "tiny", None, root=home)[1] is None, stage
+    assert json.loads((run / "eval" / "chat_sft.json").read_text())["chatcore"] is not None
+    assert_trained_from_their_parents(home)
+
+
+def test_force_tokenizer_with_another_vocab_retrains_everything_from_the_new_parents(home):
+    out = _flow(home, "--force", "tokenizer-train", "--vocab-size", "400")
+    log = out.stdout + out.stderr
+    states = _states(log)
+    cut = STAGES.index("tokenizer-train")
+    assert all(states[s] == "Cached" for s in STAGES[:cut]), states
+    assert all(states[s] == "Completed" for s in STAGES[cut:] if s != "prepare-evals"), states
+    assert not re.search(r"resuming (base|mid|sft)", log), log[-3000:]
+    assert_trained_from_their_parents(home)
+    assert json.loads((home / "published" / "tiny-sft" / "config.json").read_text())["vocab_size"] == 400
+
+
+def test_a_changed_setting_recomputes_that_stage_and_what_follows(home):
+    out = _flow(home, "--vocab-size", "400", "--max-steps", "14")
+    log = out.stdout + out.stderr
+    states = _states(log)
+    assert states["tokenizer-train"] == "Cached" and states["base-eval"] == "Completed"
+    assert all(states[s] == "Completed" for s in ("base-train", "mid-train", "sft-train", "publish")), states
+    assert "base: starting fresh: step_000012 was made with other settings (max_steps)" in log
+    assert os.readlink(_run(home) / "base" / "latest") == "step_000014"
+    assert_trained_from_their_parents(home)
+
+
+def test_force_mid_retrains_sft_for_real_and_a_second_flow_on_the_run_is_refused(home):
+    sft_state = (_run(home) / "sft" / "latest").resolve() / "state.json"
+    stamp = sft_state.stat().st_mtime_ns
+    first = _flow(home, "--force", "mid-train", "--vocab-size", "400", "--max-steps", "14",
+                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lock = _run(home) / ".lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and str(first.pid) not in (lock.read_text() if lock.exists() else ""):
+        time.sleep(0.1)
+    second = _flow(home, "--vocab-size", "400", "--max-steps", "14", check=False)
+    assert second.returncode == 2
+    assert f"error: run 'tiny' is in use by PID {first.pid} (flows/speedrun.py --preset tiny" in second.stderr
+    log, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, log[-3000:]
+    states = _states(log)
+    assert states["base-train"] == "Cached" and states["mid-train"] == states["sft-train"] == "Completed", states
+    assert not re.search(r"resuming (mid|sft)", log)
+    assert sft_state.stat().st_mtime_ns != stamp  # sft trained again, not "resumed" at its end
+    assert_trained_from_their_parents(home)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--force", "nosuch"], "--force 'nosuch' is not a stage"),
+    (["--from", "nosuch"], "--from 'nosuch' is not a stage"),
+    (["--run", "my run"], "invalid run name 'my run'"),
+    (["--run", "r" * 300], "invalid run name"),
+    (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
+    (["--max-steps", "-5"], "--max-steps must be at least 1, got -5"),
+])
+def test_bad_arguments_are_one_line_before_any_flow_run(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLXCHAT_HOME", str(tmp_path))  # main() sets it from --home; restored afterwards
+    sys.path.insert(0, str(REPO))
+    from flows import runtime, speedrun
+
+    assert speedrun.main(["--home", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert runtime._server is None and not (tmp_path / ".prefect").exists()  # Prefect never started
 
 
 def test_only_without_inputs_names_the_stage_to_run_first(tmp_path, home):
@@ -98,27 +209,32 @@ def test_only_without_inputs_names_the_stage_to_run_first(tmp_path, home):
     assert "stage 'tokenizer-train' has no results for run 'tiny': run it first" in out.stderr
 
 
-def test_sigkill_during_base_train_then_rerun_resumes_from_latest(tmp_path, home):
+def test_ctrl_c_during_base_train_ends_cancelled_with_a_checkpoint_and_the_rerun_resumes(tmp_path, home):
     shutil.copytree(home / "data", tmp_path / "data")
-    proc = _flow(tmp_path, "--max-steps", "150", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _flow(tmp_path, "--max-steps", "150", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stage = tmp_path / "runs" / "tiny" / "base"
     deadline = time.time() + 300
     while time.time() < deadline and not any(stage.glob("step_0000[1-9]*")):
         time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = int(os.readlink(stage / "latest").split("_")[1])
-    assert 0 < killed_at < 150
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    stopped_at = int(os.readlink(stage / "latest").split("_")[1])
+    assert 0 < stopped_at < 150
+    assert stderr.strip().splitlines()[-1] == (f"cancelled: base-train stopped at step {stopped_at} of 150; "
+                                               f"rerun the flow to resume from {stage / f'step_{stopped_at:06d}'}")
+    assert "Traceback" not in stdout + stderr
+    assert re.search(r"Flow run '[\w-]+' - Finished in state Cancelled", stdout + stderr)
     out = _flow(tmp_path, "--max-steps", "150")
     log = out.stdout + out.stderr
     states = _states(log)
     assert states["prepare-data"] == "Cached" and states["tokenizer-train"] == "Cached"
     assert states["base-train"] == "Completed"
-    assert re.search(rf"resuming base from step_0*{killed_at} \(step {killed_at} of 150\)", log), log[-3000:]
+    assert re.search(rf"resuming base from step_0*{stopped_at} \(step {stopped_at} of 150\)", log), log[-3000:]
     assert os.readlink(stage / "latest") == "step_000150"
 
 
-def test_a_failing_stage_fails_the_flow_and_the_fixed_rerun_resumes_there(tmp_path, home):
+def test_a_damaged_input_of_a_skipped_stage_stops_with_one_line_naming_the_file(tmp_path, home):
     shutil.copytree(home / "data", tmp_path / "data")
     _flow(tmp_path, "--only", "prepare-data")
     _flow(tmp_path, "--only", "tokenizer-train")
@@ -126,8 +242,10 @@ def test_a_failing_stage_fails_the_flow_and_the_fixed_rerun_resumes_there(tmp_pa
     good = pkl.read_bytes()
     pkl.write_bytes(b"corrupt")
     out = _flow(tmp_path, "--from", "tokenizer-eval", check=False)
-    assert out.returncode != 0
-    assert re.search(r"Task run 'tokenizer-eval-[0-9a-f]+' - .*tokenizer .*tokenizer.pkl is corrupt", out.stdout + out.stderr)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: stage 'tokenizer-train' of run 'tiny' cannot be reused ({pkl} is 7 bytes, {len(good)} when it was "
+        f"written): run it again (--from tokenizer-train)")
     pkl.write_bytes(good)
     fixed = _flow(tmp_path, "--from", "tokenizer-eval")
     assert _states(fixed.stdout + fixed.stderr)["tokenizer-eval"] == "Completed"
