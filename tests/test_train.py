@@ -160,3 +160,26 @@ def test_eval_bpb_stage_writes_results(home):
     result = stages.eval_bpb(run, "base", eval_tokens=2048, root=home)
     assert 0 < result["val_bpb"] < 10 and 0 < result["train_bpb"] < 10
     assert (Path(home) / "runs" / run / "eval" / "bpb.json").exists()
+
+
+def test_a_truncated_checkpoint_is_one_line_for_readers_and_resume_falls_back(home, capsys, caplog):
+    from mlxchat.cli import main
+
+    run = _new_run(home, "damaged")
+    cfg = TrainConfig(**TINY, max_steps=2, eval_every=0, checkpoint_every=1)
+    train_base(run, cfg, root=home)
+    capsys.readouterr()  # the progress bar
+    stage = home / "runs" / run / "base"
+    shutil.copytree(stage, home / "runs" / run / "sft", symlinks=True)  # a chat stage to talk to
+    for d in (stage, home / "runs" / run / "sft"):
+        with open(d / "step_000002" / "model.safetensors", "r+b") as f:
+            f.truncate(1000)
+    for args in (["chat", "--run", run, "-p", "hi"], ["eval", "bpb", "--run", run], ["sample", "--run", run],
+                 ["publish", "--run", run, "--stage", "base"]):
+        assert main(["--home", str(home), *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: checkpoint ") and "model.safetensors is 1000 bytes" in err and "\n" not in err
+    caplog.set_level("INFO", logger="mlxchat")
+    assert train_base(run, cfg, root=home).step == 2  # rebuilt from the intact step 1
+    assert any("resuming from step_000001, not a newer checkpoint: checkpoint " in r.getMessage() for r in caplog.records)
+    assert latest_checkpoint(stage).step == 2
