@@ -141,7 +141,10 @@ def recover(stage_dir: Path) -> None:
         if final.exists():
             shutil.rmtree(aside, ignore_errors=True)
         else:
-            os.replace(aside, final)
+            try:
+                os.replace(aside, final)
+            except FileNotFoundError:  # another rank of a data-parallel run put it back first
+                pass
     sweep_temporaries(stage_dir)
 
 
