@@ -28,7 +28,7 @@ def build_flow():
     from prefect.logging import get_run_logger
     from prefect.states import Cancelled
 
-    from mlxchat import presets, stages
+    from mlxchat import stages
     from tasks import stages as T
     from tasks.caching import cache_key, key_settings
     from tasks.report import report
@@ -37,11 +37,9 @@ def build_flow():
     def speedrun(preset: str = "smoke", run: str | None = None, depth: int | None = None,
                  only: str | None = None, start: str | None = None, force: str | None = None,
                  max_steps: int | None = None, vocab_size: int | None = None):
-        p = presets.resolve(preset, depth, max_steps, vocab_size)
-        run = check_run_name(run or p.name)
+        p, run = validate(preset, run, depth, only, start, force, max_steps, vocab_size)
         root = str(home())
         order = stages.STAGES
-        stages.check_selection(only=only, start=start, force=force)
         first = order.index(start) if start else 0
         selected = {only} if only else set(order[first:])
         forced = set(order[order.index(force):]) if force else set()
@@ -119,13 +117,13 @@ def build_flow():
 
 
 def validate(preset: str, run: str | None, depth: int | None, only: str | None, start: str | None,
-             force: str | None, max_steps: int | None, vocab_size: int | None) -> str:
-    """Check the flow's arguments as the flow will use them; returns the run name."""
+             force: str | None, max_steps: int | None, vocab_size: int | None):
+    """The flow's arguments checked (one-line MlxchatError otherwise): (resolved preset, run name)."""
     from mlxchat import presets, stages
 
     p = presets.resolve(preset, depth, max_steps, vocab_size)
     stages.check_selection(only=only, start=start, force=force)
-    return check_run_name(run or p.name)
+    return p, check_run_name(run or p.name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     options = dict(preset=args.preset, run=args.run, depth=args.depth, only=args.only, start=args.start,
                    force=args.force, max_steps=args.max_steps, vocab_size=args.vocab_size)
     try:
-        run = validate(**options)  # every bad argument is one line, before Prefect creates a flow run
+        _, run = validate(**options)  # every bad argument is one line, before Prefect creates a flow run
         with run_lock(run, command="flows/speedrun.py " + " ".join(argv if argv is not None else sys.argv[1:])):
             runtime.prepare(home())
             speedrun = build_flow()
