@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows import runtime  # noqa: E402
+from mlxchat.blas import ensure_fast_blas  # noqa: E402
 from mlxchat.common import MlxchatError, home  # noqa: E402
 
 NAME = "nightly-eval"
@@ -55,6 +56,8 @@ def register_deployment(flow, cron: str = DEFAULT_CRON, parameters: dict | None 
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a script: fix the BLAS before MLX loads (re-executes once)
+        ensure_fast_blas()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="published model folder (default: the newest under <home>/published/)")
     parser.add_argument("--source", default="smoke", help="text source of the validation split")

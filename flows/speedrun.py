@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows import runtime  # noqa: E402
+from mlxchat.blas import ensure_fast_blas  # noqa: E402
 from mlxchat.common import MlxchatError, home  # noqa: E402
 
 
@@ -95,6 +96,8 @@ def build_flow():
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a script: fix the BLAS before MLX loads (re-executes once)
+        ensure_fast_blas()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="smoke", help="tiny | smoke | d12 | d20")
     parser.add_argument("--run", help="run name (default: the preset's name)")

@@ -185,6 +185,10 @@ def run_command(args: argparse.Namespace) -> dict | list | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the console script, not a caller in-process: fix the BLAS before MLX loads
+        from mlxchat.blas import ensure_fast_blas
+
+        ensure_fast_blas()
     args = build_parser().parse_args(argv)
     if args.home:
         os.environ[HOME_ENV] = args.home
