@@ -26,9 +26,11 @@ from mlxchat.common import MlxchatError, home  # noqa: E402
 def build_flow():
     from prefect import flow
 
+    from prefect.utilities.annotations import quote
+
     from mlxchat import presets, stages
     from tasks import stages as T
-    from tasks.report import report
+    from tasks.report import publish_report, report
 
     @flow(name="speedrun", log_prints=True)
     def speedrun(preset: str = "smoke", run: str | None = None, depth: int | None = None,
@@ -45,7 +47,9 @@ def build_flow():
         selected = {only} if only else set(order[first:])
         forced = set(order[order.index(force):]) if force else set()
         stages.write_run_json(run, p.to_dict(), root=root)
+        label_flow_run(f"{run} ({preset}, d{p.base.depth})", ["mlxchat", f"run:{run}", f"preset:{preset}", f"depth:{p.base.depth}"])
         records: dict[str, dict] = {}
+        states: dict = {}
 
         last = max(order.index(s) for s in selected)
 
@@ -60,7 +64,15 @@ def build_flow():
             else:
                 extra = {"fresh": True} if (name == force and "fresh" in fn.fn.__code__.co_varnames) else {}
                 missing = stages.stage_output(name, run, p.source, p.num_shards, root=root, fingerprint=False) is None
-                records[name] = fn.with_options(refresh_cache=name in forced or missing)(**kwargs, **extra)
+                # The graph's edges are the stages whose outputs this one's arguments name (by
+                # fingerprint). Prefect would also link any object it has seen in a result (by
+                # id, so a shared dict key like "fingerprint" links to the last task that returned
+                # it): arguments are quoted, and the states waited for carry no data.
+                upstream = [states[s].model_copy(update={"data": None}) for s in upstream_of(kwargs, records)
+                            if s in states]
+                state = fn.with_options(refresh_cache=name in forced or missing)(
+                    **{k: quote(v) for k, v in kwargs.items()}, **extra, wait_for=upstream, return_state=True)
+                states[name], records[name] = state, state.result()
             return records[name]
 
         def compose(step) -> None:
@@ -90,9 +102,38 @@ def build_flow():
             compose(step)
         except AllSelectedDone:
             pass
+        if "report" in records:  # also on a rerun of cache hits, whose tasks publish nothing
+            publish_report(run, records["report"])
         return records
 
     return speedrun
+
+
+def upstream_of(arguments, records: dict[str, dict]) -> list[str]:
+    """The stages whose output fingerprints appear anywhere in a task's arguments."""
+    owner = {r["fingerprint"]: name for name, r in records.items() if r and r.get("fingerprint")}
+    found: list[str] = []
+
+    def visit(value) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+        elif isinstance(value, str) and value in owner and owner[value] not in found:
+            found.append(owner[value])
+
+    visit(arguments)
+    return found
+
+
+def label_flow_run(name: str, tags: list[str]) -> None:
+    """Name and tag the running flow run after the mlxchat run it makes (the UI lists them so)."""
+    from prefect import get_client
+    from prefect.runtime import flow_run
+
+    get_client(sync_client=True).update_flow_run(flow_run.id, name=name, tags=[*flow_run.tags, *tags])
 
 
 def main(argv: list[str] | None = None) -> int:
