@@ -67,9 +67,9 @@ def build_flow():
                 # The graph's edges are the stages whose outputs this one's arguments name (by
                 # fingerprint). Prefect would also link any object it has seen in a result (by
                 # id, so a shared dict key like "fingerprint" links to the last task that returned
-                # it): arguments are quoted, and the states waited for carry no data.
-                upstream = [states[s].model_copy(update={"data": None}) for s in upstream_of(kwargs, records)
-                            if s in states]
+                # it): arguments are quoted, and the finished stages are waited for as futures,
+                # which Prefect does not look inside.
+                upstream = [finished(states[s]) for s in upstream_of(kwargs, records) if s in states]
                 state = fn.with_options(refresh_cache=name in forced or missing)(
                     **{k: quote(v) for k, v in kwargs.items()}, **extra, wait_for=upstream, return_state=True)
                 states[name], records[name] = state, state.result()
@@ -126,6 +126,17 @@ def upstream_of(arguments, records: dict[str, dict]) -> list[str]:
 
     visit(arguments)
     return found
+
+
+def finished(state):
+    """A task run's final state as the (done) future Prefect's `wait_for` takes."""
+    from concurrent.futures import Future
+
+    from prefect.futures import PrefectConcurrentFuture
+
+    done = Future()
+    done.set_result(state)
+    return PrefectConcurrentFuture(state.state_details.task_run_id, done)
 
 
 def label_flow_run(name: str, tags: list[str]) -> None:
