@@ -1,11 +1,13 @@
 """Base training learns, and a killed run resumes to bitwise the same weights."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -146,3 +148,30 @@ def test_eval_bpb_stage_writes_results(home):
     result = stages.eval_bpb(run, "base", eval_tokens=2048, root=home)
     assert 0 < result["val_bpb"] < 10 and 0 < result["train_bpb"] < 10
     assert (Path(home) / "runs" / run / "eval" / "bpb.json").exists()
+
+
+def test_train_help_gives_every_flag_a_meaning_and_its_default(capsys):
+    from mlxchat.cli import OPTIM_FLAGS, TRAIN_FLAGS, main
+
+    with pytest.raises(SystemExit):
+        main(["train", "base", "--help"])
+    text = " ".join(capsys.readouterr().out.split("options:", 1)[1].split(" --fresh ", 1)[0].split())
+    entries = {e.split()[0]: e for e in re.split(r" (?=--[a-z-]+ (?:[A-Z_]+|\{))", text) if e.startswith("--")}
+    for flag in TRAIN_FLAGS + OPTIM_FLAGS:
+        option = f"--{flag.replace('_', '-')}"
+        assert re.search(r" \w+.* \(default: [^)]+\)$", entries[option]), entries[option]
+    assert "--device-batch-size DEVICE_BATCH_SIZE sequences (SFT: conversations) per forward pass (default: base 32, mid 32, sft 4)" in text
+
+
+def test_train_on_a_flow_made_run_uses_its_saved_settings_unless_a_flag_overrides(tmp_path):
+    from mlxchat.cli import build_parser, train_config
+    from mlxchat.presets import resolve
+
+    preset = resolve("tiny")
+    stages.write_run_json("flowrun", preset.to_dict(), root=tmp_path)
+    args = build_parser().parse_args(["--home", str(tmp_path), "train", "mid", "--run", "flowrun"])
+    assert train_config(args) == preset.mid
+    args = build_parser().parse_args(["--home", str(tmp_path), "train", "mid", "--run", "flowrun", "--max-steps", "3"])
+    assert train_config(args) == replace(preset.mid, max_steps=3)
+    args = build_parser().parse_args(["--home", str(tmp_path), "train", "base", "--run", "handmade"])
+    assert train_config(args).depth == 20  # no run.json: nanochat's defaults
