@@ -1,5 +1,5 @@
 """One Prefect task per stage. Each calls `mlxchat.stages` and adds observability: logs through
-the run logger, a live progress artifact while training, a metrics table, links to outputs."""
+the run logger, a live view while training, a metrics table, where the outputs are (tasks/artifacts.py)."""
 
 from __future__ import annotations
 

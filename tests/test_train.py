@@ -175,3 +175,12 @@ def test_train_on_a_flow_made_run_uses_its_saved_settings_unless_a_flag_override
     assert train_config(args) == replace(preset.mid, max_steps=3)
     args = build_parser().parse_args(["--home", str(tmp_path), "train", "base", "--run", "handmade"])
     assert train_config(args).depth == 20  # no run.json: nanochat's defaults
+
+
+def test_sft_plan_line_counts_conversations_not_the_unused_token_batch():
+    from mlxchat.presets import stage_defaults
+    from mlxchat.train import plan
+
+    cfg = replace(stage_defaults("sft"), depth=3, max_steps=5)
+    line = plan(cfg, vocab_size=512).describe(cfg)
+    assert "=> 32 conversations/step" in line and "tokens/step" not in line and "524,288" not in line
