@@ -31,6 +31,7 @@ def build_flow():
     from prefect import flow
 
     from tasks import nightly as T
+    from tasks.artifacts import label_flow_run
 
     @flow(name=NAME, log_prints=True)
     def nightly_eval(model: str | None = None, source: str = "smoke", batch_size: int = 4, seq_len: int = 256,
@@ -40,6 +41,7 @@ def build_flow():
         run always scores whatever the last speedrun published."""
         root = str(home(root))
         model_dir = model or str(T.latest_published(Path(root)))
+        label_flow_run(f"nightly {Path(model_dir).name}", ["mlxchat", "nightly", f"model:{Path(model_dir).name}"])
         result = T.evaluate_published(model_dir, source, batch_size, seq_len, eval_tokens, max_tokens, root,
                                       max_per_task, chat_max_new_tokens)
         return {**T.record_history(result, root), "val_bpb": result["val_bpb"], "model_dir": model_dir}

@@ -30,6 +30,7 @@ def build_flow():
 
     from mlxchat import presets, stages
     from tasks import stages as T
+    from tasks.artifacts import label_flow_run
     from tasks.report import publish_report, report
 
     @flow(name="speedrun", log_prints=True)
@@ -137,14 +138,6 @@ def finished(state):
     done = Future()
     done.set_result(state)
     return PrefectConcurrentFuture(state.state_details.task_run_id, done)
-
-
-def label_flow_run(name: str, tags: list[str]) -> None:
-    """Name and tag the running flow run after the mlxchat run it makes (the UI lists them so)."""
-    from prefect import get_client
-    from prefect.runtime import flow_run
-
-    get_client(sync_client=True).update_flow_run(flow_run.id, name=name, tags=[*flow_run.tags, *tags])
 
 
 def main(argv: list[str] | None = None) -> int:

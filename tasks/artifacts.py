@@ -63,6 +63,14 @@ def publish_location(key: str, title: str, path: str | Path, commands: dict[str,
     create_markdown_artifact(key=key, markdown=location_markdown(title, path, commands), description=description or title)
 
 
+def label_flow_run(name: str, tags: list[str]) -> None:
+    """Name and tag the running flow run after what it makes (the UI lists and filters runs so)."""
+    from prefect import get_client
+    from prefect.runtime import flow_run
+
+    get_client(sync_client=True).update_flow_run(flow_run.id, name=name, tags=[*flow_run.tags, *tags])
+
+
 def sparkline_svg(values: list[float], width: int = 320, height: int = 80) -> str:
     """A loss curve as a tiny SVG `data:` URI: cheap enough to redraw every few seconds
     while training (a matplotlib figure costs tenths of a second on a small CPU)."""
