@@ -77,13 +77,14 @@ def sparkline_svg(values: list[float], width: int = 320, height: int = 80) -> st
     lo, hi = min(values), max(values)
     span = (hi - lo) or 1.0
     n = max(len(values) - 1, 1)
-    points = " ".join(f"{4 + (width - 8) * i / n:.1f},{4 + (height - 8) * (hi - v) / span:.1f}"
+    left = 48  # room for the value labels
+    points = " ".join(f"{left + (width - left - 4) * i / n:.1f},{6 + (height - 12) * (hi - v) / span:.1f}"
                       for i, v in enumerate(values))
-    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">'
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">'
            f'<rect width="100%" height="100%" fill="white"/>'
            f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{points}"/>'
-           f'<text x="{width - 4}" y="12" font-size="10" text-anchor="end">{hi:.3f}</text>'
-           f'<text x="{width - 4}" y="{height - 4}" font-size="10" text-anchor="end">{lo:.3f}</text></svg>')
+           f'<text x="{left - 4}" y="12" font-size="10" text-anchor="end">{hi:.3f}</text>'
+           f'<text x="{left - 4}" y="{height - 4}" font-size="10" text-anchor="end">{lo:.3f}</text></svg>')
     return "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
 
 
