@@ -25,7 +25,6 @@ from mlxchat.common import MlxchatError, home  # noqa: E402
 
 def build_flow():
     from prefect import flow
-
     from prefect.utilities.annotations import quote
 
     from mlxchat import presets, stages

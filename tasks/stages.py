@@ -113,7 +113,6 @@ def chat_eval(run: str, checkpoints: dict, max_per_task: int, max_new_tokens: in
                      "note": "" if chatcore is not None else "skipped: needs all six tasks"})
         create_table_artifact(key=_artifact_key(run, f"chat-eval-{stage}"), table=rows,
                               description=f"ChatCORE tasks after {stage} (at most {max_per_task} problems each)")
-        chatcore = result["chatcore"]
         logger.info(f"{stage}: ChatCORE {'%.4f' % chatcore if chatcore is not None else 'n/a (tasks skipped)'} | "
                     + ", ".join(f"{t} {a:.3f}" for t, a in result["results"].items()))
         records[stage] = {k: result[k] for k in ("path", "fingerprint", "chatcore")}
