@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows import runtime  # noqa: E402
+from mlxchat.blas import ensure_fast_blas  # noqa: E402
 from mlxchat.common import MlxchatError, home  # noqa: E402
 
 NAME = "nightly-eval"
@@ -30,6 +31,7 @@ def build_flow():
     from prefect import flow
 
     from tasks import nightly as T
+    from tasks.artifacts import label_flow_run
 
     @flow(name=NAME, log_prints=True)
     def nightly_eval(model: str | None = None, source: str = "smoke", batch_size: int = 4, seq_len: int = 256,
@@ -39,6 +41,7 @@ def build_flow():
         run always scores whatever the last speedrun published."""
         root = str(home(root))
         model_dir = model or str(T.latest_published(Path(root)))
+        label_flow_run(f"nightly {Path(model_dir).name}", ["mlxchat", "nightly", f"model:{Path(model_dir).name}"])
         result = T.evaluate_published(model_dir, source, batch_size, seq_len, eval_tokens, max_tokens, root,
                                       max_per_task, chat_max_new_tokens)
         return {**T.record_history(result, root), "val_bpb": result["val_bpb"], "model_dir": model_dir}
@@ -55,6 +58,8 @@ def register_deployment(flow, cron: str = DEFAULT_CRON, parameters: dict | None 
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a script: fix the BLAS before MLX loads (re-executes once)
+        ensure_fast_blas()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="published model folder (default: the newest under <home>/published/)")
     parser.add_argument("--source", default="smoke", help="text source of the validation split")

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows import runtime  # noqa: E402
+from mlxchat.blas import ensure_fast_blas  # noqa: E402
 from mlxchat.common import MlxchatError, check_run_name, home  # noqa: E402
 from mlxchat.runlock import run_lock  # noqa: E402
 
@@ -27,11 +28,13 @@ def build_flow():
     from prefect import flow
     from prefect.logging import get_run_logger
     from prefect.states import Cancelled
+    from prefect.utilities.annotations import quote
 
     from mlxchat import stages
     from tasks import stages as T
+    from tasks.artifacts import label_flow_run
     from tasks.caching import cache_key, key_settings
-    from tasks.report import report
+    from tasks.report import publish_report, report
 
     @flow(name="speedrun", log_prints=True)
     def speedrun(preset: str = "smoke", run: str | None = None, depth: int | None = None,
@@ -44,7 +47,9 @@ def build_flow():
         selected = {only} if only else set(order[first:])
         forced = set(order[order.index(force):]) if force else set()
         stages.write_run_json(run, p.to_dict(), root=root)
+        label_flow_run(f"{run} ({preset}, d{p.base.depth})", ["mlxchat", f"run:{run}", f"preset:{preset}", f"depth:{p.base.depth}"])
         records: dict[str, dict] = {}
+        states: dict = {}
 
         last = max(order.index(s) for s in selected)
 
@@ -71,10 +76,17 @@ def build_flow():
                 get_run_logger().info(f"{name}: recomputing: {why}")
             # --force recomputes for real: a training stage ignores its checkpoints too
             extra = {"fresh": True} if (name in forced and "fresh" in fn.fn.__code__.co_varnames) else {}
-            state = fn.with_options(refresh_cache=why is not None)(**kwargs, **extra, return_state=True)
+            # The graph's edges are the stages whose outputs this one's arguments name (by
+            # fingerprint). Prefect would also link any object it has seen in a result (by id, so a
+            # shared dict key like "fingerprint" links to the last task that returned it):
+            # arguments are quoted, and the finished stages are waited for as futures, which
+            # Prefect does not look inside.
+            upstream = [finished(states[s]) for s in upstream_of(kwargs, records) if s in states]
+            state = fn.with_options(refresh_cache=why is not None)(
+                **{k: quote(v) for k, v in kwargs.items()}, **extra, wait_for=upstream, return_state=True)
             if state.is_cancelled():
                 raise Interrupted(state.message)
-            result = state.result()
+            states[name], result = state, state.result()
             if why is not None or state.name != "Cached":
                 record = stages.record_step(name, run, key, key_settings(kwargs), p.source, p.num_shards, root=root)
             records[name] = {**result, "fingerprint": record["fingerprint"]}
@@ -111,6 +123,8 @@ def build_flow():
             pass
         except Interrupted as e:
             return Cancelled(message=str(e))
+        if "report" in records:  # also on a rerun of cache hits, whose tasks publish nothing
+            publish_report(run, records["report"])
         return records
 
     return speedrun
@@ -126,7 +140,39 @@ def validate(preset: str, run: str | None, depth: int | None, only: str | None, 
     return p, check_run_name(run or p.name)
 
 
+def upstream_of(arguments, records: dict[str, dict]) -> list[str]:
+    """The stages whose output fingerprints appear anywhere in a task's arguments."""
+    owner = {r["fingerprint"]: name for name, r in records.items() if r and r.get("fingerprint")}
+    found: list[str] = []
+
+    def visit(value) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+        elif isinstance(value, str) and value in owner and owner[value] not in found:
+            found.append(owner[value])
+
+    visit(arguments)
+    return found
+
+
+def finished(state):
+    """A task run's final state as the (done) future Prefect's `wait_for` takes."""
+    from concurrent.futures import Future
+
+    from prefect.futures import PrefectConcurrentFuture
+
+    done = Future()
+    done.set_result(state)
+    return PrefectConcurrentFuture(state.state_details.task_run_id, done)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as a script: fix the BLAS before MLX loads (re-executes once)
+        ensure_fast_blas()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="smoke", help="tiny | smoke | d12 | d20")
     parser.add_argument("--run", help="run name (default: the preset's name)")

@@ -22,28 +22,74 @@ TRAIN_FLAGS = ("depth", "max_steps", "device_batch_size", "total_batch_size", "e
 OPTIM_FLAGS = ("matrix_lr", "embedding_lr", "unembedding_lr", "init_lr_frac")
 
 
+# What each `mlxchat train` flag means (its default is the stage's, shown beside it).
+TRAIN_HELP = {
+    "depth": "model depth (n_layer); width is 64 x depth, heads of 128",
+    "max_steps": "optimizer steps, at least 1; left out: the horizon (base: 20 tokens per parameter; mid, SFT: one epoch)",
+    "device_batch_size": "sequences (SFT: conversations) per forward pass",
+    "total_batch_size": "tokens per optimizer step, reached by gradient accumulation (base, mid)",
+    "examples_per_step": "conversations per optimizer step (SFT; 0: use --total-batch-size)",
+    "seq_len": "tokens per sequence",
+    "checkpoint_every": "write a checkpoint every K steps (0: only at the end)",
+    "eval_every": "validate every K steps (0: never)",
+    "eval_tokens": "validation tokens per evaluation",
+    "eval_steps": "validation batches per evaluation (0: from --eval-tokens)",
+    "seed": "random seed (initialisation, data order)",
+    "dtype": "weights and activations (''/unset: bfloat16 on a GPU, float32 on the CPU)",
+    "source": "training text: base smoke | hub[:owner/name] | dir:PATH; mid, SFT smoke | hub",
+    "matrix_lr": "Muon learning rate (block matrices)",
+    "embedding_lr": "AdamW learning rate of the token embedding",
+    "unembedding_lr": "AdamW learning rate of lm_head",
+    "init_lr_frac": "every learning rate scaled by this (SFT: 0.02)",
+}
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stage", choices=["base", "mid", "sft"])
-    p.add_argument("--run", required=True)
-    for flag in ("depth", "max_steps", "device_batch_size", "total_batch_size", "examples_per_step", "seq_len",
-                 "checkpoint_every", "eval_every", "eval_tokens", "eval_steps", "seed"):
-        p.add_argument(f"--{flag.replace('_', '-')}", type=int)
-    p.add_argument("--dtype", choices=["", "float32", "bfloat16", "float16"])
-    p.add_argument("--source", help="base: smoke | hub[:owner/name] | dir:PATH; mid/sft: smoke | hub")
-    for flag in OPTIM_FLAGS:
-        p.add_argument(f"--{flag.replace('_', '-')}", type=float)
+    from mlxchat.presets import stage_defaults
+
+    defaults = {stage: stage_defaults(stage) for stage in ("base", "mid", "sft")}
+
+    def shown(flag: str) -> str:
+        values = {s: getattr(c.optim if flag in OPTIM_FLAGS else c, flag) for s, c in defaults.items()}
+        text = {s: repr(v) if isinstance(v, str) else f"{v:,}" if isinstance(v, int) else f"{v:g}" for s, v in values.items()}
+        same = len(set(text.values())) == 1
+        return text["base"] if same else ", ".join(f"{s} {t}" for s, t in text.items())
+
+    p.add_argument("stage", choices=["base", "mid", "sft"], help="base: pretraining; mid: mid-training (from base); "
+                   "sft: supervised fine-tuning (from mid)")
+    p.add_argument("--run", required=True, help="run name (its directory: <home>/runs/RUN)")
+    for flag in TRAIN_FLAGS + OPTIM_FLAGS:
+        kind = {"dtype": str, "source": str}.get(flag, float if flag in OPTIM_FLAGS else int)
+        extra = {"choices": ["", "float32", "bfloat16", "float16"]} if flag == "dtype" else {}
+        p.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=f"{TRAIN_HELP[flag]} (default: {shown(flag)})",
+                       **extra)
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+    p.epilog = ("Defaults: a run the flow made (runs/RUN/run.json) trains with its saved settings; otherwise "
+                "nanochat's, as listed. A flag given overrides either. Rerunning resumes from the latest checkpoint.")
+
+
+def saved_train_config(run: str, stage: str, root=None) -> dict | None:
+    """The stage's settings as the flow saved them in run.json, or None for a run it did not make."""
+    from mlxchat.common import read_json, run_dir
+
+    path = run_dir(run, root) / "run.json"
+    if not path.exists():
+        return None
+    saved = (read_json(path, "run settings").get("preset") or {}).get(stage)
+    return saved if isinstance(saved, dict) else None
 
 
 def train_config(args: argparse.Namespace):
-    """The stage's nanochat defaults with the flags the user gave."""
+    """The run's saved settings (run.json) or the stage's nanochat defaults, with the flags the user gave."""
     from dataclasses import replace
 
     from mlxchat.presets import stage_defaults
+    from mlxchat.train import TrainConfig
 
     if args.max_steps is not None and args.max_steps < 1:
         raise MlxchatError(f"--max-steps must be positive, got {args.max_steps} (leave it out for the Chinchilla horizon)")
-    cfg = stage_defaults(args.stage)
+    saved = saved_train_config(args.run, args.stage, getattr(args, "home", None))
+    cfg = TrainConfig.from_dict({**saved, "stage": args.stage}) if saved else stage_defaults(args.stage)
     optim = replace(cfg.optim, **{k: getattr(args, k) for k in OPTIM_FLAGS if getattr(args, k) is not None})
     return replace(cfg, optim=optim, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
 
@@ -199,6 +245,10 @@ def _run_lock(args: argparse.Namespace, argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the console script, not a caller in-process: fix the BLAS before MLX loads
+        from mlxchat.blas import ensure_fast_blas
+
+        ensure_fast_blas()
     args = build_parser().parse_args(argv)
     if args.home:
         os.environ[HOME_ENV] = args.home

@@ -217,6 +217,41 @@ def device_name() -> str:
     return "cpu"
 
 
+def hardware() -> dict:
+    """What the run ran on, for the report card: chip, cores, memory, and MLX's device (a GPU's
+    name and memory when MLX uses one)."""
+    import platform
+    import subprocess
+    import sys
+
+    import mlx.core as mx
+
+    chip = platform.processor() or platform.machine()
+    try:
+        if sys.platform == "darwin":
+            chip = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=5).stdout.strip() or chip
+        else:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    chip = line.split(":", 1)[1].strip()
+                    break
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 0
+    info = {"chip": chip, "cpu cores": os.cpu_count(), "memory": f"{memory / 2**30:.1f} GiB" if memory else "unknown",
+            "MLX device": device_name()}
+    if mx.default_device() == mx.gpu:
+        try:
+            info["GPU memory"] = f"{mx.device_info()['memory_size'] / 2**30:.1f} GiB"
+        except (KeyError, RuntimeError):
+            pass
+    return info
+
+
 def get_logger(name: str = "mlxchat") -> logging.Logger:
     """A plain stderr logger; Prefect tasks attach their own handler to the same name."""
     logger = logging.getLogger(name)

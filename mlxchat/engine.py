@@ -196,15 +196,15 @@ def sample_prompts(
 
 
 def render_samples_markdown(stage: str, samples: list[dict], chat: bool = False) -> str:
-    """`samples/<stage>.md`: each prompt and its completion (for a chat stage, as a user turn
-    and the assistant's reply), verbatim in a fenced block (the fence is longer than any
+    """`samples/<stage>.md`: each prompt and its completion apart (for a chat stage, as a user
+    turn and the assistant's reply), verbatim in a fenced block (the fence is longer than any
     backtick run in the text, so model output cannot break out)."""
     parts = [f"# Samples after {stage}\n"]
     for sample in samples:
         if chat:
             text = f"User: {sample['prompt']}\nAssistant: {sample['completion']}"
-        else:
-            text = sample["prompt"] + sample["completion"]
+        else:  # the prompt and what the model added, on lines of their own
+            text = f"Prompt: {sample['prompt']}\nCompletion: {sample['completion']}"
         fence = "`" * max(3, _longest_backtick_run(text) + 1)
         parts.append(f"{fence}text\n{text}\n{fence}\n")
     return "\n".join(parts)

@@ -42,16 +42,38 @@ def plot_training(metrics_file: Path, out_png: Path, metric: str = "val_bpb") ->
     return out_png
 
 
+def duration(seconds: float) -> str:
+    """A wall time as people read it: 4.2 s, 3m07s, 1h05m."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    s = int(round(seconds))
+    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s // 60 % 60:02d}m"
+
+
+def _value(key: str, v) -> str:
+    if isinstance(v, float) and (key.endswith("_s") or key.endswith(" time")):
+        return duration(v)
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
+
+
 def _section(title: str, data: dict | None) -> str:
     if not data:
         return ""
     lines = [f"## {title}", "", "| | |", "|---|---|"]
-    for k, v in data.items():
-        if isinstance(v, float):
-            v = f"{v:.4f}"
-        if not isinstance(v, (dict, list)):
-            lines.append(f"| {k} | {v} |")
+    lines += [f"| {k} | {_value(k, v)} |" for k, v in data.items() if not isinstance(v, (dict, list))]
     return "\n".join(lines) + "\n"
+
+
+def _final(rdir: Path, stage: str, metric: str):
+    """A stage's last validation value, as its latest checkpoint recorded it (None if none)."""
+    from mlxchat.checkpoint import latest_checkpoint
+
+    ck = latest_checkpoint(rdir / stage) if (rdir / stage).exists() else None
+    return ck.state.get(metric) if ck else None
 
 
 CHAT_ROWS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
@@ -75,7 +97,9 @@ def summary_rows(rdir: Path) -> list[dict]:
 
     base_trained = (rdir / "base" / "latest").exists()
     core_cell = cell(core.get("core_metric")) if core else (skipped("prepare-evals") if base_trained else "-")
-    rows = [{"metric": core.get("name", "CORE"), "BASE": core_cell, "MID": "-", "SFT": "-"}]
+    bpb = (_read(rdir / "eval" / "bpb.json") or {}).get("base", {})
+    rows = [{"metric": "val bpb", "BASE": cell(bpb.get("val_bpb")), "MID": cell(_final(rdir, "mid", "val_bpb")), "SFT": "-"},
+            {"metric": core.get("name", "CORE"), "BASE": core_cell, "MID": "-", "SFT": "-"}]
     for task in CHAT_ROWS + ["ChatCORE"]:
         row = {"metric": task, "BASE": "-"}
         for stage, data in chat.items():
@@ -99,9 +123,18 @@ def build_report(run: str, root=None) -> Path:
     """Write `runs/<run>/report.md` (and `plots/<stage>.png`) from the run directory."""
     from mlxchat.checkpoint import latest_checkpoint
 
+    from datetime import datetime, timezone
+
+    from mlxchat.common import hardware
+
     rdir = run_dir(run, root)
     meta = _read(rdir / "run.json") or {}
-    parts = [f"# mlxchat report: {run}", ""]
+    timings = _read(rdir / "timings.json") or {}
+    machine = meta.get("hardware") or hardware()
+    parts = [f"# mlxchat report: {run}\n",
+             f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · total wall time {duration(sum(timings.values()))} "
+             f"(the stages' own, {len(timings)} stages) · {machine.get('chip')}, {machine.get('memory')} memory, "
+             f"MLX on {machine.get('MLX device')}" + (f" ({machine['GPU memory']})" if machine.get("GPU memory") else "") + "\n"]
     rows = summary_rows(rdir)
     if any(v != "-" for r in rows for k, v in r.items() if k != "metric"):
         records = [(_read(rdir / "eval" / "core.json") or {}).get("base", {})]
@@ -110,7 +143,7 @@ def build_report(run: str, root=None) -> Path:
         parts.append(summary_markdown(rows, f"Evaluated on at most {limits[-1]} problems per task (--max-per-task)." if limits else ""))
     if meta:
         parts.append(_section("Environment", {"git commit": meta.get("git_commit"), "code version": meta.get("code_version"),
-                                             "platform": meta.get("platform"), **meta.get("versions", {})}))
+                                             "platform": meta.get("platform"), **machine, **meta.get("versions", {})}))
     parts.append(_section("Tokenizer training", _read(rdir / "tokenizer" / "meta.json")))
     tok_eval = _read(rdir / "tokenizer" / "tok_eval.json")
     if tok_eval:
@@ -133,9 +166,9 @@ def build_report(run: str, root=None) -> Path:
     bpb = _read(rdir / "eval" / "bpb.json") or {}
     for stage, res in bpb.items():
         parts.append(_section(f"Bits per byte ({stage})", {k: res[k] for k in ("step", "val_bpb", "train_bpb", "eval_tokens")}))
-    timings = _read(rdir / "timings.json")
     if timings:
-        parts.append(_section("Wall time per stage (seconds)", {k: round(v, 1) for k, v in timings.items()}))
+        parts.append(_section("Wall time per stage", {**{k: duration(v) for k, v in timings.items()},
+                                                      "total": duration(sum(timings.values()))}))
     for stage in ("base", "mid", "sft"):
         samples = rdir / "samples" / f"{stage}.md"
         if samples.exists():

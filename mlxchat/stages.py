@@ -434,6 +434,8 @@ def write_run_json(run: str, preset: dict, root=None) -> Path:
 
     import mlx.core as mx
 
+    from mlxchat.common import hardware
+
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=5).stdout.strip()
@@ -443,6 +445,6 @@ def write_run_json(run: str, preset: dict, root=None) -> Path:
     atomic_write_json(path, {
         "run": run, "preset": preset, "code_version": code_version(), "git_commit": commit,
         "versions": {"python": platform.python_version(), "mlx": mx.__version__},
-        "platform": platform.platform(),
+        "platform": platform.platform(), "hardware": hardware(),
     })
     return path

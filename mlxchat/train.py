@@ -91,13 +91,14 @@ class Plan:
     dtype: str
 
     def describe(self, cfg: TrainConfig) -> str:
+        head = (f"model {self.model.to_dict()} | params {self.num_params:,} | FLOPs/token {self.flops_per_token:.3e} | "
+                f"micro-batch {cfg.device_batch_size}x{cfg.seq_len} x {self.world_size} ranks, grad accum {self.grad_accum_steps} ")
+        if cfg.examples_per_step > 0:  # SFT: a step is a number of conversations, their tokens vary
+            return (head + f"=> {cfg.examples_per_step:,} conversations/step (at most {cfg.examples_per_step * cfg.seq_len:,} "
+                    f"tokens) | {self.num_iterations:,} steps | dtype {self.dtype}")
         tokens = cfg.total_batch_size * self.num_iterations
-        return (
-            f"model {self.model.to_dict()} | params {self.num_params:,} | FLOPs/token {self.flops_per_token:.3e} | "
-            f"micro-batch {cfg.device_batch_size}x{cfg.seq_len} x {self.world_size} ranks, grad accum {self.grad_accum_steps} "
-            f"=> {cfg.total_batch_size:,} tokens/step | {self.num_iterations:,} steps, {tokens:,} tokens "
-            f"(tokens:params {tokens / self.num_params:.2f}) | dtype {self.dtype}"
-        )
+        return (head + f"=> {cfg.total_batch_size:,} tokens/step | {self.num_iterations:,} steps, {tokens:,} tokens "
+                f"(tokens:params {tokens / self.num_params:.2f}) | dtype {self.dtype}")
 
 
 def plan(cfg: TrainConfig, vocab_size: int, world_size: int = 1, model: GPTConfig | None = None,
@@ -476,7 +477,8 @@ def train_loop(
             bar.set_postfix(loss=f"{debiased:.4f}", tok_s=f"{tok_s:,.0f}", **({"mfu": f"{mfu:.1f}%"} if mfu else {}))
             if on_progress is not None:
                 eta = (p.num_iterations - step) * (t_train / (step - start_step))
-                on_progress({**row, "num_iterations": p.num_iterations, "eta_s": eta})
+                on_progress({**row, "num_iterations": p.num_iterations, "eta_s": eta,
+                             metric: history[-1][metric] if history else None})
             last_step = step == p.num_iterations
             if cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0):
                 evaluate(step)

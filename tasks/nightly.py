@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from mlxchat.common import MlxchatError, read_json
+from tasks.artifacts import png_data_uri, rounded
 
 HISTORY_NAME = "eval_history.parquet"
 HISTORY_COLUMNS = ["timestamp", "model_dir", "run", "stage", "step", "val_bpb", "eval_tokens", "source",
@@ -49,27 +50,32 @@ def evaluate_published(model_dir: str, source: str, batch_size: int, seq_len: in
     from mlxchat.evaluation.bpb import evaluate_bpb
     from mlxchat.interop import load_published
 
+    logger = get_run_logger()
     origin = read_json(Path(model_dir) / "config.json", "published model config").get("mlxchat", {})
     model, tok = load_published(Path(model_dir))
     steps = max(1, eval_tokens // (batch_size * seq_len))
+    logger.info(f"{model_dir}: {origin.get('run')}-{origin.get('stage')} step {origin.get('step')}; "
+                f"val bpb on {steps * batch_size * seq_len:,} tokens of {source}…")
     loader = DataLoader(dataset.get_source(source, root=root), tok, batch_size, seq_len, "val")
     t0 = time.time()
     val_bpb = evaluate_bpb(model, loader, steps, tok.token_bytes())
     samples = engine.sample_prompts(model, tok, engine.SAMPLE_PROMPTS, max_tokens=max_tokens)
-    logger = get_run_logger()
     logger.info(f"{model_dir}: val bpb {val_bpb:.4f} on {steps * batch_size * seq_len} tokens "
                 f"of {source} ({time.time() - t0:.1f}s)")
     result = {"model_dir": str(model_dir), "run": origin.get("run"), "stage": origin.get("stage"),
               "step": origin.get("step"), "val_bpb": val_bpb, "eval_tokens": steps * batch_size * seq_len,
               "source": source, "samples": samples, "max_per_task": max_per_task}
     bundle = evals_dir(root) / "core"
+    limit = "every problem" if max_per_task < 0 else f"at most {max_per_task} problems per task"
     if bundle.is_dir():
+        logger.info(f"CORE on {bundle} ({limit})…")
         core = evaluate_core(model, tok, bundle, max_per_task=max_per_task, batch_tokens=stages.eval_batching()[0])
         result.update(core_name=core["name"], core_metric=core["core_metric"])
         logger.info(f"{core['name']}: {core['core_metric']:.4f}")
     else:
         logger.warning(f"CORE skipped: no evaluation data in {bundle}; run: mlxchat data prepare-evals")
     if origin.get("stage") in ("mid", "sft"):
+        logger.info(f"ChatCORE's six tasks ({limit})…")
         chat = stages.score_chat(model, tok, max_per_task, chat_max_new_tokens, root=root)
         result.update(chatcore=chat["chatcore"], chat_results=chat["results"], chat_skipped=chat["skipped"])
         logger.info("ChatCORE " + (f"{chat['chatcore']:.4f}" if chat["chatcore"] is not None else "n/a (tasks skipped)"))
@@ -93,20 +99,41 @@ def append_history(path: Path, row: dict) -> pd.DataFrame:
 
 
 def plot_trend(history: pd.DataFrame, out_png: Path) -> Path:
-    """val bpb, CORE and ChatCORE against time, one panel each (empty where never measured)."""
+    """val bpb, CORE and ChatCORE against time, one panel each, every evaluation a point.
+
+    Readable from the first row on: a single evaluation gets a day either side of it and a
+    value range around it instead of matplotlib's degenerate axes, and a metric never measured
+    says so instead of drawing an empty frame."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
     from mlxchat.common import atomic_path
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, column in zip(axes, ("val_bpb", "core_metric", "chatcore")):
+    titles = {"val_bpb": "val bits per byte", "core_metric": "CORE", "chatcore": "ChatCORE"}
+    for ax, (column, title) in zip(axes, titles.items()):
         rows = history.dropna(subset=[column]) if column in history else history.iloc[:0]
-        ax.plot(rows["timestamp"], rows[column], marker="o")
-        ax.set(title=column, xlabel="evaluated at")
-        ax.tick_params(axis="x", labelrotation=30)
+        ax.set_title(title)
+        if rows.empty:
+            ax.text(0.5, 0.5, "not measured yet", ha="center", va="center", transform=ax.transAxes, color="gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        when = pd.to_datetime(rows["timestamp"], utc=True).dt.tz_localize(None)
+        values = rows[column].astype(float)
+        ax.plot(when, values, marker="o", linestyle="-" if len(rows) > 1 else "none")
+        if when.nunique() == 1:
+            ax.set_xlim(when.iloc[0] - pd.Timedelta(days=1), when.iloc[0] + pd.Timedelta(days=1))
+        if values.nunique() == 1:
+            pad = max(abs(values.iloc[0]) * 0.1, 0.01)
+            ax.set_ylim(values.iloc[0] - pad, values.iloc[0] + pad)
+        locator = mdates.AutoDateLocator(maxticks=5)
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
@@ -121,11 +148,13 @@ def record_history(result: dict, root: str) -> dict:
 
     path = Path(root) / HISTORY_NAME
     history = append_history(path, result)
-    trend = history.tail(TREND_ROWS).assign(timestamp=lambda d: d["timestamp"].astype(str))
-    create_table_artifact(key="nightly-eval-history", table=trend.to_dict(orient="records"),
+    trend = history.tail(TREND_ROWS).assign(timestamp=lambda d: d["timestamp"].dt.strftime("%Y-%m-%d %H:%M UTC"))
+    rows = [{k: None if pd.isna(v) else rounded(v) for k, v in row.items()} for row in trend.to_dict(orient="records")]
+    create_table_artifact(key="nightly-eval-history", table=rows,
                           description=f"the last {len(trend)} nightly evaluations ({path})")
     png = plot_trend(history, Path(root) / TREND_NAME)
-    create_link_artifact(key="nightly-eval-trend", link=f"file://{png}", link_text="trend plot (val bpb, CORE, ChatCORE)")
+    create_markdown_artifact(key="nightly-eval-trend", markdown=f"![nightly trend]({png_data_uri(png)})\n\n`{png}`\n",
+                             description="val bpb, CORE and ChatCORE over the nightly evaluations")
     name = f"{result['run']}-{result['stage']} step {result['step']}"
     create_markdown_artifact(key="nightly-eval-samples", markdown=engine.render_samples_markdown(name, result["samples"]),
                              description=f"Greedy samples of {result['model_dir']}")

@@ -1,33 +1,22 @@
 """One Prefect task per stage. Each calls `mlxchat.stages` and adds observability: logs through
-the run logger, a live progress artifact while training, a metrics table, links to outputs."""
+the run logger, a live view while training, a metrics table, where the outputs are (tasks/artifacts.py)."""
 
 from __future__ import annotations
 
-import time
-
 from prefect import task
-from prefect.artifacts import (
-    create_link_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 from prefect.states import Cancelled
 
 from mlxchat import stages
+from tasks.artifacts import LiveTraining, artifact_key as _artifact_key, metric_rows, publish_location, rounded
 from tasks.caching import stage_cache_key
 
 CACHED = dict(cache_key_fn=stage_cache_key, persist_result=True)
 
 
 def _table(key: str, metrics: dict, description: str) -> None:
-    rows = [{"metric": k, "value": v} for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None]
-    create_table_artifact(key=key, table=rows, description=description)
-
-
-def _artifact_key(run: str, stage: str) -> str:
-    return f"{run}-{stage}".lower().replace("_", "-")
+    create_table_artifact(key=key, table=metric_rows(metrics), description=description)
 
 
 @task(name="prepare-data", **CACHED)
@@ -48,44 +37,24 @@ def tokenizer_train(run: str, vocab_size: int, source: str, max_chars: int, data
 @task(name="tokenizer-eval", **CACHED)
 def tokenizer_eval(run: str, source: str, tokenizer_fingerprint: str, root: str) -> dict:
     result = stages.eval_tokenizer(run, source, root=root)
-    rows = [{"text": name, **vals} for name, vals in result.items()]
+    rows = [{"text": name, **{k: rounded(v) for k, v in vals.items()}} for name, vals in result.items()]
     create_table_artifact(key=_artifact_key(run, "tokenizer-eval"), table=rows, description="Tokenizer compression")
     get_run_logger().info("tokenizer bytes/token: " + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in result.items()))
     return result
 
 
-class _Progress:
-    """Feeds training progress into a Prefect progress artifact, at most every few seconds."""
-
-    def __init__(self, run: str, stage: str, every_s: float = 3.0):
-        self.logger = get_run_logger()
-        self.id = create_progress_artifact(progress=0.0, key=_artifact_key(run, f"{stage}-progress"),
-                                           description=f"{stage} training progress")
-        self.every_s, self.last = every_s, 0.0
-
-    def __call__(self, row: dict) -> None:
-        now = time.monotonic()
-        done = row["step"] == row["num_iterations"]
-        if now - self.last < self.every_s and not done:
-            return
-        self.last = now
-        update_progress_artifact(self.id, progress=100.0 * row["step"] / row["num_iterations"])
-        self.logger.info(
-            f"step {row['step']}/{row['num_iterations']} | loss {row['smooth_loss']:.4f} | "
-            f"{row['tok_per_s']:,.0f} tok/s | ETA {row['eta_s'] / 60:.1f} min"
-        )
-
-
 def _train(run: str, stage: str, config: dict, inputs: dict, root: str, fresh: bool = False) -> dict:
     """Train one stage; `inputs` (fingerprints of the tokenizer, data and starting checkpoint)
     is only there for the cache key."""
-    result = stages.train(run, stage, config, root=root, fresh=fresh, on_progress=_Progress(run, stage))
+    live = LiveTraining(run, stage, "val_loss" if stage == "sft" else "val_bpb", get_run_logger())
+    result = stages.train(run, stage, config, root=root, fresh=fresh, on_progress=live)
     if result["interrupted"]:  # Ctrl-C: a checkpoint was written; the run ends Cancelled, not Failed
         return Cancelled(message=f"{stage}-train stopped at step {result['step']} of {result['num_iterations']}; "
                                  f"rerun the flow to resume from {result['checkpoint']}")
     _table(_artifact_key(run, f"{stage}-train"), result["metrics"], f"{stage} training")
-    create_link_artifact(key=_artifact_key(run, f"{stage}-checkpoint"), link=f"file://{result['checkpoint']}",
-                         link_text=f"{stage} checkpoint (step {result['step']})")
+    publish_location(_artifact_key(run, f"{stage}-checkpoint"), f"{stage} checkpoint (step {result['step']})",
+                     result["checkpoint"], {"sample from it": f"mlxchat --home {root} sample --run {run} --stage {stage}",
+                                            "train further (resumes here)": f"mlxchat --home {root} train {stage} --run {run}"})
     return result
 
 
@@ -114,11 +83,15 @@ def base_eval(run: str, eval_tokens: int, max_per_task: int, checkpoint_fingerpr
     logger.info(f"base val bpb {result['val_bpb']:.4f}, train bpb {result['train_bpb']:.4f}")
     _table(_artifact_key(run, "base-eval"), result, "Base model bits per byte")
     if not evals_fingerprint:
-        logger.warning("CORE skipped: no evaluation data (see prepare-evals)")
+        why = "no evaluation data (see prepare-evals; run: mlxchat data prepare-evals)"
+        logger.warning(f"CORE skipped: {why}")
+        create_markdown_artifact(key=_artifact_key(run, "core"), markdown=f"CORE skipped: {why}\n",
+                                 description="CORE of the base model: skipped")
         return result
     core = stages.eval_core(run, "base", max_per_task, root=root)
-    rows = [{"task": t, "accuracy": acc, "centered": core["centered"][t]} for t, acc in core["results"].items()]
-    rows += [{"task": t, "accuracy": None, "centered": None, "skipped": why} for t, why in core["skipped"].items()]
+    rows = [{"task": t, "accuracy": rounded(acc), "centered": rounded(core["centered"][t]), "note": ""}
+            for t, acc in core["results"].items()]
+    rows += [{"task": t, "accuracy": None, "centered": None, "note": f"skipped: {why}"} for t, why in core["skipped"].items()]
     create_table_artifact(key=_artifact_key(run, "core"), table=rows,
                           description=f"{core['name']} of the base model: {core['core_metric']:.4f} "
                                       f"(at most {max_per_task} examples per task)")
@@ -133,13 +106,15 @@ def chat_eval(run: str, checkpoints: dict, max_per_task: int, max_new_tokens: in
     logger, records = get_run_logger(), {}
     for stage in checkpoints:
         result = stages.eval_chat(run, stage, max_per_task, max_new_tokens, root=root)
-        rows = [{"task": t, "accuracy": a, "centered": result["centered"][t], "problems": result["problems"][t]}
-                for t, a in result["results"].items()]
-        rows += [{"task": t, "accuracy": None, "centered": None, "problems": 0, "skipped": why}
+        rows = [{"task": t, "accuracy": rounded(a), "centered": rounded(result["centered"][t]),
+                 "problems": result["problems"][t], "note": ""} for t, a in result["results"].items()]
+        rows += [{"task": t, "accuracy": None, "centered": None, "problems": 0, "note": f"skipped: {why}"}
                  for t, why in result["skipped"].items()]
+        chatcore = result["chatcore"]
+        rows.append({"task": "ChatCORE", "accuracy": None, "centered": rounded(chatcore), "problems": None,
+                     "note": "" if chatcore is not None else "skipped: needs all six tasks"})
         create_table_artifact(key=_artifact_key(run, f"chat-eval-{stage}"), table=rows,
                               description=f"ChatCORE tasks after {stage} (at most {max_per_task} problems each)")
-        chatcore = result["chatcore"]
         logger.info(f"{stage}: ChatCORE {'%.4f' % chatcore if chatcore is not None else 'n/a (tasks skipped)'} | "
                     + ", ".join(f"{t} {a:.3f}" for t, a in result["results"].items()))
         records[stage] = {k: result[k] for k in ("path", "fingerprint", "chatcore")}
@@ -164,6 +139,7 @@ def sample(run: str, checkpoints: dict, max_tokens: int, root: str) -> dict:
 def publish(run: str, stage: str, checkpoint_fingerprint: str, eval_fingerprint: str, root: str) -> dict:
     result = stages.publish(run, stage, root=root)
     get_run_logger().info(f"published {stage} model to {result['out_dir']}")
-    create_link_artifact(key=_artifact_key(run, f"published-{stage}"), link=f"file://{result['out_dir']}",
-                         link_text=f"mlx-lm model folder ({stage}, step {result.get('step')})")
+    publish_location(_artifact_key(run, f"published-{stage}"), f"mlx-lm model folder ({stage}, step {result.get('step')})",
+                     result["out_dir"], {"generate with mlx-lm": f"python -m mlx_lm generate --model {result['out_dir']} --prompt \"The\"",
+                                         "chat with it": f"mlxchat --home {root} chat --run {run} --stage {stage}"})
     return result

@@ -9,6 +9,14 @@ import pytest
 from hubserver import FakeHub
 
 
+def pytest_report_header(config):
+    """Say so up front when the suite would train on MLX's slow reference BLAS (pytest cannot
+    re-execute itself as mlxchat does; ./setup.sh preloads OpenBLAS for it)."""
+    from mlxchat.blas import slow_blas, warning_line
+
+    return [warning_line("pytest was started without it; use ./setup.sh --test python -m pytest")] if slow_blas() else []
+
+
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
     """A FakeHub serving `tmp_path/hub`, with huggingface_hub pointed at it over plain HTTP."""

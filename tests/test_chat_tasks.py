@@ -3,8 +3,10 @@ small parquet files in the real layouts, the offline generators, the eval pack, 
 tokenizer trains on when it renders them."""
 
 import json
+import os
 import re
 import socket
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -120,9 +122,21 @@ def test_spelling_bee_counts_by_hand_and_with_python_consistently(words):
     assert val_words.isdisjoint(train_words)
 
 
-def test_missing_word_list_says_which_package_to_install(tmp_path):
-    with pytest.raises(MlxchatError, match="wamerican"):
+def test_missing_word_list_file_names_the_packaged_alternative(tmp_path):
+    with pytest.raises(MlxchatError, match="english-words"):
         SimpleSpelling(10, "train", tmp_path / "nowords")
+
+
+def test_packaged_word_list_needs_no_os_file_and_is_the_same_in_every_process():
+    """The default list comes from the pinned pip package (no /usr/share/dict/words), sorted, so
+    example i is the same conversation whatever the process's string hash seed."""
+    import subprocess
+
+    code = "from mlxchat.tasks import SpellingBee; print(SpellingBee(50, 'train')[7]['messages'][0]['content'])"
+    out = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(out) == 1 and out.pop().strip()
+    assert len(SimpleSpelling(10, "train").words) > 100_000
 
 
 def test_arithmetic_tool_calls_and_answers_are_correct():

@@ -156,6 +156,6 @@ def test_sample_prompts_and_markdown(model):
     assert all(isinstance(s["completion"], str) for s in samples)
     md = render_samples_markdown("base", [{"prompt": "Say ", "completion": "```x```"}])
     assert md.startswith("# Samples after base\n")
-    assert "````text\nSay ```x```\n````" in md
+    assert "````text\nPrompt: Say \nCompletion: ```x```\n````" in md  # apart: where the model began is visible
     chat = render_samples_markdown("sft", [{"prompt": "Who are you?", "completion": "I'm mlxchat."}], chat=True)
     assert "```text\nUser: Who are you?\nAssistant: I'm mlxchat.\n```" in chat

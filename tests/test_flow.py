@@ -276,16 +276,55 @@ def test_flow_runs_task_runs_and_artifacts_are_visible_through_the_prefect_clien
             return flow_run, tasks, artifacts
 
     flow_run, tasks, artifacts = run_coro_as_sync(read())
-    assert flow_run.name and flow_run.state.is_completed()
+    assert flow_run.name == "tiny (tiny, d2)" and {"run:tiny", "preset:tiny", "depth:2"} <= set(flow_run.tags)
+    assert flow_run.state.is_completed()
     assert sorted(t.name.rsplit("-", 1)[0] for t in tasks) == sorted(STAGES)
     assert all(t.state.is_completed() for t in tasks)
+
+    # The graph is the true DAG: each task waits on exactly the stages whose outputs it uses.
+    by_id = {t.id: t.name.rsplit("-", 1)[0] for t in tasks}
+    edges = {by_id[t.id]: {by_id[i.id] for inputs in t.task_inputs.values() for i in inputs if i.id in by_id}
+             for t in tasks}
+    assert edges["prepare-data"] == set() and edges["prepare-evals"] == set()
+    assert edges["tokenizer-eval"] == {"tokenizer-train"}
+    assert edges["base-train"] == {"prepare-data", "tokenizer-train"}
+    assert edges["base-eval"] == {"base-train"}  # no eval data here: prepare-evals left no fingerprint
+    assert edges["sample"] == {"base-train", "mid-train", "sft-train"}
+    assert edges["publish"] == {"sft-train", "base-eval"}
+    # prepare-evals found no data here, so it has no fingerprint for the report to name
+    assert edges["report"] == set(STAGES) - {"report", "prepare-evals"}
+
     by_key = {a.key: a for a in artifacts}
     assert by_key["tiny-base-progress"].type == "progress" and by_key["tiny-base-progress"].data == 100.0
-    assert by_key["tiny-base-train"].type == "table" and "val_bpb" in str(by_key["tiny-base-train"].data)
+    live = by_key["tiny-base-live"].data
+    assert live.startswith("### base training") and "| 12 / 12 |" in live and "val bpb" in live
+    assert "tok/s" in live and "MFU" in live and "ETA" in live and "](data:image/svg+xml;base64," in live
+    table = by_key["tiny-base-train"].data
+    assert by_key["tiny-base-train"].type == "table" and "val_bpb" in str(table) and "fingerprint" not in str(table)
+    values = [row["value"] for row in (json.loads(table) if isinstance(table, str) else table)]
+    assert all(len(repr(v).split(".")[-1]) <= 4 for v in values if isinstance(v, float)), values
     checkpoint = tmp_path / "runs" / "tiny" / "base" / "step_000012"
-    assert by_key["tiny-base-checkpoint"].data == f"[base checkpoint (step 12)](file://{checkpoint})"
-    assert by_key["tiny-report"].type == "markdown" and by_key["tiny-report"].data.startswith("# mlxchat report: tiny")
+    assert "file://" not in str([a.data for a in artifacts])
+    assert f"`{checkpoint}`" in by_key["tiny-base-checkpoint"].data
+    assert "mlxchat --home" in by_key["tiny-base-checkpoint"].data
+    report = by_key["tiny-report"].data
+    assert by_key["tiny-report"].type == "markdown" and report.startswith("# mlxchat report: tiny")
+    assert report.count("](data:image/png;base64,") == 3 and "](plots/" not in report
     assert by_key["tiny-samples-base"].type == "table"
-    assert f"(file://{tmp_path / 'published' / 'tiny-sft'})" in by_key["tiny-published-sft"].data
+    published = tmp_path / "published" / "tiny-sft"
+    assert f"python -m mlx_lm generate --model {published}" in by_key["tiny-published-sft"].data
     assert by_key["tiny-sft-progress"].data == 100.0 and by_key["tiny-mid-train"].type == "table"
     assert {"tiny-samples-mid", "tiny-samples-sft"} <= set(by_key)
+    assert "skipped: " in by_key["tiny-core"].data  # no eval data: CORE says why
+
+    # A rerun that is all cache hits still shows the report card on its own page.
+    again = build_flow()(preset="tiny", return_state=True)
+    assert again.is_completed()
+    rerun = FlowRunFilter(id=FlowRunFilterId(any_=[again.state_details.flow_run_id]))
+
+    async def read_again():
+        async with get_client() as client:
+            return await client.read_artifacts(flow_run_filter=rerun)
+
+    keys = {a.key: a for a in run_coro_as_sync(read_again())}
+    assert keys["tiny-report"].data.startswith("# mlxchat report: tiny")

@@ -81,10 +81,13 @@ def test_each_run_appends_one_history_row_visible_in_prefect(flow, home):
 
     runs, tasks, artifacts = run_coro_as_sync(read())
     assert len(runs) == 2 and all(r.state.is_completed() for r in runs)
+    assert all(r.name == "nightly nightly-sft" and "model:nightly-sft" in r.tags for r in runs)
     assert sorted(t.task_key.split("-")[0] for t in tasks) == sorted(["evaluate_published", "record_history"] * 2)
     by_key = {a.key: a for a in artifacts}  # the latest version of each keyed artifact
     assert by_key["nightly-eval-history"].type == "table"
-    assert by_key["nightly-eval-trend"].data == f"[trend plot (val bpb, CORE, ChatCORE)](file://{home / 'eval_trend.png'})"
+    trend = by_key["nightly-eval-trend"].data  # the plot itself, inline, and where its file is
+    assert trend.startswith("![nightly trend](data:image/png;base64,") and f"`{home / 'eval_trend.png'}`" in trend
+    assert "file://" not in str([a.data for a in artifacts])
     assert by_key["nightly-eval-samples"].type == "markdown"
     assert "The capital of France is" in by_key["nightly-eval-samples"].data
 

@@ -1,6 +1,7 @@
 """The report's summary table: real numbers where they exist, "skipped (reason)" where data could not be had."""
 
 import json
+import re
 
 from mlxchat.report import summary_markdown, summary_rows
 
@@ -25,7 +26,28 @@ def test_summary_table_shows_numbers_and_says_why_a_cell_was_skipped(tmp_path):
     assert "| ChatCORE | - | skipped (needs all six tasks) | -0.0500 |" in md
 
 
+def _core(rows):
+    return next(r for r in rows if r["metric"] == "CORE")
+
+
 def test_without_eval_data_core_says_skipped_once_base_is_trained(tmp_path):
-    assert summary_rows(tmp_path)[0]["BASE"] == "-"  # nothing trained yet: nothing to say
+    assert _core(summary_rows(tmp_path))["BASE"] == "-"  # nothing trained yet: nothing to say
     (tmp_path / "base" / "latest").mkdir(parents=True)
-    assert summary_rows(tmp_path)[0]["BASE"] == "skipped (no eval data: mlxchat data prepare-evals)"
+    assert _core(summary_rows(tmp_path))["BASE"] == "skipped (no eval data: mlxchat data prepare-evals)"
+
+
+def test_report_card_says_when_where_how_long_and_the_validation_bpb(tmp_path):
+    from mlxchat.report import build_report
+
+    run = tmp_path / "runs" / "r"
+    _write(run / "run.json", {"run": "r", "hardware": {"chip": "Apple M3 Pro", "memory": "36.0 GiB", "MLX device": "gpu",
+                                                        "GPU memory": "27.0 GiB"}})
+    _write(run / "timings.json", {"tokenizer-train": 3.14159, "base-train": 187.6, "report": 0.5})
+    _write(run / "eval" / "bpb.json", {"base": {"step": 120, "val_bpb": 1.234567, "train_bpb": 1.2, "eval_tokens": 16384}})
+    report = build_report("r", root=tmp_path).read_text()
+    header = next(line for line in report.splitlines() if line.startswith("Generated"))
+    assert re.match(r"Generated \d{4}-\d\d-\d\d \d\d:\d\d UTC · total wall time 3m11s ", header), header
+    assert "Apple M3 Pro, 36.0 GiB memory, MLX on gpu (27.0 GiB)" in header
+    assert "| val bpb | 1.2346 | - | - |" in report
+    assert "| tokenizer-train | 3.1 s |" in report and "| base-train | 3m08s |" in report
+    assert "| eval_tokens | 16,384 |" in report

@@ -1,6 +1,7 @@
 """Base training learns, and a killed run resumes to bitwise the same weights."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -183,3 +184,39 @@ def test_a_truncated_checkpoint_is_one_line_for_readers_and_resume_falls_back(ho
     assert train_base(run, cfg, root=home).step == 2  # rebuilt from the intact step 1
     assert any("resuming from step_000001, not a newer checkpoint: checkpoint " in r.getMessage() for r in caplog.records)
     assert latest_checkpoint(stage).step == 2
+
+
+def test_train_help_gives_every_flag_a_meaning_and_its_default(capsys):
+    from mlxchat.cli import OPTIM_FLAGS, TRAIN_FLAGS, main
+
+    with pytest.raises(SystemExit):
+        main(["train", "base", "--help"])
+    text = " ".join(capsys.readouterr().out.split("options:", 1)[1].split(" --fresh ", 1)[0].split())
+    entries = {e.split()[0]: e for e in re.split(r" (?=--[a-z-]+ (?:[A-Z_]+|\{))", text) if e.startswith("--")}
+    for flag in TRAIN_FLAGS + OPTIM_FLAGS:
+        option = f"--{flag.replace('_', '-')}"
+        assert re.search(r" \w+.* \(default: [^)]+\)$", entries[option]), entries[option]
+    assert "--device-batch-size DEVICE_BATCH_SIZE sequences (SFT: conversations) per forward pass (default: base 32, mid 32, sft 4)" in text
+
+
+def test_train_on_a_flow_made_run_uses_its_saved_settings_unless_a_flag_overrides(tmp_path):
+    from mlxchat.cli import build_parser, train_config
+    from mlxchat.presets import resolve
+
+    preset = resolve("tiny")
+    stages.write_run_json("flowrun", preset.to_dict(), root=tmp_path)
+    args = build_parser().parse_args(["--home", str(tmp_path), "train", "mid", "--run", "flowrun"])
+    assert train_config(args) == preset.mid
+    args = build_parser().parse_args(["--home", str(tmp_path), "train", "mid", "--run", "flowrun", "--max-steps", "3"])
+    assert train_config(args) == replace(preset.mid, max_steps=3)
+    args = build_parser().parse_args(["--home", str(tmp_path), "train", "base", "--run", "handmade"])
+    assert train_config(args).depth == 20  # no run.json: nanochat's defaults
+
+
+def test_sft_plan_line_counts_conversations_not_the_unused_token_batch():
+    from mlxchat.presets import stage_defaults
+    from mlxchat.train import plan
+
+    cfg = replace(stage_defaults("sft"), depth=3, max_steps=5)
+    line = plan(cfg, vocab_size=512).describe(cfg)
+    assert "=> 32 conversations/step" in line and "tokens/step" not in line and "524,288" not in line

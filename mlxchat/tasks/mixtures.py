@@ -137,13 +137,13 @@ def mixture_fingerprint(kind: str, split: str, source: str, root=None) -> str:
     key changes exactly when its data would. Builds nothing and needs no network. (Hub
     datasets are identified by name: their files are fetched at the hub's current revision.)"""
     from mlxchat.tasks.customjson import identity_path
-    from mlxchat.tasks.spelling import WORDS_PATH
+    from mlxchat.tasks.spelling import packaged_words_file
 
     entries = recipe(kind, split, source)
     h = hashlib.sha256(json.dumps([kind, split, source, entries], sort_keys=True).encode())
     files = sorted(Path(__file__).parent.glob("*.py")) + [identity_path()]
     if any(name in ("SimpleSpelling", "SpellingBee") for name, _ in entries):
-        files.append(WORDS_PATH)
+        files.append(packaged_words_file())
     for path in files:
         h.update(path.name.encode())
         try:

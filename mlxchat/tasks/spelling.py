@@ -5,8 +5,10 @@ must know which letters each token is made of. `SimpleSpelling` drills exactly t
 word out letter by letter); `SpellingBee` builds on it — spell the word, count by hand, then
 check with the python tool — which also teaches the habit of verifying with a tool.
 
-Both are synthetic, so they work offline: the word list is Debian's `/usr/share/dict/words`
-(package `wamerican`) rather than nanochat's download, keeping lowercase a-z words only.
+Both are synthetic, so they work offline: the word list is Webster's Second International
+(`web2`, 234,450 words) as the PyPI package `english-words` ships it, a pip dependency rather
+than nanochat's download or an OS package, keeping lowercase a-z words only (sorted, so the
+list is the same in every process).
 Example `i` is drawn from `random.Random(seed(i))`, so a task of any size costs nothing until
 read, and words are split between train and validation by a stable hash (`in_split`): the
 two splits never share a word, hence never a conversation.
@@ -15,14 +17,16 @@ two splits never share a word, hence never a conversation.
 from __future__ import annotations
 
 import functools
+import pickle
 import random
 import re
+from importlib import resources
 from pathlib import Path
 
 from mlxchat.common import MlxchatError
 from mlxchat.tasks.base import Task, evaluate_final_number, in_split
 
-WORDS_PATH = Path("/usr/share/dict/words")
+WORDS_PACKAGE = "english-words"  # pinned in pyproject.toml: its list decides the conversations
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _WORD = re.compile(r"[a-z]+")
 
@@ -60,18 +64,30 @@ QUESTIONS = (
 QUOTES = ("", "'", '"')
 
 
-@functools.lru_cache(maxsize=4)
-def load_words(path: str | Path = WORDS_PATH) -> tuple[str, ...]:
-    """The lowercase a-z words of a one-word-per-line list (names, capitals and accents
-    dropped: the tasks spell with the 26 letters only), deduplicated, in file order."""
-    path = Path(path)
+def packaged_words_file() -> Path:
+    """The pickled word set inside the installed `english-words` package (web2, punctuation
+    stripped, case kept): what mixture fingerprints hash."""
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").split()
-    except FileNotFoundError:
-        raise MlxchatError(
-            f"word list {path} not found: install Debian's wamerican (apt-get install wamerican) "
-            "or pass another one-word-per-line file"
-        ) from None
+        return Path(str(resources.files("english_words").joinpath("data", "web2_alpha.pickle")))
+    except ModuleNotFoundError:
+        raise MlxchatError(f"the word list package is missing: pip install {WORDS_PACKAGE}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def load_words(path: str | Path | None = None) -> tuple[str, ...]:
+    """The lowercase a-z words of the packaged list, or of a one-word-per-line file at `path`
+    (names, capitals and accents dropped: the tasks spell with the 26 letters only),
+    deduplicated; the packaged set sorted, a file in its own order."""
+    if path is None:
+        lines = sorted(pickle.loads(packaged_words_file().read_bytes()))
+        path = packaged_words_file()
+    else:
+        path = Path(path)
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").split()
+        except FileNotFoundError:
+            raise MlxchatError(f"word list {path} not found: pass a one-word-per-line file, "
+                               f"or none to use the {WORDS_PACKAGE} package's list") from None
     words = tuple(dict.fromkeys(w for w in lines if _WORD.fullmatch(w)))
     if len(words) < 100:
         raise MlxchatError(f"word list {path} has only {len(words)} lowercase a-z words; need 100 or more")
@@ -81,7 +97,7 @@ def load_words(path: str | Path = WORDS_PATH) -> tuple[str, ...]:
 class _WordTask(Task):
     eval_type = "generative"
 
-    def __init__(self, size: int = 1000, split: str = "train", words_path: str | Path = WORDS_PATH,
+    def __init__(self, size: int = 1000, split: str = "train", words_path: str | Path | None = None,
                  shuffle_seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
         words = [w for w in load_words(words_path) if in_split(w, split)]
@@ -101,7 +117,7 @@ class _WordTask(Task):
 class SimpleSpelling(_WordTask):
     """"Spell the word: apple" -> "apple:a,p,p,l,e"."""
 
-    def __init__(self, size: int = 1000, split: str = "train", words_path: str | Path = WORDS_PATH, **kwargs):
+    def __init__(self, size: int = 1000, split: str = "train", words_path: str | Path | None = None, **kwargs):
         # A different word order from SpellingBee's, as nanochat, so example i of the two
         # tasks is not about the same word.
         super().__init__(size, split, words_path, shuffle_seed=42, **kwargs)
