@@ -136,7 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--run", required=True)
     pub.add_argument("--stage", default="base")
     pub.add_argument("--out", help="output folder (default <home>/published/<run>-<stage>)")
+    _add_nanochat_args(sub)
     return parser
+
+
+def _add_nanochat_args(sub) -> None:
+    """`mlxchat import nanochat` / `mlxchat export nanochat`: nanochat's PyTorch checkpoints (needs torch)."""
+    imp = sub.add_parser("import", help="a nanochat checkpoint + tokenizer into a run (needs: pip install 'mlxchat[torch]')")
+    imp.add_argument("format", choices=["nanochat"])
+    imp.add_argument("source", help="nanochat base dir (NANOCHAT_BASE_DIR) or a folder holding model_<step>.pt")
+    imp.add_argument("--run", required=True)
+    imp.add_argument("--stage", default="base", choices=["base", "mid", "sft", "rl"])
+    imp.add_argument("--model-tag", help="checkpoint folder under <stage>_checkpoints (default: the deepest d<N>)")
+    imp.add_argument("--step", type=int, help="default: the last step")
+    exp = sub.add_parser("export", help="a stage as a nanochat base dir its checkpoint_manager loads (needs torch)")
+    exp.add_argument("format", choices=["nanochat"])
+    exp.add_argument("--run", required=True)
+    exp.add_argument("--stage", default="sft", choices=["base", "mid", "sft", "rl"])
+    exp.add_argument("--out", required=True, help="nanochat base dir to write into")
 
 
 def run_command(args: argparse.Namespace) -> dict | list | None:
@@ -175,6 +192,12 @@ def run_command(args: argparse.Namespace) -> dict | list | None:
         return stages.sample(args.run, args.stage, args.prompt, args.max_tokens, args.temperature, args.top_k, root=root)
     if args.command == "publish":
         return stages.publish(args.run, args.stage, args.out, root=root)
+    if args.command in ("import", "export"):
+        from mlxchat import nanochat_io
+
+        if args.command == "import":
+            return nanochat_io.import_nanochat(args.source, args.run, args.stage, args.model_tag, args.step, root=root)
+        return nanochat_io.export_nanochat(args.run, args.stage, args.out, root=root)
     if args.command == "eval":
         if args.metric == "core":
             return stages.eval_core(args.run, args.stage or "base", args.max_per_task, root=root)
