@@ -1,5 +1,5 @@
 """nanochat's speedrun as one Prefect flow: data -> tokenizer -> eval data -> base-train -> base-eval (bpb, CORE)
--> mid-train -> sft-train -> chat-eval (ChatCORE) -> sample -> publish -> report.
+-> mid-train -> sft-train [-> rl-train with --rl] -> chat-eval (ChatCORE) -> sample -> publish -> report.
 
 Every stage is a cached task (see tasks/caching.py): a rerun reuses finished stages, and a
 killed training stage resumes from its latest checkpoint. `--only`/`--from` run a subset
@@ -32,7 +32,7 @@ def build_flow():
     @flow(name="speedrun", log_prints=True)
     def speedrun(preset: str = "smoke", run: str | None = None, depth: int | None = None,
                  only: str | None = None, start: str | None = None, force: str | None = None,
-                 max_steps: int | None = None) -> dict:
+                 max_steps: int | None = None, rl: bool = False) -> dict:
         p = presets.resolve(preset, depth, max_steps)
         run = run or p.name
         root = str(home())
@@ -40,6 +40,8 @@ def build_flow():
         for name, value in (("--only", only), ("--from", start), ("--force", force)):
             if value is not None and value not in order:
                 raise MlxchatError(f"{name} {value!r} is not a stage; stages: {', '.join(order)}")
+            if value == "rl-train" and not rl:
+                raise MlxchatError(f"{name} rl-train needs --rl (the flow runs RL only when asked)")
         first = order.index(start) if start else 0
         selected = {only} if only else set(order[first:])
         forced = set(order[order.index(force):]) if force else set()
@@ -78,6 +80,10 @@ def build_flow():
                        inputs={**inputs, "mid": mid["fingerprint"]}, root=root)
             checkpoints = {"base": base["fingerprint"], "mid": mid["fingerprint"], "sft": sft["fingerprint"]}
             chat = {k: checkpoints[k] for k in ("mid", "sft")}
+            if rl:  # optional, as nanochat's speedrun leaves chat_rl commented out
+                chat["rl"] = step("rl-train", T.rl_train, run=run, config=p.rl.to_dict(),
+                                  inputs={"tokenizer": tok["fingerprint"], "sft": sft["fingerprint"],
+                                          "evals": evals["fingerprint"]}, root=root)["fingerprint"]
             step("chat-eval", T.chat_eval, run=run, checkpoints=chat, max_per_task=p.max_per_task,
                  max_new_tokens=p.chat_max_new_tokens, evals_fingerprint=evals["fingerprint"], root=root)
             step("sample", T.sample, run=run, checkpoints=checkpoints, max_tokens=p.sample_max_tokens, root=root)
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--only", metavar="STAGE")
     group.add_argument("--from", dest="start", metavar="STAGE")
     parser.add_argument("--force", metavar="STAGE", help="recompute STAGE and everything after it")
+    parser.add_argument("--rl", action="store_true", help="add rl-train after SFT (nanochat's chat_rl on GSM8K)")
     args = parser.parse_args(argv)
     if args.home:
         os.environ["MLXCHAT_HOME"] = args.home
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runtime.wait_until_ready()
         records = speedrun(preset=args.preset, run=args.run, depth=args.depth, only=args.only, start=args.start,
-                           force=args.force, max_steps=args.max_steps)
+                           force=args.force, max_steps=args.max_steps, rl=args.rl)
     except MlxchatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,8 +22,12 @@ TRAIN_FLAGS = ("depth", "max_steps", "device_batch_size", "total_batch_size", "e
 OPTIM_FLAGS = ("matrix_lr", "embedding_lr", "unembedding_lr", "init_lr_frac")
 
 
+# `mlxchat train rl` flags that map onto RLConfig fields (with the shared ones above that it has)
+RL_FLAGS = ("num_samples", "max_new_tokens", "temperature", "top_k", "eval_examples", "train_size")
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stage", choices=["base", "mid", "sft"])
+    p.add_argument("stage", choices=["base", "mid", "sft", "rl"])
     p.add_argument("--run", required=True)
     for flag in ("depth", "max_steps", "device_batch_size", "total_batch_size", "examples_per_step", "seq_len",
                  "checkpoint_every", "eval_every", "eval_tokens", "eval_steps", "seed"):
@@ -33,6 +37,23 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     for flag in OPTIM_FLAGS:
         p.add_argument(f"--{flag.replace('_', '-')}", type=float)
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+    rl = p.add_argument_group("rl (nanochat's chat_rl)")
+    for flag in ("num_samples", "max_new_tokens", "top_k", "eval_examples", "train_size"):
+        rl.add_argument(f"--{flag.replace('_', '-')}", type=int)
+    rl.add_argument("--temperature", type=float)
+
+
+def rl_config(args: argparse.Namespace):
+    """chat_rl's defaults with the flags the user gave (those RLConfig has)."""
+    from dataclasses import fields, replace
+
+    from mlxchat.rl import RLConfig
+
+    cfg = RLConfig()
+    names = {f.name for f in fields(RLConfig)}
+    optim = replace(cfg.optim, **{k: getattr(args, k) for k in OPTIM_FLAGS if getattr(args, k) is not None})
+    given = {k: getattr(args, k) for k in TRAIN_FLAGS + RL_FLAGS if k in names and getattr(args, k) is not None}
+    return replace(cfg, optim=optim, **given)
 
 
 def train_config(args: argparse.Namespace):
@@ -118,14 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ch = sub.add_parser("chat", help="talk to a chat stage's model in the terminal (streams the replies)")
     ch.add_argument("--run", required=True)
-    ch.add_argument("--stage", default="sft", choices=["sft", "mid"])
+    ch.add_argument("--stage", default="sft", choices=["sft", "mid", "rl"])
     ch.add_argument("-p", "--prompt", help="answer this one message and exit (default: a conversation on stdin)")
     _add_sampling_args(ch)
     ch.add_argument("--seed", type=int, help="sampling seed (default: a fresh one each time)")
 
     srv = sub.add_parser("serve", help="web chat UI and nanochat's streaming chat API for a chat stage")
     srv.add_argument("--run", required=True)
-    srv.add_argument("--stage", default="sft", choices=["sft", "mid"])
+    srv.add_argument("--stage", default="sft", choices=["sft", "mid", "rl"])
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
@@ -183,6 +204,11 @@ def run_command(args: argparse.Namespace) -> dict | list | None:
         if args.action == "train":
             return stages.train_tokenizer(args.run, args.vocab_size, args.source, args.max_chars, root=root)
         return stages.eval_tokenizer(args.run, args.source, root=root)
+    if args.command == "train" and args.stage == "rl":
+        result = stages.train_rl(args.run, rl_config(args).to_dict(), root=root, fresh=args.fresh)
+        if result["interrupted"]:
+            raise KeyboardInterrupt
+        return result
     if args.command == "train":
         result = stages.train(args.run, args.stage, train_config(args).to_dict(), root=root, fresh=args.fresh)
         if result["interrupted"]:

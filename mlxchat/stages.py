@@ -193,6 +193,15 @@ def train(run: str, stage: str, config: dict, root=None, fresh: bool = False, on
     return out
 
 
+@timed("rl-train")
+def train_rl(run: str, config: dict, root=None, fresh: bool = False, on_progress=None) -> dict:
+    """RL on GSM8K (or, offline, the generated arithmetic problems) from the SFT model."""
+    from mlxchat.rl import RLConfig, train_rl as train
+
+    result = train(run, RLConfig.from_dict(config), root=root, fresh=fresh, on_progress=on_progress)
+    return {**result.to_dict(), "fingerprint": fingerprint_files([result.checkpoint / "model.safetensors"])}
+
+
 def chat_tasks(root=None) -> tuple[dict, dict]:
     """ChatCORE's six tasks as nanochat's chat_eval builds them, read from the eval pack
     (`<home>/evals/chat/`); a task whose data is missing is skipped with the reason."""
@@ -302,7 +311,7 @@ def report(run: str, root=None) -> dict:
 
 
 STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "prepare-evals", "base-train", "base-eval", "mid-train", "sft-train",
-          "chat-eval", "sample", "publish", "report"]
+          "rl-train", "chat-eval", "sample", "publish", "report"]
 MODEL_STAGES = ["base", "mid", "sft"]  # trained in this order; each starts from the one before
 CHAT_MODEL_STAGE = MODEL_STAGES[-1]  # what the flow samples last and publishes
 
@@ -326,7 +335,7 @@ def stage_output(stage: str, run: str, source: str = "smoke", num_shards: int | 
             return {"fingerprint": dataset.get_source(source, root=root, num_shards=num_shards).fingerprint()}
         except MlxchatError:
             return None
-    if stage in ("base-train", "mid-train", "sft-train"):
+    if stage in ("base-train", "mid-train", "sft-train", "rl-train"):
         ck = checkpoint.latest_checkpoint(rdir / stage.removesuffix("-train"))
         if ck is None or ck.step < ck.state.get("num_iterations", 0):
             return None

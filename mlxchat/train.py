@@ -502,8 +502,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def load_trained_model(stage_dir: Path, hint: str) -> tuple[GPT, ckpt_lib.Checkpoint]:
     """The model of a stage's `latest` checkpoint, in inference mode."""
     ck = ckpt_lib.require_checkpoint(stage_dir, hint)
-    cfg = TrainConfig.from_dict(ck.state["config"])
-    model = GPT(GPTConfig(**ck.state["model_config"]), compute_dtype=getattr(mx, cfg.dtype or default_dtype()))
+    dtype = ck.state["config"].get("dtype")  # any stage's config (TrainConfig, RLConfig) has one
+    model = GPT(GPTConfig(**ck.state["model_config"]), compute_dtype=getattr(mx, dtype or default_dtype()))
     ckpt_lib.load_model_weights(model, ck)
     return model, ck
 

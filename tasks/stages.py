@@ -90,6 +90,18 @@ def _train(run: str, stage: str, config: dict, inputs: dict, root: str, fresh: b
 base_train, mid_train, sft_train = (task(name=f"{stage}-train", **CACHED)(_train) for stage in ("base", "mid", "sft"))
 
 
+@task(name="rl-train", **CACHED)
+def rl_train(run: str, config: dict, inputs: dict, root: str, fresh: bool = False) -> dict:
+    """RL from the SFT model; `inputs` (tokenizer, SFT checkpoint, eval data) is only there for the cache key."""
+    result = stages.train_rl(run, config, root=root, fresh=fresh, on_progress=_Progress(run, "rl"))
+    if result["interrupted"]:
+        raise RuntimeError(f"rl-train was interrupted at step {result['step']}; rerun the flow to resume")
+    _table(_artifact_key(run, "rl-train"), result["metrics"], "RL training (reward, pass@k)")
+    create_link_artifact(key=_artifact_key(run, "rl-checkpoint"), link=f"file://{result['checkpoint']}",
+                         link_text=f"rl checkpoint (step {result['step']})")
+    return result
+
+
 @task(name="prepare-evals", **CACHED)
 def prepare_evals(source: str, root: str) -> dict:
     result = stages.prepare_evals(source, root=root)
