@@ -51,6 +51,9 @@ def rl_config(args: argparse.Namespace):
 
     cfg = RLConfig()
     names = {f.name for f in fields(RLConfig)}
+    foreign = [k for k in TRAIN_FLAGS if k not in names and getattr(args, k) is not None]
+    if foreign:  # e.g. --depth: RL keeps the SFT model's shape
+        raise MlxchatError(f"mlxchat train rl takes no --{foreign[0].replace('_', '-')}; see mlxchat train --help")
     optim = replace(cfg.optim, **{k: getattr(args, k) for k in OPTIM_FLAGS if getattr(args, k) is not None})
     given = {k: getattr(args, k) for k in TRAIN_FLAGS + RL_FLAGS if k in names and getattr(args, k) is not None}
     return replace(cfg, optim=optim, **given)
@@ -63,6 +66,9 @@ def train_config(args: argparse.Namespace):
     from mlxchat.presets import stage_defaults
 
     cfg = stage_defaults(args.stage)
+    given_rl = [k for k in RL_FLAGS if getattr(args, k) is not None]
+    if given_rl:
+        raise MlxchatError(f"--{given_rl[0].replace('_', '-')} is an RL setting: use it with mlxchat train rl")
     optim = replace(cfg.optim, **{k: getattr(args, k) for k in OPTIM_FLAGS if getattr(args, k) is not None})
     return replace(cfg, optim=optim, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
 

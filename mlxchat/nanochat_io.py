@@ -199,6 +199,7 @@ def import_nanochat(source: str | os.PathLike, run: str, stage: str = "base", mo
 
     Refuses to replace what the run already has (a different tokenizer, a stage with
     checkpoints): importing never destroys a user's model."""
+    _torch()  # before anything else: without it nothing below can be read
     if stage not in CHECKPOINT_DIRS:
         raise MlxchatError(f"unknown stage {stage!r}; expected one of {', '.join(CHECKPOINT_DIRS)}")
     source = Path(source).expanduser()
