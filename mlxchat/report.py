@@ -123,6 +123,7 @@ def build_report(run: str, root=None) -> Path:
             last = ck.state.get("history", [{}])[-1] if ck.state.get("history") else {}
             parts.append(_section("RL training", {"steps": ck.step, "questions per step": cfg.get("examples_per_step"),
                                                   "samples per question": cfg.get("num_samples"), "source": cfg.get("source"),
+                                                  "mean reward (last step)": ck.state.get("reward"),
                                                   **{k: v for k, v in last.items() if k != "step"}}))
             continue
         parts.append(_section(f"{stage.upper()} training", {

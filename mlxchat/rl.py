@@ -268,7 +268,8 @@ def train_rl(run: str, cfg: RLConfig, root=None, fresh: bool = False, on_progres
 
     def save(step: int) -> Path:
         state = {"config": cfg.to_dict(), "model_config": model_cfg.to_dict(), "num_iterations": num_steps,
-                 "history": history, "init_from": str(start.path), "loader": {"next_example": step * cfg.examples_per_step}}
+                 "history": history, "init_from": str(start.path), "loader": {"next_example": step * cfg.examples_per_step},
+                 "reward": reward}
         return ckpt_lib.save_checkpoint(stage_dir, step, model.parameters(), optimizer.state, state, keep=cfg.keep_checkpoints)
 
     bar = tqdm(total=num_steps, initial=start_step, desc="rl", dynamic_ncols=True)
