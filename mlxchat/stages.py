@@ -193,6 +193,15 @@ def train(run: str, stage: str, config: dict, root=None, fresh: bool = False, on
     return out
 
 
+@timed("rl-train")
+def train_rl(run: str, config: dict, root=None, fresh: bool = False, on_progress=None) -> dict:
+    """RL on GSM8K (or, offline, the generated arithmetic problems) from the SFT model."""
+    from mlxchat.rl import RLConfig, train_rl as train
+
+    result = train(run, RLConfig.from_dict(config), root=root, fresh=fresh, on_progress=on_progress)
+    return {**result.to_dict(), "fingerprint": fingerprint_files([result.checkpoint / "model.safetensors"])}
+
+
 def chat_tasks(root=None) -> tuple[dict, dict]:
     """ChatCORE's six tasks as nanochat's chat_eval builds them, read from the eval pack
     (`<home>/evals/chat/`); a task whose data is missing is skipped with the reason."""
@@ -302,7 +311,7 @@ def report(run: str, root=None) -> dict:
 
 
 STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "prepare-evals", "base-train", "base-eval", "mid-train", "sft-train",
-          "chat-eval", "sample", "publish", "report"]
+          "rl-train", "chat-eval", "sample", "publish", "report"]
 MODEL_STAGES = ["base", "mid", "sft"]  # trained in this order; each starts from the one before
 CHAT_MODEL_STAGE = MODEL_STAGES[-1]  # what the flow samples last and publishes
 
@@ -322,7 +331,7 @@ def mixture_inputs(stage: str, source: str, root=None) -> dict:
     return {f"mixture_{split}": mixture_fingerprint(stage, split, source, root=root) for split in ("train", "val")}
 
 
-TRAIN_STEPS = {"base-train": "base", "mid-train": "mid", "sft-train": "sft"}  # pipeline step -> model stage
+TRAIN_STEPS = {"base-train": "base", "mid-train": "mid", "sft-train": "sft", "rl-train": "rl"}  # pipeline step -> model stage
 
 
 def step_files(step: str, run: str, root=None) -> list[Path] | None:
@@ -338,7 +347,7 @@ def step_files(step: str, run: str, root=None) -> list[Path] | None:
         "tokenizer-eval": [rdir / "tokenizer" / "tok_eval.json"],
         "prepare-evals": sorted(p for p in evals_dir(root).rglob("*") if p.is_file()),
         "base-eval": [rdir / "eval" / "bpb.json", rdir / "eval" / "core.json"],
-        "chat-eval": [rdir / "eval" / f"chat_{s}.json" for s in MODEL_STAGES[1:]],
+        "chat-eval": [rdir / "eval" / f"chat_{s}.json" for s in (*MODEL_STAGES[1:], "rl")],
         "sample": [rdir / "samples" / f"{s}.md" for s in MODEL_STAGES],
         "publish": sorted(p for p in published.glob("*") if p.is_file()),
         "report": [rdir / "report.md", *sorted((rdir / "plots").glob("*.png"))],

@@ -290,7 +290,7 @@ def train_base(
     def loader(split: str, state: dict | None = None) -> DataLoader:
         return DataLoader(source, tokenizer, cfg.device_batch_size, cfg.seq_len, split, group.rank(), group.size(), state=state)
 
-    identity = training_identity(cfg, rdir, data=source.fingerprint())
+    identity = training_identity(cfg.to_dict(), rdir, data=source.fingerprint())
     return train_loop(rdir / cfg.stage, cfg, p, loader, token_bytes, fresh=fresh, on_progress=on_progress,
                       identity=identity)
 
@@ -333,7 +333,7 @@ def train_chat(
         return Loader(data[split], tokenizer, cfg.device_batch_size, cfg.seq_len, group.rank(), group.size(), state=state)
 
     mixtures = {split: mixture_fingerprint(cfg.stage, split, cfg.source, root=root) for split in ("train", "val")}
-    identity = training_identity(cfg, rdir, data=mixtures, parent=start.fingerprint)
+    identity = training_identity(cfg.to_dict(), rdir, data=mixtures, parent=start.fingerprint)
     return train_loop(rdir / cfg.stage, cfg, p, loader, tokenizer.token_bytes(), fresh=fresh, init_from=start.path,
                       on_progress=on_progress, identity=identity)
 
@@ -343,13 +343,13 @@ def train_chat(
 NOT_IN_IDENTITY = ("checkpoint_every", "keep_checkpoints", "peak_flops")
 
 
-def training_identity(cfg: TrainConfig, rdir: Path, data, parent: str | None = None) -> dict:
+def training_identity(settings: dict, rdir: Path, data, parent: str | None = None) -> dict:
     """What a stage's checkpoints are made from: its settings, the tokenizer's and the data's
     content fingerprints and (mid, SFT) the parent checkpoint's. Stored in every checkpoint's
     state.json; a checkpoint is resumed only by a run with the same identity."""
     from mlxchat.tokenizer import tokenizer_fingerprint
 
-    config = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IN_IDENTITY}
+    config = {k: v for k, v in settings.items() if k not in NOT_IN_IDENTITY}
     identity = {"settings": config, "tokenizer": tokenizer_fingerprint(rdir / "tokenizer"), "data": data,
                 "parent": parent}
     return json.loads(json.dumps(identity, sort_keys=True, default=str))  # as state.json will hold it
@@ -571,8 +571,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def load_trained_model(stage_dir: Path, hint: str) -> tuple[GPT, ckpt_lib.Checkpoint]:
     """The model of a stage's `latest` checkpoint, in inference mode."""
     ck = ckpt_lib.require_checkpoint(stage_dir, hint)
-    cfg = TrainConfig.from_dict(ck.state["config"])
-    model = GPT(GPTConfig(**ck.state["model_config"]), compute_dtype=getattr(mx, cfg.dtype or default_dtype()))
+    dtype = ck.state["config"].get("dtype")  # any stage's config (TrainConfig, RLConfig) has one
+    model = GPT(GPTConfig(**ck.state["model_config"]), compute_dtype=getattr(mx, dtype or default_dtype()))
     ckpt_lib.load_model_weights(model, ck)
     return model, ck
 

@@ -61,6 +61,21 @@ def _train(run: str, stage: str, config: dict, inputs: dict, root: str, fresh: b
 base_train, mid_train, sft_train = (task(name=f"{stage}-train", **CACHED)(_train) for stage in ("base", "mid", "sft"))
 
 
+@task(name="rl-train", **CACHED)
+def rl_train(run: str, config: dict, inputs: dict, root: str, fresh: bool = False) -> dict:
+    """RL from the SFT model; `inputs` (tokenizer, SFT checkpoint, eval data) is only there for the cache key."""
+    live = LiveTraining(run, "rl", "reward", get_run_logger())
+    result = stages.train_rl(run, config, root=root, fresh=fresh, on_progress=live)
+    if result["interrupted"]:  # Ctrl-C: a checkpoint was written; the run ends Cancelled, not Failed
+        return Cancelled(message=f"rl-train stopped at step {result['step']} of {result['num_iterations']}; "
+                                 f"rerun the flow to resume from {result['checkpoint']}")
+    _table(_artifact_key(run, "rl-train"), result["metrics"], "RL training (reward, pass@k)")
+    publish_location(_artifact_key(run, "rl-checkpoint"), f"rl checkpoint (step {result['step']})", result["checkpoint"],
+                     {"chat with it": f"mlxchat --home {root} chat --run {run} --stage rl",
+                      "train further (resumes here)": f"mlxchat --home {root} train rl --run {run}"})
+    return result
+
+
 @task(name="prepare-evals", **CACHED)
 def prepare_evals(source: str, root: str) -> dict:
     result = stages.prepare_evals(source, root=root)

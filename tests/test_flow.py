@@ -202,6 +202,25 @@ def test_bad_arguments_are_one_line_before_any_flow_run(args, message, tmp_path,
     assert runtime._server is None and not (tmp_path / ".prefect").exists()  # Prefect never started
 
 
+def test_flow_with_rl_trains_rl_after_sft_and_reports_its_column(home):
+    first = _flow(home, "--rl", "--run", "tinyrl")
+    with_rl = STAGES[:STAGES.index("chat-eval")] + ["rl-train"] + STAGES[STAGES.index("chat-eval"):]
+    assert _states(first.stdout + first.stderr) == {s: "Completed" for s in with_rl}
+    run = home / "runs" / "tinyrl"
+    assert os.readlink(run / "rl" / "latest") == "step_000002"
+    rows = [json.loads(line) for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2] and [r["step"] for r in rows if "pass@1" in r] == [0, 2]
+    chat = json.loads((run / "eval" / "chat_rl.json").read_text())
+    assert chat["chatcore"] is not None and chat["problems"]["GSM8K"] == 2
+    report = (run / "report.md").read_text()
+    assert "| Metric | BASE | MID | SFT | RL |" in report
+    assert f"| ChatCORE | - | {json.loads((run / 'eval' / 'chat_sft.json').read_text())['chatcore']:.4f} | " in report
+    assert re.search(rf"\| ChatCORE \| - \| \S+ \| \S+ \| {chat['chatcore']:.4f} \|", report), report[:1500]
+    assert "## RL training" in report
+    again = _flow(home, "--rl", "--run", "tinyrl")
+    assert _states(again.stdout + again.stderr) == {s: "Cached" for s in with_rl}
+
+
 def test_only_without_inputs_names_the_stage_to_run_first(tmp_path, home):
     shutil.copytree(home / "data", tmp_path / "data")
     out = _flow(tmp_path, "--only", "base-eval", check=False)

@@ -51,3 +51,13 @@ def test_report_card_says_when_where_how_long_and_the_validation_bpb(tmp_path):
     assert "| val bpb | 1.2346 | - | - |" in report
     assert "| tokenizer-train | 3.1 s |" in report and "| base-train | 3m08s |" in report
     assert "| eval_tokens | 16,384 |" in report
+
+
+def test_rl_is_a_fourth_column_with_chatcore_after_rl(tmp_path):
+    results = {"ARC-Easy": 0.25, "ARC-Challenge": 0.0, "MMLU": 0.125, "GSM8K": 0.0625, "HumanEval": 0.0, "SpellingBee": 0.5}
+    _write(tmp_path / "eval" / "chat_sft.json", {"results": results, "skipped": {}, "chatcore": -0.02, "max_per_task": 16})
+    md = summary_markdown(summary_rows(tmp_path))
+    assert "| Metric | BASE | MID | SFT | RL |" in md and "| GSM8K | - | - | 0.0625 | - |" in md  # no RL run: "-"
+    _write(tmp_path / "eval" / "chat_rl.json", {"results": {**results, "GSM8K": 0.125}, "skipped": {}, "chatcore": 0.01})
+    md = summary_markdown(summary_rows(tmp_path))
+    assert "| GSM8K | - | - | 0.0625 | 0.1250 |" in md and "| ChatCORE | - | - | -0.0200 | 0.0100 |" in md
