@@ -117,18 +117,16 @@ def main() -> None:
 
         grads = tree_map(lambda w: mx.random.normal(w.shape) * 1e-3, model.trainable_parameters())
         mx.eval(grads)
-        for label, ns_dtype in (("fp32", None), ("bf16", mx.bfloat16)):
+        for label, ns_dtype in (("fp32", mx.float32), ("bf16", mx.bfloat16)):
             opt = build_optimizer(model, OptimConfig(), 10**6)
-            if ns_dtype is not None:  # nanochat runs Newton-Schulz in bfloat16
-                for o in opt.optimizers:
-                    if isinstance(o, NanoMuon):
-                        ns = o._zeropower_via_newtonschulz5
-                        o._zeropower_via_newtonschulz5 = lambda X, steps, ns=ns: ns(X.astype(ns_dtype), steps).astype(X.dtype)
+            for o in opt.optimizers:
+                if isinstance(o, NanoMuon):  # batched Newton-Schulz; nanochat runs it in bfloat16
+                    o.ns_dtype = ns_dtype
             opt.init(model.trainable_parameters())
             mx.eval(opt.state)
             params = model.trainable_parameters()
             upd = mx.compile(lambda g, prm, opt=opt: opt.apply_gradients(g, prm), inputs=opt.state, outputs=opt.state)
-            measure(f"optimizer update, NS in {label} (compiled)", lambda upd=upd: upd(grads, params))
+            measure(f"optimizer update, batched NS in {label} (compiled)", lambda upd=upd: upd(grads, params))
     if "step" in parts:
         opt = build_optimizer(model, OptimConfig(), 10**6)
         opt.init(model.trainable_parameters())
