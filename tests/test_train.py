@@ -102,15 +102,15 @@ def test_nonfinite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint
 
     run = _new_run(home, "diverges")
     cfg = TrainConfig(**TINY, max_steps=6, eval_every=0, checkpoint_every=3)
-    real_step = train.TrainStep.__call__
+    real_step = train.TrainStep.dispatch
     calls = []
 
     def diverges_at_step_5(self, batches):
         calls.append(1)
         loss, norm = real_step(self, batches)
-        return (float("nan") if len(calls) == 5 else loss), norm
+        return (mx.array(float("nan")) if len(calls) == 5 else loss), norm
 
-    monkeypatch.setattr(train.TrainStep, "__call__", diverges_at_step_5)
+    monkeypatch.setattr(train.TrainStep, "dispatch", diverges_at_step_5)
     with pytest.raises(MlxchatError, match="loss became nan at step 4; the last good checkpoint .*step_000003"):
         train_base(run, cfg, root=home)
     assert latest_checkpoint(home / "runs" / run / "base").step == 3
