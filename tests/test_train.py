@@ -220,3 +220,29 @@ def test_sft_plan_line_counts_conversations_not_the_unused_token_batch():
     cfg = replace(stage_defaults("sft"), depth=3, max_steps=5)
     line = plan(cfg, vocab_size=512).describe(cfg)
     assert "=> 32 conversations/step" in line and "tokens/step" not in line and "524,288" not in line
+
+def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
+    """TrainStep queues its micro-batches without host syncs; two micro-batches of 2 rows give
+    the update one micro-batch of 4 rows gives (every target valid, so the means agree)."""
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from mlxchat.gpt import GPT, GPTConfig
+    from mlxchat.optim import OptimConfig, build_optimizer
+    from mlxchat.train import TrainStep
+
+    cfg = GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    x = mx.random.randint(0, 64, (4, 16), key=mx.random.key(1))
+    y = mx.random.randint(0, 64, (4, 16), key=mx.random.key(2))
+    results = []
+    for accum, batches in ((1, [(x, y)]), (2, [(x[:2], y[:2]), (x[2:], y[2:])])):
+        model = GPT(cfg)
+        model.init_weights(0)
+        opt = build_optimizer(model, OptimConfig(), 10)
+        opt.init(model.trainable_parameters())
+        loss, norm = TrainStep(model, opt, accum, 1.0, 1)(iter(batches))
+        results.append((loss, norm, dict(tree_flatten(model.parameters()))))
+    (loss1, norm1, p1), (loss2, norm2, p2) = results
+    assert abs(loss1 - loss2) < 1e-5 and abs(norm1 - norm2) < 1e-5
+    for k in p1:
+        np.testing.assert_allclose(np.array(p2[k]), np.array(p1[k]), atol=1e-5, err_msg=k)
