@@ -143,7 +143,8 @@ def generate(
     """
     _check_arguments(tokens, max_tokens, temperature, top_k, num_samples)
     cache = make_cache(model, 1, len(tokens) + max_tokens)
-    logits = model(mx.array([tokens]), cache=cache)[:, -1, :]
+    # Only the last position's logits are needed: the head (T × vocab) is skipped for the rest.
+    logits = model.logits(model.hidden(mx.array([tokens]), cache=cache)[:, -1, :])
     if num_samples > 1:
         for layer in cache:
             layer.repeat_batch(num_samples)
@@ -151,16 +152,29 @@ def generate(
     rows = [_Row(list(tokens)) for _ in range(num_samples)]
     stop = set(stop_tokens)
     key = mx.random.key(seed)
-    column: list[int] = []
-    for step in range(max_tokens):
-        if step:
-            logits = model(mx.array(column)[:, None], cache=cache)[:, -1, :]
+
+    def sample(logits: mx.array) -> mx.array:
+        nonlocal key
         key, subkey = mx.random.split(key)
-        sampled = sample_next_token(logits, temperature, top_k, subkey).tolist()
-        column = [row.advance(tok, stop, tool) for row, tok in zip(rows, sampled)]
+        return sample_next_token(logits, temperature, top_k, subkey)
+
+    def forward(column: mx.array) -> mx.array:
+        return model(column[:, None], cache=cache)[:, -1, :]
+
+    sampled = sample(logits)
+    mx.async_eval(sampled)
+    for step in range(max_tokens):
+        if tool is None and step + 1 < max_tokens:
+            # Without a tool every row's next input is its sampled token, so the next step is
+            # queued on the device before this one's tokens reach the host (as mlx-lm's
+            # generate_step overlaps them); with a tool a row's next token may be a forced one.
+            queued = sample(forward(sampled))
+            mx.async_eval(queued)
+        column = [row.advance(tok, stop, tool) for row, tok in zip(rows, sampled.tolist())]
         yield column
-        if all(row.done for row in rows):
+        if all(row.done for row in rows) or step + 1 == max_tokens:
             return
+        sampled = queued if tool is None else sample(forward(mx.array(column)))
 
 
 def generate_batch(model, tokens: list[int], max_tokens: int, **kwargs) -> list[list[int]]:

@@ -63,6 +63,7 @@ class TrainConfig:
     examples_per_step: int = 0  # SFT: conversations per optimizer step (replaces total_batch_size)
     eval_steps: int = 0  # batches per evaluation; 0 = eval_tokens / (batch × seq_len)
     init_from: str = ""  # the stage whose latest checkpoint starts this one (mid: base, sft: mid)
+    checkpoint_blocks: bool = False  # recompute block activations in the backward (less memory, slower)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     @property
@@ -365,8 +366,8 @@ def training_identity(cfg: TrainConfig, rdir: Path, data, parent: str | None = N
     return json.loads(json.dumps(identity, sort_keys=True, default=str))  # as state.json will hold it
 
 
-def build_model(p: Plan, seed: int) -> GPT:
-    model = GPT(p.model, compute_dtype=getattr(mx, p.dtype))
+def build_model(p: Plan, seed: int, checkpoint_blocks: bool = False) -> GPT:
+    model = GPT(p.model, compute_dtype=getattr(mx, p.dtype), checkpoint_blocks=checkpoint_blocks)
     model.init_weights(seed)
     return model
 
@@ -391,7 +392,7 @@ def train_loop(
     group = mx.distributed.init()
     is_main = group.rank() == 0
     seed_everything(cfg.seed)
-    model = build_model(p, cfg.seed)
+    model = build_model(p, cfg.seed, cfg.checkpoint_blocks)
     optimizer = build_optimizer(model, cfg.optim, p.num_iterations)
     optimizer.init(model.trainable_parameters())
     log.info(p.describe(cfg))

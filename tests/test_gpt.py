@@ -171,3 +171,15 @@ def test_estimate_flops_matches_nanochat_formula():
     c = m.config
     non_emb = m.num_params() - c.vocab_size * c.n_embd
     assert m.estimate_flops() == 6 * non_emb + 12 * 12 * 6 * 128 * 2048
+
+
+def test_checkpointed_blocks_give_the_same_loss_and_gradients():
+    m = _random_model()
+    idx = mx.random.randint(0, 256, (2, 16))
+    loss_grad = nn.value_and_grad(m, lambda mm: mm(idx, idx))
+    loss, grads = loss_grad(m)
+    m.checkpoint_blocks = True
+    ck_loss, ck_grads = loss_grad(m)
+    assert abs(ck_loss.item() - loss.item()) < 1e-6
+    for (name, a), (_, b) in zip(tree_flatten(grads), tree_flatten(ck_grads)):
+        np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-6, err_msg=name)
