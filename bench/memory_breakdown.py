@@ -12,6 +12,8 @@ the whole forward+backward, and the compiled TrainStep. Eager unless the row say
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,9 +35,12 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--parts", default="attn,attn-module,mlp,block,trunk,head,optim,fwdbwd,fwdbwd-compiled,step")
+    p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args()
 
-    from mlxchat.gpt import GPT, GPTConfig, chunked_cross_entropy
+    from mlxchat.gpt import GPT, LOSS_ENV, GPTConfig, chunked_cross_entropy, loss_kernel
+
+    forced_kernel = os.environ.get(LOSS_ENV)
     from mlxchat.optim import OptimConfig, build_optimizer
     from mlxchat.train import TrainStep
 
@@ -72,7 +77,7 @@ def main() -> None:
             rows.append((name, peak / GIB, sorted(times)[len(times) // 2] * 1000, ""))
         except Exception as e:  # e.g. out of memory: report and go on
             rows.append((name, float("nan"), float("nan"), f"{type(e).__name__}: {str(e)[:60]}"))
-        print(f"  {rows[-1][0]:<34} {rows[-1][1]:8.2f} GiB {rows[-1][2]:9.1f} ms {rows[-1][3]}", flush=True)
+        print(f"  {rows[-1][0]:<46} {rows[-1][1]:8.2f} GiB {rows[-1][2]:9.1f} ms {rows[-1][3]}", flush=True)
 
     if "attn" in parts:
         H, D = cfg.n_head, cfg.head_dim
@@ -103,7 +108,12 @@ def main() -> None:
         measure(f"trunk fwd+bwd ({args.depth} layers)", lambda: trunk_vg(model, x))
     if "head" in parts:
         head_vg = nn.value_and_grad(model, lambda m, hh: chunked_cross_entropy(m, hh, y).mean())
-        measure("head+loss fwd+bwd (chunked)", lambda: head_vg(model, h_fixed))
+        for kernel in ("portable", "fused"):  # MLXCHAT_LOSS is read at every call
+            os.environ[LOSS_ENV] = kernel
+            measure(f"head+loss fwd+bwd ({kernel}, chunked)", lambda: head_vg(model, h_fixed))
+        os.environ.pop(LOSS_ENV)
+        if forced_kernel:
+            os.environ[LOSS_ENV] = forced_kernel
     vg = nn.value_and_grad(model, lambda m, a, b: m(a, b))
     if "fwdbwd" in parts:
         measure("forward+backward", lambda: vg(model, x, y))
@@ -139,9 +149,17 @@ def main() -> None:
 
         measure("TrainStep compiled (fwd+bwd+Muon)", run_step)
 
-    print(f"\n{'part':<34} {'peak above rest':>16} {'median':>10}")
+    print(f"\n{'part':<46} {'peak above rest':>16} {'median':>10}   (the step's loss kernel: {loss_kernel()})")
     for name, gib, ms, err in rows:
-        print(f"{name:<34} {gib:12.2f} GiB {ms:8.1f} ms {err}")
+        print(f"{name:<46} {gib:12.2f} GiB {ms:8.1f} ms {err}")
+    if args.json:
+        report = {"device": mx.device_info().get("device_name", "?"), "mlx": mx.__version__, "dtype": str(dtype),
+                  "config": {k: getattr(args, k) for k in ("depth", "batch", "seq_len", "vocab", "reps")},
+                  "loss_kernel": loss_kernel(), "command": "python bench/memory_breakdown.py " + " ".join(sys.argv[1:]),
+                  "rows": [{"part": n, "peak_above_rest_gib": g, "median_ms": t, "error": e} for n, g, t, e in rows]}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
