@@ -11,7 +11,8 @@
 Each stage and variant runs in its own process; the first --warmup steps (compilation) are left
 out of both. `loop / step` is the ratio the issue asks to be >= 0.97. The home needs the smoke
 corpus (`mlxchat data prepare-smoke`); a tokenizer of --vocab tokens is trained into run
-`bench-loop-v<vocab>` if missing, and mid continues the base this run trains. Nothing asserts.
+`bench-loop-v<vocab>` if missing; mid continues that run's base checkpoint (list base first, or
+run base before in an earlier call on the same home). Nothing asserts.
 """
 
 from __future__ import annotations
