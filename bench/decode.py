@@ -20,12 +20,13 @@ default device; --device cpu forces the CPU).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from benchjson import write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -122,10 +123,7 @@ def main(argv=None) -> dict:
     r = report["ratios_ours_over_mlx_lm"]
     print(f"ours / mlx-lm at batch 1: prefill {r['prefill']:.2f}x, decode {r['decode']:.2f}x | "
           f"greedy tokens agreeing {agree}/{n} | {report['device']} | {dtype}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    write_json(args.json, report)
     return report
 
 

@@ -12,11 +12,12 @@ the whole forward+backward, and the compiled TrainStep. Eager unless the row say
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
+
+from benchjson import write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -157,9 +158,7 @@ def main() -> None:
                   "config": {k: getattr(args, k) for k in ("depth", "batch", "seq_len", "vocab", "reps")},
                   "loss_kernel": loss_kernel(), "command": "python bench/memory_breakdown.py " + " ".join(sys.argv[1:]),
                   "rows": [{"part": n, "peak_above_rest_gib": g, "median_ms": t, "error": e} for n, g, t, e in rows]}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

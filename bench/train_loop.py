@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchjson import write_json
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -140,10 +142,7 @@ def main(argv=None) -> dict:
         "config": {k: getattr(args, k) for k in ("depth", "batch", "seq_len", "vocab", "dtype", "steps", "warmup")},
         "results": results, "command": "python bench/train_loop.py " + " ".join(raw),
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    write_json(args.json, report)
     return report
 
 

@@ -44,6 +44,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchjson import write_json
+
 REPO = Path(__file__).resolve().parent.parent
 MAIN_VARIANTS = ("ours", "mlx-naive")
 ALL_VARIANTS = ("ours", "mlx-naive", "torch", "ours-fwdbwd", "ours-adamw", "ours-nocompile", "ours-fused-loss",
@@ -497,10 +499,7 @@ def main(argv=None) -> dict:
                              if "tok_per_s" in r and "tok_per_s" in base and v != "ours"},
         "command": "python bench/train_step.py " + " ".join(raw),
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    write_json(args.json, report)
     return report
 
 
