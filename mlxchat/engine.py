@@ -6,6 +6,9 @@ the fixed prompts training prints (and writes to `samples/<stage>.md`) after eac
 Generation prefills the prompt once at batch 1, then repeats the cache to `num_samples` rows
 and decodes all rows together, one token per step. Every row samples its own first token
 (nanochat broadcasts a single one, leaving a TODO), so rows are independent from the start.
+The prefill computes the head for the last position only, and without a tool the next step is
+queued on the device before the current tokens are read back, so the host's per-token work
+(sampling bookkeeping, stop checks, the caller's) overlaps the model's.
 
 Tool use (nanochat's calculator) plugs in through `tool`: after each sampled token it sees the
 row's tokens so far and returns tokens to force into that row next (e.g. `<|output_start|>`,

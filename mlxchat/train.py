@@ -464,6 +464,7 @@ def train_loop(
     t_train = 0.0
     if start_step == 0 and resume is None and cfg.eval_every > 0:
         evaluate(0)
+
     def must_settle(after: int) -> bool:
         """Whether the loop needs the state right after step `after` (to evaluate, checkpoint or
         finish), so no later step may be queued before it is handled."""
