@@ -9,8 +9,8 @@ decode greedily from the same random prompt with no stop token, so they do the s
   prefill tok/s = prompt tokens / time to the first generated token (prefill + one sample)
   decode tok/s  = rows × (new tokens − 1) / time from the first token to the last
 Rows: ours batch 1, mlx-lm batch 1 (`mlx_lm.generate.generate_step`, token ids in and out, no
-detokenizing), ours at --batch rows (`num_samples`: one prefill, rows decoded together). Each is
-timed --reps times after one untimed warm-up; the median is reported. Greedy tokens of ours and
+detokenizing), ours at --batch rows (`num_samples`: one prefill, rows decoded together). After
+one untimed warm-up each, the variants take turns --reps times; the median is reported. Greedy tokens of ours and
 mlx-lm at batch 1 are compared (they should agree, up to near-ties in the logits).
 
 This is a benchmark, never a test: nothing here asserts. It runs unchanged on CPU and GPU (the
@@ -90,15 +90,19 @@ def main(argv=None) -> dict:
 
     variants = {"ours, batch 1": (lambda: run_ours(1), 1), "mlx-lm, batch 1": (run_mlx_lm, 1),
                 f"ours, batch {args.batch}": (lambda: run_ours(args.batch), args.batch)}
-    results, greedy = {}, {}
-    for name, (make, rows) in variants.items():
+    for make, _ in variants.values():
         timed_generation(make())  # warm-up
-        prefill, decode = [], []
-        for _ in range(args.reps):
+    runs = {name: {"prefill": [], "decode": []} for name in variants}
+    greedy = {}
+    for _ in range(args.reps):  # the variants take turns, so a busy spell of a shared machine hits them alike
+        for name, (make, rows) in variants.items():
             t_first, t_rest, steps = timed_generation(make())
-            prefill.append(args.prompt_len / t_first)
-            decode.append(rows * (len(steps) - 1) / t_rest)
-        greedy[name] = [column[0] for column in steps]
+            runs[name]["prefill"].append(args.prompt_len / t_first)
+            runs[name]["decode"].append(rows * (len(steps) - 1) / t_rest)
+            greedy[name] = [column[0] for column in steps]
+    results = {}
+    for name, (_, rows) in variants.items():
+        prefill, decode = runs[name]["prefill"], runs[name]["decode"]
         results[name] = {"rows": rows, "prefill_tok_per_s": statistics.median(prefill),
                          "decode_tok_per_s": statistics.median(decode), "prefill_runs": prefill, "decode_runs": decode}
         print(f"  {name:<16} prefill {results[name]['prefill_tok_per_s']:>10,.0f} tok/s   "

@@ -168,9 +168,9 @@ def generate(
     for step in range(max_tokens):
         # Without a tool every row's next input is its sampled token, so from the second token on
         # the next step is queued on the device before this one's tokens reach the host (as
-        # mlx-lm's generate_step overlaps them). Not for the first token: a step queued behind the
-        # prefill delays it (once on the shared 2-core CPU, d4, 128 prompt tokens: best of 12 117 vs 30 ms). With a tool
-        # a row's next token may be a forced one, so each step waits for the previous.
+        # mlx-lm's generate_step overlaps them). Not for the first token: a step queued behind
+        # the prefill delays it (on the shared 2-core CPU, d4, 128 prompt tokens, best of 12:
+        # 117 vs 30 ms). With a tool a row's next token may be a forced one, so each step waits.
         pipelined = tool is None and step > 0
         if pipelined and step + 1 < max_tokens:
             queued = sample(forward(sampled))
