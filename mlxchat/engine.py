@@ -143,6 +143,8 @@ def generate(
     that has stopped keeps decoding (the batch stays rectangular) until the others stop, so
     consumers truncate each row at its first stop token (as `generate_batch` does).
     Sampling draws from keys split off `seed`, so equal arguments give equal samples.
+    `model` is a GPT (or anything with its `hidden`, `logits` and `__call__(idx, cache)`, its
+    `config` and `compute_dtype`): the prefill takes `logits` of the last hidden state only.
     """
     _check_arguments(tokens, max_tokens, temperature, top_k, num_samples)
     cache = make_cache(model, 1, len(tokens) + max_tokens)
