@@ -143,13 +143,11 @@ def generate(
     that has stopped keeps decoding (the batch stays rectangular) until the others stop, so
     consumers truncate each row at its first stop token (as `generate_batch` does).
     Sampling draws from keys split off `seed`, so equal arguments give equal samples.
-    `model` is a GPT (or anything with its `hidden`, `logits` and `__call__(idx, cache)`, its
-    `config` and `compute_dtype`): the prefill takes `logits` of the last hidden state only.
+    `model` is a GPT, or anything with its `__call__(idx, cache)`, `config` and `compute_dtype`.
     """
     _check_arguments(tokens, max_tokens, temperature, top_k, num_samples)
     cache = make_cache(model, 1, len(tokens) + max_tokens)
-    # Only the last position's logits are needed: the head (T × vocab) is skipped for the rest.
-    logits = model.logits(model.hidden(mx.array([tokens]), cache=cache)[:, -1, :])
+    logits = _prefill_logits(model, tokens, cache)
     if num_samples > 1:
         for layer in cache:
             layer.repeat_batch(num_samples)
@@ -182,6 +180,16 @@ def generate(
         if all(row.done for row in rows) or step + 1 == max_tokens:
             return
         sampled = queued if pipelined else sample(forward(mx.array(column)))
+
+
+def _prefill_logits(model, tokens: list[int], cache: list[KVCache]) -> mx.array:
+    """The prompt's last-position logits (1, V), filling the cache. A GPT runs its head on that
+    position only (the (T × vocab) head is skipped for the rest); a model without `hidden` and
+    `logits` (a wrapper, a test's stand-in) runs whole."""
+    idx = mx.array([tokens])
+    if hasattr(model, "hidden") and hasattr(model, "logits"):
+        return model.logits(model.hidden(idx, cache=cache)[:, -1, :])
+    return model(idx, cache=cache)[:, -1, :]
 
 
 def generate_batch(model, tokens: list[int], max_tokens: int, **kwargs) -> list[list[int]]:

@@ -65,11 +65,3 @@ class ScriptedModel:
         i = self._fed - len(self.prompts[-1])
         nxt = self.script[min(i, len(self.script) - 1)]
         return mx.full((B, T, self.config.vocab_size), -1e9).at[:, :, nxt].add(mx.array(2e9))
-
-    def hidden(self, idx, cache=None):
-        """The engine's prefill asks for hidden states, then `logits` of the last one only:
-        here the "hidden states" are the logits already."""
-        return self(idx, cache)
-
-    def logits(self, h):
-        return h
