@@ -12,9 +12,12 @@ the whole forward+backward, and the compiled TrainStep. Eager unless the row say
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+
+from benchjson import write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -33,9 +36,12 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--parts", default="attn,attn-module,mlp,block,trunk,head,optim,fwdbwd,fwdbwd-compiled,step")
+    p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args()
 
-    from mlxchat.gpt import GPT, GPTConfig, chunked_cross_entropy
+    from mlxchat.gpt import GPT, LOSS_ENV, GPTConfig, chunked_cross_entropy, loss_kernel
+
+    forced_kernel = os.environ.get(LOSS_ENV)
     from mlxchat.optim import OptimConfig, build_optimizer
     from mlxchat.train import TrainStep
 
@@ -72,7 +78,7 @@ def main() -> None:
             rows.append((name, peak / GIB, sorted(times)[len(times) // 2] * 1000, ""))
         except Exception as e:  # e.g. out of memory: report and go on
             rows.append((name, float("nan"), float("nan"), f"{type(e).__name__}: {str(e)[:60]}"))
-        print(f"  {rows[-1][0]:<34} {rows[-1][1]:8.2f} GiB {rows[-1][2]:9.1f} ms {rows[-1][3]}", flush=True)
+        print(f"  {rows[-1][0]:<46} {rows[-1][1]:8.2f} GiB {rows[-1][2]:9.1f} ms {rows[-1][3]}", flush=True)
 
     if "attn" in parts:
         H, D = cfg.n_head, cfg.head_dim
@@ -103,7 +109,12 @@ def main() -> None:
         measure(f"trunk fwd+bwd ({args.depth} layers)", lambda: trunk_vg(model, x))
     if "head" in parts:
         head_vg = nn.value_and_grad(model, lambda m, hh: chunked_cross_entropy(m, hh, y).mean())
-        measure("head+loss fwd+bwd (chunked)", lambda: head_vg(model, h_fixed))
+        for kernel in ("portable", "fused"):  # MLXCHAT_LOSS is read at every call
+            os.environ[LOSS_ENV] = kernel
+            measure(f"head+loss fwd+bwd ({kernel}, chunked)", lambda: head_vg(model, h_fixed))
+        os.environ.pop(LOSS_ENV)
+        if forced_kernel:
+            os.environ[LOSS_ENV] = forced_kernel
     vg = nn.value_and_grad(model, lambda m, a, b: m(a, b))
     if "fwdbwd" in parts:
         measure("forward+backward", lambda: vg(model, x, y))
@@ -117,18 +128,16 @@ def main() -> None:
 
         grads = tree_map(lambda w: mx.random.normal(w.shape) * 1e-3, model.trainable_parameters())
         mx.eval(grads)
-        for label, ns_dtype in (("fp32", None), ("bf16", mx.bfloat16)):
+        for label, ns_dtype in (("fp32", mx.float32), ("bf16", mx.bfloat16)):
             opt = build_optimizer(model, OptimConfig(), 10**6)
-            if ns_dtype is not None:  # nanochat runs Newton-Schulz in bfloat16
-                for o in opt.optimizers:
-                    if isinstance(o, NanoMuon):
-                        ns = o._zeropower_via_newtonschulz5
-                        o._zeropower_via_newtonschulz5 = lambda X, steps, ns=ns: ns(X.astype(ns_dtype), steps).astype(X.dtype)
+            for o in opt.optimizers:
+                if isinstance(o, NanoMuon):  # batched Newton-Schulz; nanochat runs it in bfloat16
+                    o.ns_dtype = ns_dtype
             opt.init(model.trainable_parameters())
             mx.eval(opt.state)
             params = model.trainable_parameters()
             upd = mx.compile(lambda g, prm, opt=opt: opt.apply_gradients(g, prm), inputs=opt.state, outputs=opt.state)
-            measure(f"optimizer update, NS in {label} (compiled)", lambda upd=upd: upd(grads, params))
+            measure(f"optimizer update, batched NS in {label} (compiled)", lambda upd=upd: upd(grads, params))
     if "step" in parts:
         opt = build_optimizer(model, OptimConfig(), 10**6)
         opt.init(model.trainable_parameters())
@@ -141,9 +150,15 @@ def main() -> None:
 
         measure("TrainStep compiled (fwd+bwd+Muon)", run_step)
 
-    print(f"\n{'part':<34} {'peak above rest':>16} {'median':>10}")
+    print(f"\n{'part':<46} {'peak above rest':>16} {'median':>10}   (the step's loss kernel: {loss_kernel()})")
     for name, gib, ms, err in rows:
-        print(f"{name:<34} {gib:12.2f} GiB {ms:8.1f} ms {err}")
+        print(f"{name:<46} {gib:12.2f} GiB {ms:8.1f} ms {err}")
+    if args.json:
+        report = {"device": mx.device_info().get("device_name", "?"), "mlx": mx.__version__, "dtype": str(dtype),
+                  "config": {k: getattr(args, k) for k in ("depth", "batch", "seq_len", "vocab", "reps")},
+                  "loss_kernel": loss_kernel(), "command": "python bench/memory_breakdown.py " + " ".join(sys.argv[1:]),
+                  "rows": [{"part": n, "peak_above_rest_gib": g, "median_ms": t, "error": e} for n, g, t, e in rows]}
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ as such and its allocations never count against the next):
 
 Diagnostic variants (name them in --variants): ours-fwdbwd (compiled forward+backward only, no
 optimizer), ours-adamw (compiled step with plain AdamW in place of Muon), ours-nocompile (the
-same computation as `ours`, eager).
+same computation as `ours`, eager), ours-fused-loss / ours-portable-loss (`ours` with the loss
+kernel forced: `MLXCHAT_LOSS`; plain `ours` takes the fused one on GPUs, the portable one on
+CPU), ours-ckpt (`ours` with `mx.checkpoint` per block, `--checkpoint-blocks`).
 
 MFU = FLOPs/token (nanochat's estimate, 6·N + attention) × tok/s / peak. On CUDA the peak is
 the device's dense bf16 rate (H100/H200: 989 TFLOP/s, nanochat's figure). On CPU it is measured
@@ -42,9 +44,13 @@ import sys
 import time
 from pathlib import Path
 
+from benchjson import write_json
+
 REPO = Path(__file__).resolve().parent.parent
 MAIN_VARIANTS = ("ours", "mlx-naive")
-ALL_VARIANTS = ("ours", "mlx-naive", "torch", "ours-fwdbwd", "ours-adamw", "ours-nocompile")
+ALL_VARIANTS = ("ours", "mlx-naive", "torch", "ours-fwdbwd", "ours-adamw", "ours-nocompile", "ours-fused-loss",
+                "ours-portable-loss", "ours-ckpt")
+LOSS_VARIANTS = {"ours-fused-loss": "fused", "ours-portable-loss": "portable"}  # variant -> MLXCHAT_LOSS
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16, as nanochat's MFU
 GIB = 1024**3
 
@@ -143,20 +149,24 @@ def mlx_device_name(mx) -> str:
 
 
 def run_mlx(args, variant: str) -> dict:
+    if variant in LOSS_VARIANTS:
+        import os
+
+        os.environ["MLXCHAT_LOSS"] = LOSS_VARIANTS[variant]
     mx = mlx_setup(args)
     if args.mlx_cache_limit is not None:
         mx.set_cache_limit(args.mlx_cache_limit)
     import mlx.nn as nn
     import mlx.optimizers as optim
 
-    from mlxchat.gpt import GPT, GPTConfig
+    from mlxchat.gpt import GPT, GPTConfig, loss_kernel
     from mlxchat.optim import OptimConfig, build_optimizer, clip_gradients
     from mlxchat.train import TrainStep
 
     dtype = getattr(mx, args.dtype)
     cfg = GPTConfig.from_depth(args.depth, vocab_size=args.vocab, sequence_len=args.seq_len)
     mx.random.seed(args.seed)
-    model = GPT(cfg, compute_dtype=dtype)
+    model = GPT(cfg, compute_dtype=dtype, checkpoint_blocks=variant == "ours-ckpt")
     model.init_weights(args.seed)
     batches = [(mx.array(x, dtype=mx.int32), mx.array(y, dtype=mx.int32)) for x, y in random_batches(args)]
     mx.eval(batches)
@@ -171,8 +181,8 @@ def run_mlx(args, variant: str) -> dict:
 
     it = cycle()
 
-    if variant in ("ours", "ours-adamw"):
-        if variant == "ours":
+    if variant in ("ours", "ours-adamw", "ours-ckpt", *LOSS_VARIANTS):
+        if variant != "ours-adamw":
             optimizer = build_optimizer(model, ocfg, horizon)
         else:
             optimizer = optim.AdamW(1e-3, betas=[0.8, 0.95], eps=1e-10, weight_decay=0.0, bias_correction=True)
@@ -245,6 +255,7 @@ def run_mlx(args, variant: str) -> dict:
         "num_params": model.num_params(),
         "device_name": mlx_device_name(mx),
         "framework": f"mlx {mx.__version__}",
+        "loss_kernel": loss_kernel(),
     }
 
 
@@ -488,10 +499,7 @@ def main(argv=None) -> dict:
                              if "tok_per_s" in r and "tok_per_s" in base and v != "ours"},
         "command": "python bench/train_step.py " + " ".join(raw),
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    write_json(args.json, report)
     return report
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,6 +28,10 @@ ROPE_BASE = 10000.0
 NORM_EPS = 1e-5
 # Rows of the (rows × vocab) fp32 logits materialised at once by the chunked loss (≈ 1 GiB at vocab 65536).
 LOSS_CHUNK_ELEMENTS = 1 << 28
+# The fused loss holds a chunk's logits in the compute dtype and one fp32 copy (its softcap) in
+# the forward only, so it takes fewer, larger chunks (8 at B32×2048, vocab 65536).
+FUSED_LOSS_CHUNK_ELEMENTS = 1 << 29
+LOSS_ENV = "MLXCHAT_LOSS"
 
 
 @dataclass(frozen=True)
@@ -144,10 +149,13 @@ class Transformer(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig, compute_dtype: mx.Dtype = mx.float32):
+    def __init__(self, config: GPTConfig, compute_dtype: mx.Dtype = mx.float32, checkpoint_blocks: bool = False):
         super().__init__()
         self.config = config.validated()
         self.compute_dtype = compute_dtype
+        # Recompute each block's activations in the backward instead of keeping them (mx.checkpoint):
+        # ~1/3 more compute for a fraction of the activation memory, for when memory binds (a Mac).
+        self.checkpoint_blocks = checkpoint_blocks
         self.transformer = Transformer(config)
         self.lm_head = CastLinear(config.n_embd, config.vocab_size)  # untied from wte
 
@@ -182,7 +190,10 @@ class GPT(nn.Module):
         """The trunk: final normalised hidden states (B, T, C) in the compute dtype."""
         x = norm(self.transformer.wte(idx).astype(self.compute_dtype))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if cache is None else cache[i])
+            if cache is None and self.checkpoint_blocks:
+                x = nn.utils.checkpoint(block)(x)
+            else:
+                x = block(x, None if cache is None else cache[i])
         return norm(x)
 
     def logits(self, h: mx.array) -> mx.array:
@@ -204,6 +215,23 @@ class GPT(nn.Module):
         return per_token.sum() / mx.maximum(valid, 1)
 
 
+def loss_kernel() -> str:
+    """Which per-chunk loss the training forward/backward uses, chosen at run time.
+
+    'fused': `mx.fast.cross_entropy` (one kernel, fp32 accumulation, on Metal and CUDA) on the
+    softcapped logits, and a backward that is one elementwise pass over the logits (the
+    log-sum-exp comes from the forward's loss, so no softmax reduction is recomputed).
+    'portable': MLX ops only (logsumexp; softmax in the backward), which is what the CPU runs:
+    there `mx.fast.cross_entropy` falls back to the same unfused ops.
+    `MLXCHAT_LOSS=fused|portable` overrides the choice (benchmarks, tests)."""
+    forced = os.environ.get(LOSS_ENV, "")
+    if forced:
+        if forced not in ("fused", "portable"):
+            raise MlxchatError(f"{LOSS_ENV}={forced!r}: expected fused or portable (or unset)")
+        return forced
+    return "fused" if hasattr(mx.fast, "cross_entropy") and mx.default_device() == mx.gpu else "portable"
+
+
 def chunked_cross_entropy(model: "GPT", h: mx.array, targets: mx.array) -> mx.array:
     """Per-token losses (B, T), computing lm_head → softcap → cross-entropy a block of rows at a
     time so the full (B·T × vocab) fp32 logits never exist: at B32×2048×65536 they have more
@@ -211,25 +239,28 @@ def chunked_cross_entropy(model: "GPT", h: mx.array, targets: mx.array) -> mx.ar
 
     The chunks run one after another in the forward and in the backward pass (see
     `_sequential_chunk_losses`); the backward recomputes each chunk's logits instead of keeping
-    them alive. With a single chunk, plain autodiff keeps the logits (no recomputation)."""
+    them alive. With a single portable chunk, plain autodiff keeps the logits (no recomputation)."""
     B, T, C = h.shape
     rows = B * T
     h2, t2 = h.reshape(rows, C), targets.reshape(rows)
-    chunk = max(1, min(rows, LOSS_CHUNK_ELEMENTS // model.config.vocab_size))
+    kernel = loss_kernel()
+    budget = FUSED_LOSS_CHUNK_ELEMENTS if kernel == "fused" else LOSS_CHUNK_ELEMENTS
+    chunk = max(1, min(rows, budget // model.config.vocab_size))
     head = model.lm_head
-    if chunk >= rows:
+    if kernel == "portable" and chunk >= rows:
         return _token_losses(head, h2, t2).reshape(B, T)
     if not isinstance(head, CastLinear):  # e.g. a quantized head: checkpointed autodiff per chunk
         chunk_fn = nn.utils.checkpoint(head, lambda hh, tt: _token_losses(head, hh, tt))
         parts = [chunk_fn(h2[s : s + chunk], t2[s : s + chunk]) for s in range(0, rows, chunk)]
         return mx.concatenate(parts).reshape(B, T)
-    return _sequential_chunk_losses(chunk)(h2, t2, head.weight).reshape(B, T)
+    return _sequential_chunk_losses(chunk, kernel)(h2, t2, head.weight).reshape(B, T)
 
 
 @functools.lru_cache(maxsize=None)
-def _sequential_chunk_losses(chunk: int):
+def _sequential_chunk_losses(chunk: int, kernel: str):
     """Per-row losses of `h @ weight.T` (softcapped) against targets, `chunk` rows at a time, with
-    a hand-written backward.
+    a hand-written backward; `kernel` ('fused' or 'portable', see `loss_kernel`) picks how a
+    chunk's loss and logit gradient are computed.
 
     Why not autodiff over checkpointed chunks: MLX evaluates a graph breadth-first, so the
     independent chunks all run side by side and every chunk's (chunk × vocab) fp32 temporaries
@@ -239,6 +270,8 @@ def _sequential_chunk_losses(chunk: int):
     only one chunk's temporaries exist at a time. The backward also reuses tanh for the softcap's
     derivative and forms softmax − onehot directly, instead of differentiating through them.
     """
+    chunk_losses = _fused_losses if kernel == "fused" else _portable_losses
+    chunk_dlogits = _fused_dlogits if kernel == "fused" else _portable_dlogits
 
     @mx.custom_function
     def losses(h, targets, weight):
@@ -248,31 +281,63 @@ def _sequential_chunk_losses(chunk: int):
             hh = h[s : s + chunk]
             if parts:
                 hh = mx.depends(hh, parts[-1])
-            parts.append(_losses_of_logits(_softcap(hh @ w.T), targets[s : s + chunk]))
+            parts.append(chunk_losses(hh @ w.T, targets[s : s + chunk]))
         return mx.concatenate(parts)
 
     @losses.vjp
     def losses_vjp(primals, cotangent, output):
         h, targets, weight = primals
         w = weight.astype(h.dtype)
-        vocab = weight.shape[0]
         dh_parts, dw = [], None
         for s in range(0, h.shape[0], chunk):
             hh, tt = h[s : s + chunk], targets[s : s + chunk]
             if dw is not None:
                 hh = mx.depends(hh, dw)
-            valid = tt >= 0
-            t = mx.tanh((hh @ w.T).astype(mx.float32) / SOFTCAP)
-            p = mx.softmax(SOFTCAP * t, axis=-1, precise=True)
-            onehot = mx.arange(vocab)[None, :] == mx.where(valid, tt, 0)[:, None]
-            g = mx.where(valid, cotangent[s : s + chunk], 0.0).astype(mx.float32)
-            dz = ((p - onehot) * g[:, None] * (1 - t * t)).astype(h.dtype)  # d softcap(z)/dz = 1 - tanh^2
+            dz = chunk_dlogits(hh @ w.T, tt, cotangent[s : s + chunk], output[s : s + chunk])
             dh_parts.append(dz @ w)
             dwi = (dz.T @ hh).astype(mx.float32)
             dw = dwi if dw is None else dw + dwi
         return mx.concatenate(dh_parts), mx.zeros_like(targets), dw.astype(weight.dtype)
 
     return losses
+
+
+def _portable_losses(z: mx.array, targets: mx.array) -> mx.array:
+    return _losses_of_logits(_softcap(z), targets)
+
+
+def _portable_dlogits(z: mx.array, targets: mx.array, cotangent: mx.array, losses: mx.array) -> mx.array:
+    """d loss / d z for one chunk from MLX ops: softmax of the softcapped logits − onehot."""
+    valid = targets >= 0
+    t = mx.tanh(z.astype(mx.float32) / SOFTCAP)
+    p = mx.softmax(SOFTCAP * t, axis=-1, precise=True)
+    onehot = mx.arange(z.shape[-1])[None, :] == mx.where(valid, targets, 0)[:, None]
+    g = mx.where(valid, cotangent, 0.0).astype(mx.float32)
+    return ((p - onehot) * g[:, None] * (1 - t * t)).astype(z.dtype)  # d softcap(z)/dz = 1 - tanh^2
+
+
+@mx.compile
+def _fused_losses(z: mx.array, targets: mx.array) -> mx.array:
+    """One chunk's losses: the softcap (fused with the cast into one elementwise kernel by
+    mx.compile) feeding `mx.fast.cross_entropy`; ignored targets (< 0) give 0."""
+    valid = targets >= 0
+    return mx.where(valid, mx.fast.cross_entropy(_softcap(z), mx.where(valid, targets, 0)), 0.0)
+
+
+@mx.compile
+def _fused_dlogits(z: mx.array, targets: mx.array, cotangent: mx.array, losses: mx.array) -> mx.array:
+    """d loss / d z for one chunk in a single elementwise pass over z: the forward's loss gives
+    the log-sum-exp back (lse = loss + softcapped target logit), so softmax needs no reduction.
+    Ignored rows get lse = +inf, i.e. probability 0 and a zero gradient."""
+    valid = targets >= 0
+    safe = mx.where(valid, targets, 0)
+    picked = _softcap(mx.take_along_axis(z, safe[:, None], axis=-1))
+    lse = mx.where(valid[:, None], losses[:, None] + picked, mx.inf)
+    t = mx.tanh(z.astype(mx.float32) / SOFTCAP)
+    p = mx.exp(SOFTCAP * t - lse)
+    onehot = mx.arange(z.shape[-1])[None, :] == safe[:, None]
+    g = mx.where(valid, cotangent, 0.0).astype(mx.float32)
+    return ((p - onehot) * g[:, None] * (1 - t * t)).astype(z.dtype)
 
 
 def _softcap(logits: mx.array) -> mx.array:

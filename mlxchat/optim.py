@@ -7,8 +7,8 @@ nanochat's `muon.py` / `gpt.setup_optimizers`:
   scale are the same. Differences we correct: MLX defaults to weight decay 0.01 (nanochat: 0),
   and keeps momentum as a Python float, which `mx.compile` would freeze — `NanoMuon` keeps it
   in the optimizer state so nanochat's 0.85→0.95 warm-up reaches the compiled step.
-  nanochat runs Newton–Schulz in bfloat16; here it runs in the gradient's dtype (fp32 master
-  gradients), which is at least as accurate.
+  nanochat runs Newton–Schulz in bfloat16, batched over same-shape matrices; so do we when the
+  model computes in bfloat16 (GPUs); on the CPU (fp32 compute) it runs in fp32.
 - torch's AdamW bias-corrects; MLX's only with `bias_correction=True`, which we set.
 - LR and momentum schedules are functions of the optimizer's own step counter, so they live in
   the optimizer state and resume exactly from a checkpoint.
@@ -22,7 +22,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_reduce
+from mlx.utils import tree_map, tree_reduce
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,18 @@ def muon_momentum(step, warmup_steps: int = 300):
 
 
 class NanoMuon(optim.Muon):
-    """`mlx.optimizers.Muon` with its momentum in the optimizer state (so it can be scheduled)."""
+    """`mlx.optimizers.Muon` with its momentum in the optimizer state (so it can be scheduled),
+    and Newton–Schulz run once per group of same-shape matrices instead of once per matrix.
 
-    def __init__(self, learning_rate, momentum: float | Callable):
+    Batching is nanochat's: a model has few distinct matrix shapes (d12: 768×768 ×48, 3072×768 and
+    768×3072 ×12 each), so stacking them turns ~70 small matmul chains into 2 batched ones. Tall
+    matrices are orthogonalised transposed (as Muon does anyway), so 3072×768 and 768×3072 share
+    a group. `ns_dtype` is the dtype Newton–Schulz runs in (nanochat: bfloat16 on GPUs)."""
+
+    def __init__(self, learning_rate, momentum: float | Callable, ns_dtype: mx.Dtype = mx.float32):
         super().__init__(learning_rate, momentum=0.95, weight_decay=0.0, nesterov=True, ns_steps=5)
         self._maybe_schedule("momentum", momentum)
+        self.ns_dtype = ns_dtype
 
     @property
     def momentum(self):
@@ -90,10 +97,66 @@ class NanoMuon(optim.Muon):
     def momentum(self, value):
         self.state["momentum"] = mx.array(value)
 
+    def apply_gradients(self, gradients: dict, parameters: dict):
+        """`Optimizer.apply_gradients` with `Muon.apply_single`'s arithmetic, split in two passes:
+        the momentum update per matrix, then Newton–Schulz per shape group."""
+        if not self._initialized:
+            self.init(gradients)
+        for param, scheduler in self._schedulers.items():
+            self.state[param] = scheduler(self.step)
+        self.state["step"] = self.step + 1
+
+        updates: list[mx.array] = []
+
+        def nesterov_update(gradient, state):
+            v = self.momentum * state["v"] + (1 - self.momentum) * gradient
+            state["v"] = v
+            updates.append(gradient * (1 - self.momentum) + v * self.momentum)
+            return len(updates) - 1
+
+        slots = tree_map(nesterov_update, gradients, self.state)
+        orthogonal = self._orthogonalize(updates)
+
+        def apply(slot, parameter):
+            update = orthogonal[slot]
+            lr = self.learning_rate.astype(update.dtype) * max(1, update.shape[-2] / update.shape[-1]) ** 0.5
+            return parameter - lr * update
+
+        return tree_map(apply, slots, parameters)
+
+    def _orthogonalize(self, updates: list[mx.array]) -> list[mx.array]:
+        if any(u.ndim != 2 for u in updates):
+            raise ValueError("NanoMuon orthogonalises matrices only; give it 2-D parameters")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, u in enumerate(updates):
+            groups.setdefault(tuple(sorted(u.shape)), []).append(i)
+        out: list[mx.array] = [None] * len(updates)  # type: ignore[list-item]
+        for members in groups.values():
+            wide = [updates[i].T if updates[i].shape[0] > updates[i].shape[1] else updates[i] for i in members]
+            X = newton_schulz(mx.stack(wide).astype(self.ns_dtype), self.ns_steps)
+            for j, i in enumerate(members):
+                x = X[j].astype(updates[i].dtype)
+                out[i] = x.T if updates[i].shape[0] > updates[i].shape[1] else x
+        return out
+
+
+def newton_schulz(X: mx.array, steps: int) -> mx.array:
+    """Muon's quintic Newton–Schulz (3.4445, −4.7750, 2.0315) on a stack of wide matrices
+    (n, rows ≤ cols), each normalised by its own Frobenius norm: `Muon`'s per-matrix iteration,
+    batched."""
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = X / (mx.linalg.norm(X, axis=(-2, -1), keepdims=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.swapaxes(-1, -2)
+        B = mx.addmm(b * A, A, A, beta=1.0, alpha=c)
+        X = mx.addmm(a * X, B, X, beta=1.0, alpha=1.0)
+    return X
+
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, num_iterations: int) -> optim.MultiOptimizer:
     """AdamW(lm_head), AdamW(wte), Muon(block matrices) with nanochat's LRs; the AdamW LRs are
-    scaled by (n_embd/768)^-0.5 because they were tuned at width 768."""
+    scaled by (n_embd/768)^-0.5 because they were tuned at width 768. Newton–Schulz runs in
+    bfloat16 when the model computes in it (GPUs, as nanochat), else in fp32."""
     scale = (model.config.n_embd / 768) ** -0.5
 
     def scheduled(base_lr: float):
@@ -106,6 +169,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, num_iterations: int) -> 
     muon = NanoMuon(
         scheduled(cfg.matrix_lr),
         momentum=lambda step: muon_momentum(step.astype(mx.float32), cfg.momentum_warmup_steps),
+        ns_dtype=mx.bfloat16 if model.compute_dtype == mx.bfloat16 else mx.float32,
     )
     return optim.MultiOptimizer(
         [lm_head, embedding, muon],

@@ -63,6 +63,7 @@ class TrainConfig:
     examples_per_step: int = 0  # SFT: conversations per optimizer step (replaces total_batch_size)
     eval_steps: int = 0  # batches per evaluation; 0 = eval_tokens / (batch × seq_len)
     init_from: str = ""  # the stage whose latest checkpoint starts this one (mid: base, sft: mid)
+    checkpoint_blocks: bool = False  # recompute block activations in the backward (less memory, slower)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     @property
@@ -209,26 +210,36 @@ class TrainStep:
         self._grads = mx.compile(grads_of, inputs=state, outputs=state)
         self._apply = mx.compile(apply, inputs=state, outputs=state)
 
-    def __call__(self, batches) -> tuple[float, float]:
-        """One optimizer step over `accum` micro-batches; returns (mean loss, grad norm) and
-        leaves the number of input tokens it processed in `self.tokens` (SFT batches vary)."""
+    def dispatch(self, batches) -> tuple[mx.array, mx.array]:
+        """Queue one optimizer step over `accum` micro-batches (`mx.async_eval`) and return its
+        (mean loss, grad norm) as arrays still being computed; leaves the number of input tokens
+        it processed in `self.tokens` (SFT batches vary).
+
+        Nothing here waits for the device, so the caller can load the next batch and queue the
+        next step while this one runs; reading the loss (`.item()`) is the one synchronisation."""
         if self.accum == 1:
             x, y = next(batches)
             self.tokens = x.size
             loss, norm = self._fused(x, y)
-            mx.eval(loss, norm, self.model.parameters(), self.optimizer.state)
-            return loss.item(), norm.item()
-        total_loss, total, self.tokens = 0.0, None, 0
+            mx.async_eval(loss, norm, self.model.parameters(), self.optimizer.state)
+            return loss, norm
+        total_loss, total, self.tokens = None, None, 0
         for _ in range(self.accum):
             x, y = next(batches)
             self.tokens += x.size
             loss, grads = self._grads(x, y)
             total = grads if total is None else tree_map(mx.add, total, grads)
-            mx.eval(loss, total)
-            total_loss += loss.item()
+            total_loss = loss if total_loss is None else total_loss + loss
+            mx.async_eval(total_loss, total)  # one micro-batch's activations alive at a time
         norm = self._apply(tree_map(lambda g: g / self.accum, total))
-        mx.eval(norm, self.model.parameters(), self.optimizer.state)
-        return total_loss / self.accum, norm.item()
+        loss = total_loss / self.accum
+        mx.async_eval(loss, norm, self.model.parameters(), self.optimizer.state)
+        return loss, norm
+
+    def __call__(self, batches) -> tuple[float, float]:
+        """One optimizer step, waited for: (mean loss, grad norm) as floats."""
+        loss, norm = self.dispatch(batches)
+        return loss.item(), norm.item()
 
 
 class StopRequested:
@@ -355,8 +366,8 @@ def training_identity(settings: dict, rdir: Path, data, parent: str | None = Non
     return json.loads(json.dumps(identity, sort_keys=True, default=str))  # as state.json will hold it
 
 
-def build_model(p: Plan, seed: int) -> GPT:
-    model = GPT(p.model, compute_dtype=getattr(mx, p.dtype))
+def build_model(p: Plan, seed: int, checkpoint_blocks: bool = False) -> GPT:
+    model = GPT(p.model, compute_dtype=getattr(mx, p.dtype), checkpoint_blocks=checkpoint_blocks)
     model.init_weights(seed)
     return model
 
@@ -381,7 +392,7 @@ def train_loop(
     group = mx.distributed.init()
     is_main = group.rank() == 0
     seed_everything(cfg.seed)
-    model = build_model(p, cfg.seed)
+    model = build_model(p, cfg.seed, cfg.checkpoint_blocks)
     optimizer = build_optimizer(model, cfg.optim, p.num_iterations)
     optimizer.init(model.trainable_parameters())
     log.info(p.describe(cfg))
@@ -453,11 +464,28 @@ def train_loop(
     t_train = 0.0
     if start_step == 0 and resume is None and cfg.eval_every > 0:
         evaluate(0)
+
+    def must_settle(after: int) -> bool:
+        """Whether the loop needs the state right after step `after` (to evaluate, checkpoint or
+        finish), so no later step may be queued before it is handled."""
+        return (after == p.num_iterations or (cfg.eval_every > 0 and after % cfg.eval_every == 0)
+                or (cfg.checkpoint_every > 0 and after % cfg.checkpoint_every == 0))
+
     with StopRequested() as stop:
+        # One step runs ahead: step k+1 is loaded and queued before step k's loss is read, so the
+        # device never waits for the host (batch loading, logging) between steps.
+        queued = None
+        t_last = time.perf_counter()
         while step < p.num_iterations:
-            t0 = time.perf_counter()
-            loss, gnorm = step_fn(train_batches)
-            dt = time.perf_counter() - t0
+            if queued is None:
+                queued = (*step_fn.dispatch(train_batches), step_fn.tokens)
+            loss_a, gnorm_a, tokens = queued
+            queued = None
+            if not (must_settle(step + 1) or stop.requested):
+                queued = (*step_fn.dispatch(train_batches), step_fn.tokens)
+            loss, gnorm = loss_a.item(), gnorm_a.item()
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
             if not math.isfinite(loss):
                 last = ckpt_lib.latest_checkpoint(stage_dir)
                 kept = f"the last good checkpoint {last.path} is kept" if last else "no checkpoint was written"
@@ -468,8 +496,8 @@ def train_loop(
             t_train += dt
             smooth = 0.9 * smooth + 0.1 * loss
             debiased = smooth / (1 - 0.9 ** (step - start_step))
-            tokens_seen += step_fn.tokens * p.world_size
-            tok_s = step_fn.tokens * p.world_size / dt
+            tokens_seen += tokens * p.world_size
+            tok_s = tokens * p.world_size / dt
             mfu = 100 * p.flops_per_token * tok_s / peak if peak else None
             row = {"step": step, "loss": loss, "smooth_loss": debiased, "grad_norm": gnorm, "dt": dt, "tok_per_s": tok_s, "mfu": mfu}
             _append_metrics(metrics_file, row, is_main)
@@ -479,14 +507,17 @@ def train_loop(
                 eta = (p.num_iterations - step) * (t_train / (step - start_step))
                 on_progress({**row, "num_iterations": p.num_iterations, "eta_s": eta,
                              metric: history[-1][metric] if history else None})
+            stopping = stop.requested and queued is None  # a queued step finishes first
             last_step = step == p.num_iterations
             if cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0):
                 evaluate(step)
-            if last_step or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or stop.requested:
+            if last_step or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or stopping:
                 last_ckpt = save(step)
-            if stop.requested:
+            if stopping:
                 interrupted = True
                 break
+            if queued is None:
+                t_last = time.perf_counter()  # evaluation and checkpoints are not step time
     bar.close()
     if last_ckpt is None:  # resumed at the very end: nothing left to do
         last_ckpt = ckpt_lib.latest_checkpoint(stage_dir).path

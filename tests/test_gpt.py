@@ -118,6 +118,37 @@ def test_chunked_loss_and_gradients_equal_unchunked(monkeypatch):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("rows_per_chunk", [32, 5])  # one chunk; chunks of 5 rows, uneven split of 32
+def test_fused_loss_and_gradients_equal_the_reference(monkeypatch, rows_per_chunk):
+    """The fused path (mx.fast.cross_entropy, elementwise backward from the forward's loss) that
+    GPUs take gives the reference's loss and gradients: full softcapped fp32 logits into
+    nn.losses.cross_entropy, targets < 0 ignored, mean over the valid ones, plain autodiff."""
+    m = _random_model()
+    idx = mx.random.randint(0, 256, (2, 16))
+    tgt = mx.random.randint(0, 256, (2, 16))
+    tgt[0, :3] = -1
+    tgt[1, 5] = -1
+
+    def reference(mm):
+        per_token = nn.losses.cross_entropy(mm(idx).reshape(-1, 256), mx.maximum(tgt, 0).reshape(-1), reduction="none")
+        valid = tgt.reshape(-1) >= 0
+        return mx.where(valid, per_token, 0.0).sum() / valid.sum()
+
+    ref_loss, ref_grads = nn.value_and_grad(m, reference)(m)
+    monkeypatch.setenv(gpt.LOSS_ENV, "fused")
+    monkeypatch.setattr(gpt, "FUSED_LOSS_CHUNK_ELEMENTS", 256 * rows_per_chunk)
+    loss, grads = nn.value_and_grad(m, lambda mm: mm(idx, tgt))(m)
+    assert abs(loss.item() - ref_loss.item()) < 1e-6
+    for (name, a), (_, b) in zip(tree_flatten(ref_grads), tree_flatten(grads)):
+        np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-7, rtol=1e-5, err_msg=name)
+
+
+def test_unknown_loss_kernel_is_named(monkeypatch):
+    monkeypatch.setenv(gpt.LOSS_ENV, "fast")
+    with pytest.raises(MlxchatError, match="MLXCHAT_LOSS='fast': expected fused or portable"):
+        _random_model()(mx.zeros((1, 4), mx.int32), mx.zeros((1, 4), mx.int32))
+
+
 def test_logits_are_softcapped():
     m = _random_model()
     m.lm_head.weight = m.lm_head.weight * 1000
@@ -140,3 +171,15 @@ def test_estimate_flops_matches_nanochat_formula():
     c = m.config
     non_emb = m.num_params() - c.vocab_size * c.n_embd
     assert m.estimate_flops() == 6 * non_emb + 12 * 12 * 6 * 128 * 2048
+
+
+def test_checkpointed_blocks_give_the_same_loss_and_gradients():
+    m = _random_model()
+    idx = mx.random.randint(0, 256, (2, 16))
+    loss_grad = nn.value_and_grad(m, lambda mm: mm(idx, idx))
+    loss, grads = loss_grad(m)
+    m.checkpoint_blocks = True
+    ck_loss, ck_grads = loss_grad(m)
+    assert abs(ck_loss.item() - loss.item()) < 1e-6
+    for (name, a), (_, b) in zip(tree_flatten(grads), tree_flatten(ck_grads)):
+        np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-6, err_msg=name)

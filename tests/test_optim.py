@@ -107,3 +107,24 @@ def test_one_step_equals_nanochat_muon_and_adamw_update():
                 ref[k] -= lr * mhat / (np.sqrt(vhat) + 1e-10)
     for k, v in tree_flatten(m.parameters()):
         np.testing.assert_allclose(np.array(v), ref[k], atol=2e-5, err_msg=k)
+
+
+def test_batched_newton_schulz_equals_muon_per_matrix():
+    """NanoMuon's update (momentum per matrix, Newton–Schulz per stacked shape group, tall
+    matrices transposed into the wide group) equals mlx's Muon run one matrix at a time."""
+    import mlx.optimizers as optim
+
+    from mlxchat.optim import NanoMuon
+
+    shapes = {"a": (16, 16), "b": (16, 16), "c": (48, 16), "d": (16, 48), "e": (8, 24)}
+    params = {k: mx.random.normal(s, key=mx.random.key(i)) for i, (k, s) in enumerate(shapes.items())}
+    batched, per_matrix = NanoMuon(0.02, 0.9), NanoMuon(0.02, 0.9)
+    p_batched, p_per_matrix = params, params
+    for step in range(3):
+        grads = {k: mx.random.normal(s, key=mx.random.key(10 * step + i)) for i, (k, s) in enumerate(shapes.items())}
+        p_batched = batched.apply_gradients(grads, p_batched)
+        p_per_matrix = optim.Optimizer.apply_gradients(per_matrix, grads, p_per_matrix)  # Muon.apply_single
+    for k in shapes:
+        np.testing.assert_allclose(np.array(p_batched[k]), np.array(p_per_matrix[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(np.array(batched.state[k]["v"]), np.array(per_matrix.state[k]["v"]), rtol=1e-6, err_msg=k)
+    assert not np.allclose(np.array(p_batched["a"]), np.array(params["a"]))

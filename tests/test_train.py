@@ -102,15 +102,15 @@ def test_nonfinite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint
 
     run = _new_run(home, "diverges")
     cfg = TrainConfig(**TINY, max_steps=6, eval_every=0, checkpoint_every=3)
-    real_step = train.TrainStep.__call__
+    real_step = train.TrainStep.dispatch
     calls = []
 
     def diverges_at_step_5(self, batches):
         calls.append(1)
         loss, norm = real_step(self, batches)
-        return (float("nan") if len(calls) == 5 else loss), norm
+        return (mx.array(float("nan")) if len(calls) == 5 else loss), norm
 
-    monkeypatch.setattr(train.TrainStep, "__call__", diverges_at_step_5)
+    monkeypatch.setattr(train.TrainStep, "dispatch", diverges_at_step_5)
     with pytest.raises(MlxchatError, match="loss became nan at step 4; the last good checkpoint .*step_000003"):
         train_base(run, cfg, root=home)
     assert latest_checkpoint(home / "runs" / run / "base").step == 3
@@ -220,3 +220,29 @@ def test_sft_plan_line_counts_conversations_not_the_unused_token_batch():
     cfg = replace(stage_defaults("sft"), depth=3, max_steps=5)
     line = plan(cfg, vocab_size=512).describe(cfg)
     assert "=> 32 conversations/step" in line and "tokens/step" not in line and "524,288" not in line
+
+def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
+    """TrainStep queues its micro-batches without host syncs; two micro-batches of 2 rows give
+    the update one micro-batch of 4 rows gives (every target valid, so the means agree)."""
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from mlxchat.gpt import GPT, GPTConfig
+    from mlxchat.optim import OptimConfig, build_optimizer
+    from mlxchat.train import TrainStep
+
+    cfg = GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    x = mx.random.randint(0, 64, (4, 16), key=mx.random.key(1))
+    y = mx.random.randint(0, 64, (4, 16), key=mx.random.key(2))
+    results = []
+    for accum, batches in ((1, [(x, y)]), (2, [(x[:2], y[:2]), (x[2:], y[2:])])):
+        model = GPT(cfg)
+        model.init_weights(0)
+        opt = build_optimizer(model, OptimConfig(), 10)
+        opt.init(model.trainable_parameters())
+        loss, norm = TrainStep(model, opt, accum, 1.0, 1)(iter(batches))
+        results.append((loss, norm, dict(tree_flatten(model.parameters()))))
+    (loss1, norm1, p1), (loss2, norm2, p2) = results
+    assert abs(loss1 - loss2) < 1e-5 and abs(norm1 - norm2) < 1e-5
+    for k in p1:
+        np.testing.assert_allclose(np.array(p2[k]), np.array(p1[k]), atol=1e-5, err_msg=k)
