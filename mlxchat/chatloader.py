@@ -9,8 +9,9 @@ format. They differ as nanochat's scripts do:
 - `PaddedConversations` (chat_sft): one conversation per row, padded to the batch's longest;
   only the assistant's tokens (the render mask) are targets, the rest are -1 (ignored).
 
-Ranks take every `world_size`-th conversation. `state_dict()` after a batch is everything
-needed to produce the next one, so a checkpoint resumes the exact stream.
+The stream does not depend on the number of ranks: data-parallel ranks take their micro-batches
+of it (`distributed.RankShare`). `state_dict()` after a batch is everything needed to produce
+the next one, so a checkpoint resumes the exact stream.
 """
 
 from __future__ import annotations
@@ -36,12 +37,11 @@ def _check(dataset, batch_size: int, seq_len: int) -> None:
 class PackedConversations:
     """Endless B×T batches of packed conversations (nanochat's mid-training loader)."""
 
-    def __init__(self, dataset, tokenizer, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                 state: dict | None = None):
+    def __init__(self, dataset, tokenizer, batch_size: int, seq_len: int, state: dict | None = None):
         _check(dataset, batch_size, seq_len)
         self.dataset, self.tokenizer = dataset, tokenizer
-        self.batch_size, self.seq_len, self.world_size = batch_size, seq_len, world_size
-        self.cursor = state["cursor"] if state else rank
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.cursor = state["cursor"] if state else 0
         self.epoch = state["epoch"] if state else 0
         self.buffer: list[int] = list(state["buffer"]) if state else []
 
@@ -56,9 +56,9 @@ class PackedConversations:
         while len(self.buffer) < needed:
             ids, _ = self.tokenizer.render_conversation(self.dataset[self.cursor])
             self.buffer.extend(ids)
-            self.cursor += self.world_size
-            if self.cursor >= len(self.dataset):
-                self.cursor -= len(self.dataset)
+            self.cursor += 1
+            if self.cursor == len(self.dataset):
+                self.cursor = 0
                 self.epoch += 1
         tokens = np.array(self.buffer[:needed], dtype=np.int32)
         del self.buffer[:needed]
@@ -77,14 +77,10 @@ class PaddedConversations:
     """Endless batches of one conversation per row, targets masked to the assistant's tokens
     (nanochat's SFT loader). Conversations are cut to `seq_len + 1` tokens."""
 
-    def __init__(self, dataset, tokenizer, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                 state: dict | None = None):
+    def __init__(self, dataset, tokenizer, batch_size: int, seq_len: int, state: dict | None = None):
         _check(dataset, batch_size, seq_len)
         self.dataset, self.tokenizer = dataset, tokenizer
         self.batch_size, self.seq_len = batch_size, seq_len
-        self.indices = range(rank, len(dataset), world_size)
-        if len(self.indices) == 0:
-            raise MlxchatError(f"rank {rank} of {world_size} gets no conversations from a dataset of {len(dataset)}")
         self.position = state["position"] if state else 0
         self.pad_id = tokenizer.encode_special("<|assistant_end|>")
 
@@ -97,7 +93,7 @@ class PaddedConversations:
     def __next__(self) -> tuple[mx.array, mx.array]:
         rows = []
         for _ in range(self.batch_size):
-            index = self.indices[self.position % len(self.indices)]
+            index = self.position % len(self.dataset)
             self.position += 1
             rows.append(self.tokenizer.render_conversation(self.dataset[index], max_tokens=self.seq_len + 1))
         longest = max(len(ids) for ids, _ in rows) - 1

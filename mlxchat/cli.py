@@ -1,7 +1,9 @@
 """`mlxchat` console script: every stage runnable without Prefect.
 
 Parsing only: each subcommand maps its flags onto a stage function and prints the result.
-User errors (`MlxchatError`) print as one line and exit with status 2.
+User errors (`MlxchatError`) print as one line and exit with status 2. `train` and `eval`
+with `--np N` or `--hosts HOSTFILE` run data-parallel: this process starts `mlx.launch`
+(`mlxchat.launch`), every rank runs the same command, and rank 0's result is printed.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import json
 import os
 import random
 import sys
+from contextlib import nullcontext
 
 from mlxchat.common import HOME_ENV, MlxchatError
+from mlxchat.launch import BACKENDS, EVENTS_ENV, Ranks, emit, launched_rank, run_mlxchat
 
 
 # `mlxchat train` flags that map onto TrainConfig / OptimConfig fields; unset flags keep the
@@ -20,6 +24,26 @@ from mlxchat.common import HOME_ENV, MlxchatError
 TRAIN_FLAGS = ("depth", "max_steps", "device_batch_size", "total_batch_size", "examples_per_step", "seq_len",
                "checkpoint_every", "eval_every", "eval_tokens", "eval_steps", "dtype", "source", "seed")
 OPTIM_FLAGS = ("matrix_lr", "embedding_lr", "unembedding_lr", "init_lr_frac")
+LAUNCH_FLAGS = ("--np", "--hosts", "--backend")
+
+
+def _add_launch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--np", type=int, default=1, help="data-parallel: this many processes (per host with --hosts)")
+    p.add_argument("--hosts", metavar="HOSTFILE", help="data-parallel over the hosts of an mlx.launch hostfile")
+    p.add_argument("--backend", choices=BACKENDS, help="mlx.launch backend (default: the hostfile's, else ring; nccl with CUDA)")
+
+
+def _without_launch_flags(argv: list[str]) -> list[str]:
+    """The command line each rank runs: the same, less the flags that asked for the launch."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.split("=", 1)[0] in LAUNCH_FLAGS:
+            skip = "=" not in arg
+        else:
+            out.append(arg)
+    return out
 
 
 # What each `mlxchat train` flag means (its default is the stage's, shown beside it).
@@ -79,6 +103,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
     p.add_argument("--checkpoint-blocks", action="store_true",
                    help="recompute each block's activations in the backward: less memory, ~1/3 more compute")
+    p.add_argument("--config", help="the whole training config as JSON (as run.json's preset holds a stage's); flags override it")
+    _add_launch_args(p)
     rl = p.add_argument_group("rl (nanochat's chat_rl; with the shared flags above that RL has)")
     for flag, kind in (("num_samples", int), ("max_new_tokens", int), ("temperature", float), ("top_k", int),
                        ("eval_examples", int), ("train_size", int)):
@@ -116,7 +142,8 @@ def rl_config(args: argparse.Namespace):
 
 
 def train_config(args: argparse.Namespace):
-    """The run's saved settings (run.json) or the stage's nanochat defaults, with the flags the user gave."""
+    """--config, else the run's saved settings (run.json), else the stage's nanochat defaults, with the
+    flags the user gave."""
     from dataclasses import replace
 
     from mlxchat.presets import stage_defaults
@@ -127,8 +154,14 @@ def train_config(args: argparse.Namespace):
     given_rl = [k for k in RL_FLAGS if getattr(args, k) is not None]
     if given_rl:
         raise MlxchatError(f"--{given_rl[0].replace('_', '-')} is an RL setting: use it with mlxchat train rl")
-    saved = saved_train_config(args.run, args.stage, getattr(args, "home", None))
-    cfg = TrainConfig.from_dict({**saved, "stage": args.stage}) if saved else stage_defaults(args.stage)
+    if args.config:
+        try:
+            cfg = TrainConfig.from_dict({**json.loads(args.config), "stage": args.stage})
+        except (ValueError, TypeError) as e:
+            raise MlxchatError(f"--config is not a training config as JSON ({e})") from None
+    else:
+        saved = saved_train_config(args.run, args.stage, getattr(args, "home", None))
+        cfg = TrainConfig.from_dict({**saved, "stage": args.stage}) if saved else stage_defaults(args.stage)
     optim = replace(cfg.optim, **{k: getattr(args, k) for k in OPTIM_FLAGS if getattr(args, k) is not None})
     cfg = replace(cfg, optim=optim, **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
     return replace(cfg, checkpoint_blocks=True) if getattr(args, "checkpoint_blocks", False) else cfg
@@ -196,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-tokens", type=int, help="bpb: validation tokens")
     ev.add_argument("--max-per-task", type=int, default=-1, help="at most this many problems per task (-1: all)")
     ev.add_argument("--max-new-tokens", type=int, default=512, help="chat: generation budget per answer")
+    _add_launch_args(ev)
     sm = sub.add_parser("sample", help="complete nanochat's sample prompts with a stage's checkpoint")
     sm.add_argument("--run", required=True)
     sm.add_argument("--stage", default="base")
@@ -277,7 +311,9 @@ def run_command(args: argparse.Namespace) -> dict | list | None:
             raise KeyboardInterrupt
         return result
     if args.command == "train":
-        result = stages.train(args.run, args.stage, train_config(args).to_dict(), root=root, fresh=args.fresh)
+        progress = (lambda row: emit("progress", row)) if os.environ.get(EVENTS_ENV) else None
+        result = stages.train(args.run, args.stage, train_config(args).to_dict(), root=root, fresh=args.fresh,
+                              on_progress=progress)
         if result["interrupted"]:
             raise KeyboardInterrupt
         return result
@@ -302,8 +338,6 @@ def run_command(args: argparse.Namespace) -> dict | list | None:
 
 def _run_lock(args: argparse.Namespace, argv: list[str] | None):
     """The run's lock for the commands that write a run (see runlock.py); chat and serve only read."""
-    from contextlib import nullcontext
-
     if args.command not in ("tokenizer", "train", "eval", "sample", "publish"):
         return nullcontext()
     from mlxchat.runlock import run_lock
@@ -317,19 +351,37 @@ def main(argv: list[str] | None = None) -> int:
         from mlxchat.blas import ensure_fast_blas
 
         ensure_fast_blas()
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if args.home:
         os.environ[HOME_ENV] = args.home
+    rank = launched_rank()  # None: not started by mlx.launch
+    who = "" if rank is None else f"rank {rank}: "
     try:
-        with _run_lock(args, argv):
-            result = run_command(args)
+        ranks = Ranks(args.np, args.hosts, args.backend) if hasattr(args, "np") else Ranks()
+        ranks.check()
+        # The process that launched the ranks holds the run's lock for them (by hand, rank 0 does)
+        locked = rank is None or (rank == 0 and not os.environ.get(EVENTS_ENV))
+        with _run_lock(args, argv) if locked else nullcontext():
+            if ranks.distributed and rank is None:
+                result = run_mlxchat(_without_launch_flags(argv), ranks)
+            else:
+                result = run_command(args)
     except MlxchatError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {who}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{who}interrupted", file=sys.stderr)
         return 130
-    if result is not None:
+    except Exception as e:  # a crash: the launcher's caller learns which rank, the traceback follows
+        if rank is not None:
+            print(f"error: {who}{type(e).__name__}: {e}", file=sys.stderr)
+        raise
+    if rank not in (None, 0) or result is None:
+        return 0
+    if os.environ.get(EVENTS_ENV):
+        emit("result", result)
+    else:
         print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -1,9 +1,10 @@
 """Streaming pretraining batches with exact resume.
 
-As nanochat's `tokenizing_distributed_data_loader`: documents are read from parquet row groups
-(row group r goes to rank r mod world), tokenized in batches with BOS prepended, and packed
-into a token stream; each batch takes the next B·T+1 tokens and yields inputs (B, T) and
-targets shifted by one.
+As nanochat's `tokenizing_distributed_data_loader`: documents are read from parquet row groups,
+tokenized in batches with BOS prepended, and packed into a token stream; each batch takes the
+next B·T+1 tokens and yields inputs (B, T) and targets shifted by one. The stream is the same
+for any number of ranks (nanochat deals row groups to ranks, which makes the data depend on
+the world size); data-parallel ranks take their micro-batches of it (`distributed.RankShare`).
 
 The loader's position is a cursor — (epoch, shard, row group, document) of the first
 document not fully consumed plus the number of its tokens already used — so
@@ -40,14 +41,11 @@ class DataLoader:
         batch_size: int,
         seq_len: int,
         split: str = "train",
-        rank: int = 0,
-        world_size: int = 1,
         tokenizer_batch_size: int = 128,
         state: dict | None = None,
     ):
         self.source, self.tokenizer = source, tokenizer
         self.B, self.T, self.split = batch_size, seq_len, split
-        self.rank, self.world_size = rank, world_size
         self.tokenizer_batch_size = tokenizer_batch_size
         self.shards = source.split_indices(split)
         if not self.shards:
@@ -104,7 +102,7 @@ class DataLoader:
                 self._buffered += len(toks)
 
     def _documents(self, start: Cursor) -> Iterator[tuple[Cursor, str]]:
-        """Every document of this rank's row groups from `start` on, looping over epochs."""
+        """Every document of the split from `start` on, looping over epochs."""
         epoch = start.epoch
         first = True
         while True:
@@ -116,8 +114,7 @@ class DataLoader:
                     self.source.prefetch(self.shards[pos + 1])
                 try:
                     pf = pq.ParquetFile(path)
-                    groups = range(self.rank, pf.num_row_groups, self.world_size)
-                    for rg in groups:
+                    for rg in range(pf.num_row_groups):
                         if first and (pos, rg) < (start.shard, start.row_group):
                             continue
                         texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
@@ -131,9 +128,6 @@ class DataLoader:
                 first = False
                 self.source.release(shard)
             if not yielded:
-                raise MlxchatError(
-                    f"rank {self.rank} of {self.world_size} gets no documents from the {self.split} shards of "
-                    f"{self.source.name!r}: use fewer ranks or a larger corpus"
-                )
+                raise MlxchatError(f"the {self.split} shards of {self.source.name!r} hold no documents: rebuild or re-download them")
             first = False
             epoch += 1

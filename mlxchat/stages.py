@@ -2,6 +2,7 @@
 
 The CLI and the Prefect tasks both call these, so a stage behaves the same with or without
 Prefect. Each returns a plain dict (paths and metrics) small enough to pass between tasks.
+Under `mlx.launch` every rank runs the stage and rank 0 alone writes its outputs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 from mlxchat.common import MlxchatError, atomic_write_json, fingerprint_files, read_json, run_dir
+from mlxchat.distributed import is_main
 
 
 def code_version() -> str:
@@ -42,6 +44,8 @@ def timed(name: str):
             bound.apply_defaults()
             t0 = time.perf_counter()
             result = fn(*args, **kwargs)
+            if not is_main():
+                return result
             path = run_dir(bound.arguments["run"], bound.arguments["root"]) / "timings.json"
             timings = read_json(path, "stage timings") if path.exists() else {}
             key = name.format(**bound.arguments)
@@ -149,6 +153,8 @@ def eval_bpb(run: str, stage: str = "base", eval_tokens: int | None = None, root
         loader = DataLoader(src, tok, cfg.device_batch_size, cfg.seq_len, split)
         result[f"{split}_bpb"] = evaluate_bpb(model, loader, steps, tok.token_bytes())
     result["eval_time_s"] = time.time() - t0
+    if not is_main():
+        return result
     path = rdir / "eval" / "bpb.json"
     existing = read_json(path, "bpb results") if path.exists() else {}
     atomic_write_json(path, {**existing, stage: result})
@@ -173,6 +179,8 @@ def eval_core(run: str, stage: str = "base", max_per_task: int = -1, root=None) 
     result = evaluate_core(model, tok, bundle, max_per_task=max_per_task, batch_tokens=eval_batching()[0])
     result.update({"stage": stage, "step": ck.step, "checkpoint": str(ck.path), "max_per_task": max_per_task,
                    "eval_time_s": time.time() - t0})
+    if not is_main():
+        return result
     path = rdir / "eval" / "core.json"
     existing = read_json(path, "CORE results") if path.exists() else {}
     atomic_write_json(path, {**existing, stage: result})
@@ -189,6 +197,8 @@ def train(run: str, stage: str, config: dict, root=None, fresh: bool = False, on
     fn = train_base if stage == "base" else train_chat  # train_chat names the stages it knows
     result = fn(run, cfg, root=root, fresh=fresh, on_progress=on_progress)
     out = result.to_dict()
+    if not is_main():
+        return out
     out["fingerprint"] = fingerprint_files([result.checkpoint / "model.safetensors"])
     return out
 
@@ -257,6 +267,8 @@ def eval_chat(run: str, stage: str = "sft", max_per_task: int = -1, max_new_toke
     tok = Tokenizer.load(rdir / "tokenizer")
     record = {"stage": stage, "step": ck.step, "checkpoint": str(ck.path),
               **score_chat(model, tok, max_per_task, max_new_tokens, batch_size, root=root)}
+    if not is_main():
+        return record
     path = rdir / "eval" / f"chat_{stage}.json"
     atomic_write_json(path, record)
     return {**record, "path": str(path), "fingerprint": fingerprint_files([path])}

@@ -29,6 +29,7 @@ from mlx.utils import tree_map
 from mlxchat import checkpoint as ckpt_lib
 from mlxchat.common import MlxchatError, atomic_write_text, default_dtype, get_logger, run_dir, seed_everything
 from mlxchat.dataloader import DataLoader
+from mlxchat.distributed import RankShare, agree, sum_over_ranks, world
 from mlxchat.evaluation.bpb import evaluate_bpb, evaluate_loss
 from mlxchat.gpt import GPT, GPTConfig
 from mlxchat.optim import OptimConfig, build_optimizer, clip_gradients
@@ -182,6 +183,9 @@ class TrainStep:
     """The compiled optimizer step: micro-batch gradients, accumulation, clipping, update.
 
     With one micro-batch per step, forward, backward and update are a single compiled graph.
+    Across ranks, each accumulates its own micro-batches' gradients and the update averages
+    them once (`nn.average_gradients`, inside the compiled graph): one all-reduce per step,
+    not per micro-batch. The loss it returns is the mean over every rank's micro-batches.
     """
 
     def __init__(self, model: GPT, optimizer, grad_accum_steps: int, grad_clip: float, world_size: int):
@@ -191,19 +195,21 @@ class TrainStep:
         state = [model.state, optimizer.state]
         loss_and_grad = nn.value_and_grad(model, lambda m, x, y: m(x, y))
 
+        self.world_size = world_size
         def grads_of(x, y):
-            loss, grads = loss_and_grad(model, x, y)
-            if world_size > 1:
-                grads = nn.average_gradients(grads)
-            return loss, grads
+            return loss_and_grad(model, x, y)
 
         def apply(grads):
+            if world_size > 1:
+                grads = nn.average_gradients(grads)
             grads, norm = clip_gradients(grads, grad_clip)
             optimizer.update(model, grads)
             return norm
 
         def fused(x, y):
             loss, grads = grads_of(x, y)
+            if world_size > 1:
+                loss = mx.distributed.all_sum(loss) / world_size
             return loss, apply(grads)
 
         self._fused = mx.compile(fused, inputs=state, outputs=state)
@@ -233,6 +239,8 @@ class TrainStep:
             mx.async_eval(total_loss, total)  # one micro-batch's activations alive at a time
         norm = self._apply(tree_map(lambda g: g / self.accum, total))
         loss = total_loss / self.accum
+        if self.world_size > 1:
+            loss = mx.distributed.all_sum(loss) / self.world_size
         mx.async_eval(loss, norm, self.model.parameters(), self.optimizer.state)
         return loss, norm
 
@@ -293,13 +301,12 @@ def train_base(
 
     rdir = run_dir(run, root, must_exist=True)
     tokenizer = Tokenizer.load(rdir / "tokenizer")
-    group = mx.distributed.init()
-    p = plan(cfg, tokenizer.vocab_size, group.size())
+    p = plan(cfg, tokenizer.vocab_size, world().size())
     source = get_source(cfg.source, root=root)
     token_bytes = tokenizer.token_bytes()
 
     def loader(split: str, state: dict | None = None) -> DataLoader:
-        return DataLoader(source, tokenizer, cfg.device_batch_size, cfg.seq_len, split, group.rank(), group.size(), state=state)
+        return DataLoader(source, tokenizer, cfg.device_batch_size, cfg.seq_len, split, state=state)
 
     identity = training_identity(cfg.to_dict(), rdir, data=source.fingerprint())
     return train_loop(rdir / cfg.stage, cfg, p, loader, token_bytes, fresh=fresh, on_progress=on_progress,
@@ -328,20 +335,19 @@ def train_chat(
     rdir = run_dir(run, root, must_exist=True)
     tokenizer = Tokenizer.load(rdir / "tokenizer")
     start = ckpt_lib.require_checkpoint(rdir / parent, f"train it first: mlxchat train {parent} --run {run}")
-    group = mx.distributed.init()
     data = {split: build_mixture(cfg.stage, split, cfg.source, root=root) for split in ("train", "val")}
     Loader = PackedConversations if cfg.stage == "mid" else PaddedConversations
     if cfg.max_steps > 0:  # an explicit horizon: rendering the whole mixture to count its tokens would be wasted
         epoch = None
     else:
         epoch = epoch_tokens(data["train"], tokenizer) if cfg.stage == "mid" else len(data["train"])
-    p = plan(cfg, tokenizer.vocab_size, group.size(), model=GPTConfig(**start.state["model_config"]), epoch_size=epoch)
+    p = plan(cfg, tokenizer.vocab_size, world().size(), model=GPTConfig(**start.state["model_config"]), epoch_size=epoch)
     if p.model.sequence_len < cfg.seq_len:
         raise MlxchatError(f"--seq-len {cfg.seq_len} is longer than the {parent} model's context {p.model.sequence_len}")
     log.info(f"{cfg.stage}: starting from {start.path} | {len(data['train']):,} training conversations")
 
     def loader(split: str, state: dict | None = None):
-        return Loader(data[split], tokenizer, cfg.device_batch_size, cfg.seq_len, group.rank(), group.size(), state=state)
+        return Loader(data[split], tokenizer, cfg.device_batch_size, cfg.seq_len, state=state)
 
     mixtures = {split: mixture_fingerprint(cfg.stage, split, cfg.source, root=root) for split in ("train", "val")}
     identity = training_identity(cfg.to_dict(), rdir, data=mixtures, parent=start.fingerprint)
@@ -387,10 +393,13 @@ def train_loop(
     from the same `identity` (see training_identity); otherwise from scratch.
 
     `init_from` (a checkpoint directory) seeds the weights of a fresh run (mid/SFT start from
-    the previous stage)."""
+    the previous stage).
+
+    Data-parallel (under `mlx.launch`): `make_loader` gives the global stream and each rank
+    trains on its `RankShare`; every rank resumes from the same `latest`, and rank 0 alone
+    writes (metrics, checkpoints, progress) once the step's all-reduce has heard from all."""
     stage_dir = Path(stage_dir)
-    group = mx.distributed.init()
-    is_main = group.rank() == 0
+    is_main = world().rank() == 0
     seed_everything(cfg.seed)
     model = build_model(p, cfg.seed, cfg.checkpoint_blocks)
     optimizer = build_optimizer(model, cfg.optim, p.num_iterations)
@@ -399,6 +408,7 @@ def train_loop(
 
     identity = identity if identity is not None else {"settings": cfg.to_dict()}
     resume = None if fresh else resumable_checkpoint(stage_dir, identity)
+    agree(resume.step if resume else -1, f"the checkpoint to resume in {stage_dir}")
     start_step, loader_state, history = 0, None, []
     if resume is not None:
         if is_main and (stage_dir / ckpt_lib.LATEST).resolve() != resume.path:
@@ -415,10 +425,10 @@ def train_loop(
     elif fresh and stage_dir.exists():
         log.info(f"--fresh: ignoring existing checkpoints in {stage_dir}")
 
-    train_batches = make_loader("train", loader_state)
+    train_batches = RankShare(make_loader("train", loader_state))
     step_fn = TrainStep(model, optimizer, p.grad_accum_steps, cfg.optim.grad_clip, p.world_size)
     peak = peak_flops(cfg)
-    eval_steps = cfg.eval_steps or max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.seq_len * p.world_size))
+    eval_steps = cfg.eval_steps or max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.seq_len))  # global batches
     metric = cfg.metric
     metrics_file = stage_dir / "metrics.jsonl"
     if is_main:
@@ -503,7 +513,7 @@ def train_loop(
             _append_metrics(metrics_file, row, is_main)
             bar.update(1)
             bar.set_postfix(loss=f"{debiased:.4f}", tok_s=f"{tok_s:,.0f}", **({"mfu": f"{mfu:.1f}%"} if mfu else {}))
-            if on_progress is not None:
+            if on_progress is not None and is_main:
                 eta = (p.num_iterations - step) * (t_train / (step - start_step))
                 on_progress({**row, "num_iterations": p.num_iterations, "eta_s": eta,
                              metric: history[-1][metric] if history else None})

@@ -12,6 +12,8 @@ from typing import Iterable
 
 import mlx.core as mx
 
+from mlxchat.distributed import RankShare, my_share, sum_over_ranks
+
 
 def bpb_sums(model, x: mx.array, y: mx.array, token_bytes: mx.array) -> tuple[mx.array, mx.array]:
     """(nats, bytes) of one batch, as lazy scalars."""
@@ -21,32 +23,30 @@ def bpb_sums(model, x: mx.array, y: mx.array, token_bytes: mx.array) -> tuple[mx
 
 
 def evaluate_bpb(model, batches: Iterable, steps: int, token_bytes) -> float:
-    """bpb over `steps` batches of `batches`, summed across distributed ranks."""
+    """bpb over the first `steps` batches of `batches`; data-parallel ranks each take every
+    world-th of them and the sums are combined, giving one process's number."""
     token_bytes = mx.array(token_bytes)
     step_fn = mx.compile(lambda x, y: bpb_sums(model, x, y, token_bytes), inputs=model.state)
-    total_nats, total_bytes = mx.array(0.0), mx.array(0)
-    it = iter(batches)
-    for _ in range(max(1, steps)):
-        x, y = next(it)
-        nats, nbytes = step_fn(x, y)
-        total_nats, total_bytes = total_nats + nats, total_bytes + nbytes
-        mx.eval(total_nats, total_bytes)
-    group = mx.distributed.init()
-    if group.size() > 1:
-        total_nats, total_bytes = mx.distributed.all_sum(total_nats), mx.distributed.all_sum(total_bytes)
-    return total_nats.item() / (math.log(2) * max(total_bytes.item(), 1))
+    nats, nbytes = _sums(step_fn, batches, steps)
+    return nats / (math.log(2) * max(nbytes, 1))
 
 
 def evaluate_loss(model, batches: Iterable, steps: int) -> float:
-    """Mean token loss over the targets of `steps` batches (ignored targets excluded), across
-    ranks: SFT's validation metric, whose targets are only the assistant's tokens."""
+    """Mean token loss over the targets of the first `steps` batches (ignored targets
+    excluded), across ranks as `evaluate_bpb`: SFT's validation metric, whose targets are only
+    the assistant's tokens."""
     step_fn = mx.compile(lambda x, y: (model(x, y, reduction="none").sum(), (y >= 0).sum()), inputs=model.state)
-    total, count = mx.array(0.0), mx.array(0)
-    it = iter(batches)
-    for _ in range(max(1, steps)):
-        loss, n = step_fn(*next(it))
-        total, count = total + loss, count + n
-        mx.eval(total, count)
-    if mx.distributed.init().size() > 1:
-        total, count = mx.distributed.all_sum(total), mx.distributed.all_sum(count)
-    return total.item() / max(count.item(), 1)
+    loss, count = _sums(step_fn, batches, steps)
+    return loss / max(count, 1)
+
+
+def _sums(step_fn, batches: Iterable, steps: int) -> tuple[float, float]:
+    """The two sums `step_fn` gives per batch, over this rank's share of `steps` batches, then
+    over every rank."""
+    total_a, total_b = mx.array(0.0), mx.array(0)
+    mine = RankShare(iter(batches))
+    for _ in my_share(max(1, steps)):
+        a, b = step_fn(*next(mine))
+        total_a, total_b = total_a + a, total_b + b
+        mx.eval(total_a, total_b)
+    return tuple(sum_over_ranks([total_a.item(), total_b.item()]))

@@ -17,6 +17,9 @@ the last message being the assistant's reference answer; categorical tasks add
   the engine, stopped at <|assistant_end|> or <|bos|>, optionally with the calculator
   tool; a problem counts as solved if any sample is correct (pass@k).
 
+Data-parallel ranks take every world-th problem and add up their counts; sampling is seeded
+per problem and answers do not depend on the batch, so the split changes no outcome.
+
 ChatCORE is the mean over the six tasks of the centered accuracy (acc − baseline)/(1 − baseline):
 0 at chance, 1 at perfect. Chance is 1/4 for the four-way multiple-choice tasks, 0 for the
 open-ended ones.
@@ -31,6 +34,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxchat.common import MlxchatError
+from mlxchat.distributed import my_share, sum_over_ranks
 from mlxchat.engine import Tool, generate_batch
 from mlxchat.evaluation.sandbox import run_program
 
@@ -50,7 +54,8 @@ CHATCORE_TASKS = list(BASELINE_ACCURACY)
 class TaskResult:
     """How a task went: `passed` of `total` problems, and per problem the model's answers
     (the chosen letter for categorical tasks, every sample's completion for generative
-    ones) and whether it was counted correct."""
+    ones) and whether it was counted correct. Across ranks, `passed` and `total` count every
+    rank's problems (`over_ranks`), the per-problem lists this rank's."""
 
     passed: int = 0
     total: int = 0
@@ -66,6 +71,10 @@ class TaskResult:
         self.outcomes.append(outcome)
         self.passed += int(outcome)
         self.total += 1
+
+    def over_ranks(self) -> "TaskResult":
+        self.passed, self.total = (int(v) for v in sum_over_ranks([self.passed, self.total]))
+        return self
 
 
 def _num_problems(task, max_problems: int | None) -> int:
@@ -99,8 +108,9 @@ def run_categorical_eval(task, model, tokenizer, batch_size: int = 8, max_proble
     n = _num_problems(task, max_problems)
     letter_cache: dict[str, int] = {}
     result = TaskResult()
-    for start in range(0, n, batch_size):
-        conversations = [task[i] for i in range(start, min(start + batch_size, n))]
+    mine = my_share(n)
+    for start in range(0, len(mine), batch_size):
+        conversations = [task[i] for i in mine[start : start + batch_size]]
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
         width = max(len(p) for p in prompts)
         padded = mx.array([p + [tokenizer.bos_id] * (width - len(p)) for p in prompts])
@@ -112,7 +122,7 @@ def run_categorical_eval(task, model, tokenizer, batch_size: int = 8, max_proble
             letters = conversation["letters"]
             choice = letters[int(np.argmax(row[_letter_ids(tokenizer, letters, letter_cache)]))]
             result.add([choice], bool(task.evaluate(conversation, choice)))
-    return result
+    return result.over_ranks()
 
 
 def run_generative_eval(
@@ -136,7 +146,7 @@ def run_generative_eval(
     n = _num_problems(task, max_problems)
     stop = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_id)
     result = TaskResult()
-    for i in range(n):
+    for i in my_share(n):
         conversation = task[i]
         prompt = tokenizer.render_for_completion(conversation)
         rows = generate_batch(
@@ -153,7 +163,7 @@ def run_generative_eval(
         completions = [tokenizer.decode(row) for row in rows]
         outcomes = [bool(task.evaluate(conversation, c)) for c in completions]
         result.add(completions, any(outcomes))
-    return result
+    return result.over_ranks()
 
 
 def run_task_eval(task, model, tokenizer, batch_size: int = 8, **generative) -> TaskResult:

@@ -24,6 +24,7 @@ import mlx.core as mx
 import yaml
 
 from mlxchat.common import MlxchatError, get_logger, read_json
+from mlxchat.distributed import my_share, sum_over_ranks
 
 log = get_logger(__name__)
 
@@ -118,7 +119,9 @@ def _score(meta: dict, item: dict, rows, spans, losses, preds) -> bool:
 
 def evaluate_task(model, tokenizer, data: list[dict], meta: dict, batch_tokens: int = 4096,
                   max_seq_len: int | None = None) -> float:
-    """Accuracy on one task; examples are packed into forwards of at most ~batch_tokens tokens."""
+    """Accuracy on one task; examples are packed into forwards of at most ~batch_tokens tokens.
+    Data-parallel ranks score every world-th example and add up their counts: each example's
+    few-shot draw depends only on its index, so the split changes no answer."""
     correct, pending, pending_tokens = 0, [], 0
 
     def flush():
@@ -132,7 +135,7 @@ def evaluate_task(model, tokenizer, data: list[dict], meta: dict, batch_tokens: 
             at += n
         pending.clear()
 
-    for idx in range(len(data)):
+    for idx in my_share(len(data)):
         toks, spans = build_example(idx, data, meta, tokenizer, max_seq_len)
         size = len(toks) * max(len(t) for t in toks)
         if pending and pending_tokens + size > batch_tokens:
@@ -142,7 +145,7 @@ def evaluate_task(model, tokenizer, data: list[dict], meta: dict, batch_tokens: 
         pending_tokens += size
     if pending:
         flush()
-    return correct / len(data) if data else 0.0
+    return sum_over_ranks([correct])[0] / len(data) if data else 0.0
 
 
 def centered(accuracy: float, random_baseline: float) -> float:
