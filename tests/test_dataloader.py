@@ -41,13 +41,6 @@ def test_resume_from_state_dict_continues_with_the_same_tokens(smoke_root, tok):
         np.testing.assert_array_equal(ey, gy)
 
 
-def test_ranks_read_disjoint_row_groups(smoke_root, tok):
-    src = get_source("smoke", root=smoke_root)
-    a = np.concatenate([b[0].ravel() for b in _take(DataLoader(src, tok, 2, 64, "train", 0, 2), 5)])
-    b = np.concatenate([b[0].ravel() for b in _take(DataLoader(src, tok, 2, 64, "train", 1, 2), 5)])
-    assert not np.array_equal(a, b)
-
-
 def test_val_split_loops_over_its_single_shard(smoke_root, tok):
     loader = DataLoader(get_source("smoke", root=smoke_root), tok, 8, 256, "val")
     _take(loader, 40)  # more tokens than the validation shard holds: it loops instead of ending
