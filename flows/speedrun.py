@@ -4,9 +4,11 @@
 Every stage is a cached task (see tasks/caching.py): a rerun reuses finished stages, and a
 killed training stage resumes from its latest checkpoint. `--only`/`--from` run a subset
 (the stages before must already have results), `--force STAGE` recomputes a stage and
-everything after it.
+everything after it. `--np N` (N local processes) or `--hosts HOSTFILE` runs the training and
+evaluation stages data-parallel through `mlx.launch` (`--backend ring|jaccl|nccl|mpi`).
 
     python flows/speedrun.py --preset smoke
+    python flows/speedrun.py --preset smoke --np 2
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,8 +42,10 @@ def build_flow():
     @flow(name="speedrun", log_prints=True)
     def speedrun(preset: str = "smoke", run: str | None = None, depth: int | None = None,
                  only: str | None = None, start: str | None = None, force: str | None = None,
-                 max_steps: int | None = None, vocab_size: int | None = None, rl: bool = False):
-        p, run = validate(preset, run, depth, only, start, force, max_steps, vocab_size, rl)
+                 max_steps: int | None = None, vocab_size: int | None = None, rl: bool = False, np: int = 1,
+                 hosts: str | None = None, backend: str | None = None):
+        p, run = validate(preset, run, depth, only, start, force, max_steps, vocab_size, rl, np, hosts, backend)
+        ranks = {"np": np, "hosts": hosts, "backend": backend}
         root = str(home())
         order = stages.STAGES
         first = order.index(start) if start else 0
@@ -99,15 +104,17 @@ def build_flow():
             step("tokenizer-eval", T.tokenizer_eval, run=run, source=p.source, tokenizer_fingerprint=tok["fingerprint"], root=root)
             evals = step("prepare-evals", T.prepare_evals, source=p.evals, root=root)
             inputs = {"tokenizer": tok["fingerprint"], "data": data["fingerprint"]}
-            base = step("base-train", T.base_train, run=run, stage="base", config=p.base.to_dict(), inputs=inputs, root=root)
+            base = step("base-train", T.base_train, run=run, stage="base", config=p.base.to_dict(), inputs=inputs, root=root,
+                        ranks=ranks)
             bpb = step("base-eval", T.base_eval, run=run, eval_tokens=p.bpb_eval_tokens, max_per_task=p.max_per_task,
-                       checkpoint_fingerprint=base["fingerprint"], evals_fingerprint=evals["fingerprint"], root=root)
+                       checkpoint_fingerprint=base["fingerprint"], evals_fingerprint=evals["fingerprint"], root=root,
+                       ranks=ranks)
             mid = step("mid-train", T.mid_train, run=run, stage="mid", config=p.mid.to_dict(),
                        inputs={**inputs, "base": base["fingerprint"], **stages.mixture_inputs("mid", p.mid.source, root)},
-                       root=root)
+                       root=root, ranks=ranks)
             sft = step("sft-train", T.sft_train, run=run, stage="sft", config=p.sft.to_dict(),
                        inputs={**inputs, "mid": mid["fingerprint"], **stages.mixture_inputs("sft", p.sft.source, root)},
-                       root=root)
+                       root=root, ranks=ranks)
             checkpoints = {"base": base["fingerprint"], "mid": mid["fingerprint"], "sft": sft["fingerprint"]}
             chat = {k: checkpoints[k] for k in ("mid", "sft")}
             if rl:  # optional, as nanochat's speedrun leaves chat_rl commented out
@@ -115,7 +122,7 @@ def build_flow():
                                   inputs={"tokenizer": tok["fingerprint"], "sft": sft["fingerprint"],
                                           "evals": evals["fingerprint"]}, root=root)["fingerprint"]
             step("chat-eval", T.chat_eval, run=run, checkpoints=chat, max_per_task=p.max_per_task,
-                 max_new_tokens=p.chat_max_new_tokens, evals_fingerprint=evals["fingerprint"], root=root)
+                 max_new_tokens=p.chat_max_new_tokens, evals_fingerprint=evals["fingerprint"], root=root, ranks=ranks)
             step("sample", T.sample, run=run, checkpoints=checkpoints, max_tokens=p.sample_max_tokens, root=root)
             step("publish", T.publish, run=run, stage=stages.CHAT_MODEL_STAGE, checkpoint_fingerprint=sft["fingerprint"],
                  eval_fingerprint=bpb.get("fingerprint", ""), root=root)
@@ -135,15 +142,27 @@ def build_flow():
 
 
 def validate(preset: str, run: str | None, depth: int | None, only: str | None, start: str | None,
-             force: str | None, max_steps: int | None, vocab_size: int | None, rl: bool = False):
-    """The flow's arguments checked (one-line MlxchatError otherwise): (resolved preset, run name)."""
+             force: str | None, max_steps: int | None, vocab_size: int | None, rl: bool = False, np: int = 1,
+             hosts: str | None = None, backend: str | None = None):
+    """The flow's arguments checked (one-line MlxchatError otherwise): (resolved preset, run name).
+    Across ranks, a stage's micro-batch is halved where the global batch would not divide."""
     from mlxchat import presets, stages
+    from mlxchat.launch import Ranks
 
     p = presets.resolve(preset, depth, max_steps, vocab_size)
     stages.check_selection(only=only, start=start, force=force)
     for flag, value in (("--only", only), ("--from", start), ("--force", force)):
         if value == "rl-train" and not rl:
             raise MlxchatError(f"{flag} rl-train needs --rl (the flow runs RL only when asked)")
+    spread = Ranks(np, hosts, backend)
+    spread.check()
+    if spread.distributed:
+        fitted = {s: presets.fit_to_ranks(getattr(p, s), spread.size) for s in stages.MODEL_STAGES}
+        for s, cfg in fitted.items():
+            if cfg != getattr(p, s):
+                print(f"{s}: micro-batch {getattr(p, s).device_batch_size} -> {cfg.device_batch_size} rows so that "
+                      f"the global batch divides among {spread.size} ranks")
+        p = replace(p, **fitted)
     return p, check_run_name(run or p.name)
 
 
@@ -192,11 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--from", dest="start", metavar="STAGE")
     parser.add_argument("--force", metavar="STAGE", help="recompute STAGE and everything after it")
     parser.add_argument("--rl", action="store_true", help="add rl-train after SFT (nanochat's chat_rl on GSM8K)")
+    parser.add_argument("--np", type=int, default=1, help="train and evaluate on this many local processes (per host with --hosts)")
+    parser.add_argument("--hosts", metavar="HOSTFILE", help="train and evaluate on the hosts of an mlx.launch hostfile")
+    parser.add_argument("--backend", help="mlx.launch backend: ring | jaccl | nccl | mpi (default: the hostfile's, else MLX's)")
     args = parser.parse_args(argv)
     if args.home:
         os.environ["MLXCHAT_HOME"] = args.home
     options = dict(preset=args.preset, run=args.run, depth=args.depth, only=args.only, start=args.start,
-                   force=args.force, max_steps=args.max_steps, vocab_size=args.vocab_size, rl=args.rl)
+                   force=args.force, max_steps=args.max_steps, vocab_size=args.vocab_size, rl=args.rl, np=args.np,
+                   hosts=args.hosts, backend=args.backend)
     try:
         _, run = validate(**options)  # every bad argument is one line, before Prefect creates a flow run
         with run_lock(run, command="flows/speedrun.py " + " ".join(argv if argv is not None else sys.argv[1:])):

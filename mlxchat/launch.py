@@ -33,6 +33,7 @@ BACKENDS = ("ring", "jaccl", "jaccl-ring", "nccl", "mpi")
 _RANK_ENDED = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
 _RANK_ERROR = re.compile(r"^error: rank (\d+): (.*)$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_BAR = re.compile(r"[\w-]+: +\d+%\|[^|]*\|[^\]]*\]")  # a tqdm frame, as train_loop's bar draws it
 # What a rank says when another one went away first: a consequence, not the cause.
 _PEER_LOST = ("connection to a peer was lost", "was closed by the peer", "Too many send/recv errors")
 
@@ -50,6 +51,17 @@ class Ranks:
     @property
     def distributed(self) -> bool:
         return self.np > 1 or self.hostfile is not None
+
+    @property
+    def size(self) -> int:
+        """How many ranks: `np` per host of the hostfile (mlx.launch's -n repeats each host)."""
+        if self.hostfile is None:
+            return self.np
+        try:
+            data = json.loads(Path(self.hostfile).read_text())
+            return self.np * len(data["hosts"] if isinstance(data, dict) else data)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise MlxchatError(f"hostfile {self.hostfile} is not an mlx.launch hostfile ({e})") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,7 +117,7 @@ def _free_ports(n: int) -> int:
     raise MlxchatError(f"found no {n} consecutive free local ports for the ring backend")
 
 
-def launch_command(args: list[str], ranks: Ranks, quiet_progress: bool = False) -> list[str]:
+def launch_command(args: list[str], ranks: Ranks) -> list[str]:
     """The `mlx.launch` command line that runs `mlxchat <args>` on every rank."""
     ranks.check()
     cmd = _launcher()
@@ -123,8 +135,6 @@ def launch_command(args: list[str], ranks: Ranks, quiet_progress: bool = False) 
             env[name] = os.environ[name]
     if ranks.backend == "nccl":
         env.setdefault("NCCL_NVLS_ENABLE", os.environ.get("NCCL_NVLS_ENABLE", "0"))
-    if quiet_progress:
-        env["TQDM_DISABLE"] = "1"
     for k, v in env.items():
         cmd += ["--env", f"{k}={v}"]
     return cmd + ["--", sys.executable, "-m", "mlxchat.cli", *args]
@@ -162,8 +172,9 @@ def run_mlxchat(args: list[str], ranks: Ranks, on_progress: Callable[[dict], Non
     """Run `mlxchat <args>` under `mlx.launch`; return rank 0's result.
 
     `on_progress` receives rank 0's training progress rows as they come; `on_output` every
-    other line (default: this process's stderr, progress bars included)."""
-    cmd = launch_command(args, ranks, quiet_progress=on_progress is not None)
+    other line without the progress bars' frames (default: all to this process's stderr as
+    it comes, bars included)."""
+    cmd = launch_command(args, ranks)
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     ended: dict[int, int] = {}
     errors: dict[int, str] = {}
@@ -194,7 +205,7 @@ def run_mlxchat(args: list[str], ranks: Ranks, on_progress: Callable[[dict], Non
             pending += text
             *lines, pending = re.split(r"[\r\n]", pending)
             for line in lines:
-                line = _ANSI.sub("", line).strip()
+                line = _BAR.sub("", _ANSI.sub("", line)).strip()
                 if on_output is not None and line:
                     on_output(line)
                 if m := _RANK_ENDED.search(line):
@@ -211,8 +222,7 @@ def run_mlxchat(args: list[str], ranks: Ranks, on_progress: Callable[[dict], Non
     code = proc.wait()
     for t in readers:
         t.join()
-    world = ranks.np * (_count_hosts(ranks.hostfile) if ranks.hostfile else 1)
-    ended = {r: ended.get(r, 0) for r in range(world)} | ended
+    ended = {r: ended.get(r, 0) for r in range(ranks.size)} | ended
     problem = culprit(ended, errors)
     if problem is None and code != 0:
         problem = f"mlx.launch exited with code {code}: {tail[-1] if tail else 'no output'}"
@@ -221,8 +231,3 @@ def run_mlxchat(args: list[str], ranks: Ranks, on_progress: Callable[[dict], Non
     if problem is not None:
         raise MlxchatError(problem)
     return outcome["result"]
-
-
-def _count_hosts(hostfile: str) -> int:
-    data = json.loads(Path(hostfile).read_text())
-    return len(data["hosts"] if isinstance(data, dict) else data)

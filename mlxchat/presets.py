@@ -104,6 +104,17 @@ def stage_defaults(stage: str) -> TrainConfig:
     return defaults[stage]
 
 
+def fit_to_ranks(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """The stage's settings with the micro-batch halved until the global batch divides among
+    `world_size` ranks (a no-op on one process, or where it divides already). The global batch,
+    the horizon and the schedule stay; only how the batch is cut into micro-batches changes."""
+    batch = cfg.device_batch_size
+    per_step = cfg.examples_per_step or cfg.total_batch_size // cfg.seq_len
+    while batch > 1 and per_step % (batch * world_size):
+        batch //= 2
+    return replace(cfg, device_batch_size=batch)
+
+
 def resolve(preset: str, depth: int | None = None, max_steps: int | None = None,
             vocab_size: int | None = None) -> RunPreset:
     if preset not in PRESETS:

@@ -13,8 +13,8 @@ import json
 
 from mlxchat.stages import code_version
 
-# Parameters that do not change what a stage computes.
-NOT_IN_KEY = {"root", "on_progress", "fresh"}
+# Parameters that do not change what a stage computes (`ranks`: N ranks give one process's results).
+NOT_IN_KEY = {"root", "on_progress", "fresh", "ranks"}
 
 
 def key_settings(parameters: dict) -> dict:

@@ -1,7 +1,15 @@
 """One Prefect task per stage. Each calls `mlxchat.stages` and adds observability: logs through
-the run logger, a live view while training, a metrics table, where the outputs are (tasks/artifacts.py)."""
+the run logger, a live view while training, a metrics table, where the outputs are (tasks/artifacts.py).
+
+Training and evaluation tasks take `ranks` (`mlxchat.launch.Ranks` as a dict): with more than
+one, the task runs the stage's `mlxchat` command under `mlx.launch` instead of in-process,
+rank 0's progress and log lines feed the same live view and logger, and a failing rank fails
+the task with its message. The number of ranks is not part of the cache key: the results are
+those of one process."""
 
 from __future__ import annotations
+
+import json
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -9,6 +17,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Cancelled
 
 from mlxchat import stages
+from mlxchat.launch import Ranks, run_mlxchat
 from tasks.artifacts import LiveTraining, artifact_key as _artifact_key, metric_rows, publish_location, rounded
 from tasks.caching import stage_cache_key
 
@@ -43,11 +52,24 @@ def tokenizer_eval(run: str, source: str, tokenizer_fingerprint: str, root: str)
     return result
 
 
-def _train(run: str, stage: str, config: dict, inputs: dict, root: str, fresh: bool = False) -> dict:
+def _in_ranks(ranks: dict | None, root: str, args: list[str], here, on_progress=None):
+    """`here()` in this process, or `mlxchat <args>` on every rank when `ranks` asks for several."""
+    spread = Ranks(**(ranks or {}))
+    if not spread.distributed:
+        return here()
+    logger = get_run_logger()
+    logger.info(f"launching {spread.size} ranks: mlxchat {' '.join(args)}")
+    return run_mlxchat(["--home", root, *args], spread, on_progress=on_progress, on_output=logger.info)
+
+
+def _train(run: str, stage: str, config: dict, inputs: dict, root: str, fresh: bool = False,
+           ranks: dict | None = None) -> dict:
     """Train one stage; `inputs` (fingerprints of the tokenizer, data and starting checkpoint)
     is only there for the cache key."""
     live = LiveTraining(run, stage, "val_loss" if stage == "sft" else "val_bpb", get_run_logger())
-    result = stages.train(run, stage, config, root=root, fresh=fresh, on_progress=live)
+    args = ["train", stage, "--run", run, "--config", json.dumps(config), *(["--fresh"] if fresh else [])]
+    result = _in_ranks(ranks, root, args, lambda: stages.train(run, stage, config, root=root, fresh=fresh,
+                                                                on_progress=live), on_progress=live)
     if result["interrupted"]:  # Ctrl-C: a checkpoint was written; the run ends Cancelled, not Failed
         return Cancelled(message=f"{stage}-train stopped at step {result['step']} of {result['num_iterations']}; "
                                  f"rerun the flow to resume from {result['checkpoint']}")
@@ -91,10 +113,11 @@ def prepare_evals(source: str, root: str) -> dict:
 
 @task(name="base-eval", **CACHED)
 def base_eval(run: str, eval_tokens: int, max_per_task: int, checkpoint_fingerprint: str, evals_fingerprint: str,
-              root: str) -> dict:
+              root: str, ranks: dict | None = None) -> dict:
     """Bits per byte, then CORE when there is evaluation data."""
     logger = get_run_logger()
-    result = stages.eval_bpb(run, "base", eval_tokens, root=root)
+    result = _in_ranks(ranks, root, ["eval", "bpb", "--run", run, "--stage", "base", "--eval-tokens", str(eval_tokens)],
+                       lambda: stages.eval_bpb(run, "base", eval_tokens, root=root))
     logger.info(f"base val bpb {result['val_bpb']:.4f}, train bpb {result['train_bpb']:.4f}")
     _table(_artifact_key(run, "base-eval"), result, "Base model bits per byte")
     if not evals_fingerprint:
@@ -103,7 +126,8 @@ def base_eval(run: str, eval_tokens: int, max_per_task: int, checkpoint_fingerpr
         create_markdown_artifact(key=_artifact_key(run, "core"), markdown=f"CORE skipped: {why}\n",
                                  description="CORE of the base model: skipped")
         return result
-    core = stages.eval_core(run, "base", max_per_task, root=root)
+    core = _in_ranks(ranks, root, ["eval", "core", "--run", run, "--stage", "base", "--max-per-task", str(max_per_task)],
+                     lambda: stages.eval_core(run, "base", max_per_task, root=root))
     rows = [{"task": t, "accuracy": rounded(acc), "centered": rounded(core["centered"][t]), "note": ""}
             for t, acc in core["results"].items()]
     rows += [{"task": t, "accuracy": None, "centered": None, "note": f"skipped: {why}"} for t, why in core["skipped"].items()]
@@ -116,11 +140,13 @@ def base_eval(run: str, eval_tokens: int, max_per_task: int, checkpoint_fingerpr
 
 @task(name="chat-eval", **CACHED)
 def chat_eval(run: str, checkpoints: dict, max_per_task: int, max_new_tokens: int, evals_fingerprint: str,
-              root: str) -> dict:
+              root: str, ranks: dict | None = None) -> dict:
     """ChatCORE of each chat stage (`checkpoints`: stage -> checkpoint fingerprint)."""
     logger, records = get_run_logger(), {}
     for stage in checkpoints:
-        result = stages.eval_chat(run, stage, max_per_task, max_new_tokens, root=root)
+        args = ["eval", "chat", "--run", run, "--stage", stage, "--max-per-task", str(max_per_task),
+                "--max-new-tokens", str(max_new_tokens)]
+        result = _in_ranks(ranks, root, args, lambda: stages.eval_chat(run, stage, max_per_task, max_new_tokens, root=root))
         rows = [{"task": t, "accuracy": rounded(a), "centered": rounded(result["centered"][t]),
                  "problems": result["problems"][t], "note": ""} for t, a in result["results"].items()]
         rows += [{"task": t, "accuracy": None, "centered": None, "problems": 0, "note": f"skipped: {why}"}

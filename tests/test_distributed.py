@@ -31,13 +31,20 @@ SFT = ["train", "sft", "--seq-len", "64", "--dtype", "float32", "--source", "smo
 HANG_GUARD_S = 300  # a collective waiting on a dead rank would hang for ever; this only bounds the test
 
 
-def _cli(home, *args, np_=1, check=True):
+def _in_process(home, *args):
+    """The same `mlxchat train` command in this process: one rank, and no start-up to pay."""
+    from mlxchat.cli import build_parser, train_config
+
+    parsed = build_parser().parse_args(list(args))
+    return stages.train(parsed.run, parsed.stage, train_config(parsed).to_dict(), root=home)
+
+
+def _two_ranks(home, *args):
+    """`mlxchat <args> --np 2`: two local ranks through mlx.launch, ring backend."""
     env = {**os.environ, "MLXCHAT_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    launch = ["--np", str(np_)] if np_ > 1 else []
-    out = subprocess.run([sys.executable, "-m", "mlxchat.cli", *args, *launch], env=env, capture_output=True,
-                         text=True, timeout=HANG_GUARD_S)
-    if check:
-        assert out.returncode == 0, out.stderr[-3000:]
+    out = subprocess.run([sys.executable, "-m", "mlxchat.cli", *args, "--np", "2", "--backend", "ring"], env=env,
+                         capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert out.returncode == 0, out.stderr[-3000:]
     return out
 
 
@@ -62,10 +69,10 @@ def home(smoke_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist_home")
     shutil.copytree(smoke_root / "data", root / "data")
     stages.train_tokenizer("src", vocab_size=512, max_chars=300_000, root=root)
-    _cli(root, *BASE[:2], "--run", "src", *BASE[2:-6], "--max-steps", "2", "--eval-every", "0")
-    _cli(root, "train", "mid", "--run", "src", *SFT[2:8], "--device-batch-size", "2", "--total-batch-size", "256",
-         "--max-steps", "2", "--eval-every", "0")
-    (root / "two.log").write_text(_cli(root, *BASE, "--run", _new_run(root, "two"), np_=2).stderr)
+    _in_process(root, *BASE[:2], "--run", "src", *BASE[2:-6], "--max-steps", "2", "--eval-every", "0")
+    _in_process(root, "train", "mid", "--run", "src", *SFT[2:8], "--device-batch-size", "2", "--total-batch-size", "256",
+                "--max-steps", "2", "--eval-every", "0")
+    (root / "two.log").write_text(_two_ranks(root, *BASE, "--run", _new_run(root, "two")).stderr)
     return root
 
 
@@ -86,7 +93,7 @@ def _assert_same_training(home, one, two, stage, metric):
 
 def test_two_ranks_train_base_as_one_process_at_the_same_global_batch(home):
     one = _new_run(home, "one")
-    _cli(home, *BASE, "--run", one)
+    _in_process(home, *BASE, "--run", one)
     _assert_same_training(home, one, "two", "base", "val_bpb")
     assert len(_rows(home, "two", "base", "loss")) == 8  # rank 0 alone wrote the metrics
     log = (home / "two.log").read_text()
@@ -95,8 +102,8 @@ def test_two_ranks_train_base_as_one_process_at_the_same_global_batch(home):
 
 def test_two_ranks_train_sft_as_one_process(home):
     one, two = (_new_run(home, f"sft-{n}", ("tokenizer", "base", "mid")) for n in ("one", "two"))
-    _cli(home, *SFT, "--run", one)
-    _cli(home, *SFT, "--run", two, np_=2)
+    _in_process(home, *SFT, "--run", one)
+    _two_ranks(home, *SFT, "--run", two)
     _assert_same_training(home, one, two, "sft", "val_loss")
 
 
@@ -117,7 +124,7 @@ def test_a_killed_rank_ends_the_job_naming_it_and_the_rerun_resumes_bitwise(home
     killed_at = latest_checkpoint(stage).step
     assert 2 <= killed_at < 8, "the job should have ended part-way"
 
-    done = _cli(home, *BASE, "--run", run, np_=2)
+    done = _two_ranks(home, *BASE, "--run", run)
     assert f"resuming base from step_{killed_at:06d}" in done.stderr
     assert (stage / "latest" / "model.safetensors").read_bytes() == \
         (home / "runs" / "two" / "base" / "latest" / "model.safetensors").read_bytes()
@@ -136,7 +143,7 @@ def test_bpb_core_and_chat_evaluation_over_two_ranks_equal_one_process(home):
                                 ("chat", ["--stage", "base", "--max-per-task", "5", "--max-new-tokens", "4"],
                                  ("results", "problems"))):
         one = in_process[metric]()
-        two = json.loads(_cli(home, "eval", metric, "--run", "two", *extra, np_=2).stdout)
+        two = json.loads(_two_ranks(home, "eval", metric, "--run", "two", *extra).stdout)
         for key in keys:
             assert one[key] == pytest.approx(two[key], rel=1e-6), (metric, key, one[key], two[key])
     assert two["problems"]["SpellingBee"] == 5

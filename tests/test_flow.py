@@ -221,6 +221,20 @@ def test_flow_with_rl_trains_rl_after_sft_and_reports_its_column(home):
     assert _states(again.stdout + again.stderr) == {s: "Cached" for s in with_rl}
 
 
+def test_flow_with_two_ranks_launches_training_and_evaluation_then_reruns_from_cache(home):
+    first = _flow(home, "--run", "tiny-np2", "--np", "2")
+    log = first.stdout + first.stderr
+    assert _states(log) == {s: "Completed" for s in STAGES}
+    for stage in ("base-train", "base-eval", "mid-train", "sft-train", "chat-eval"):
+        assert re.search(rf"Task run '{stage}-[0-9a-f]+' - launching 2 ranks: mlxchat ", log), stage
+    assert "micro-batch 2x64 x 2 ranks" in log  # the tiny preset's 4-row micro-batch, halved to fit 2 ranks
+    assert re.search(r"Task run 'base-train-[0-9a-f]+' - step 12/12 \| loss", log)  # rank 0's progress, streamed
+    assert re.search(r"Task run 'base-eval-[0-9a-f]+' - CORE-pack \(14/22\): ", log)
+    assert (home / "runs" / "tiny-np2" / "report.md").read_text().startswith("# mlxchat report: tiny-np2")
+    again = _flow(home, "--run", "tiny-np2", "--np", "2")
+    assert _states(again.stdout + again.stderr) == {s: "Cached" for s in STAGES}
+
+
 def test_only_without_inputs_names_the_stage_to_run_first(tmp_path, home):
     shutil.copytree(home / "data", tmp_path / "data")
     out = _flow(tmp_path, "--only", "base-eval", check=False)
