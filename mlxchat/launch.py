@@ -117,8 +117,8 @@ def _free_ports(n: int) -> int:
     raise MlxchatError(f"found no {n} consecutive free local ports for the ring backend")
 
 
-def launch_command(args: list[str], ranks: Ranks) -> list[str]:
-    """The `mlx.launch` command line that runs `mlxchat <args>` on every rank."""
+def launch_command(rank_command: list[str], ranks: Ranks) -> list[str]:
+    """The `mlx.launch` command line that runs `rank_command` on every rank."""
     ranks.check()
     cmd = _launcher()
     if ranks.np > 1:
@@ -137,10 +137,12 @@ def launch_command(args: list[str], ranks: Ranks) -> list[str]:
         env.setdefault("NCCL_NVLS_ENABLE", os.environ.get("NCCL_NVLS_ENABLE", "0"))
     for k, v in env.items():
         cmd += ["--env", f"{k}={v}"]
-    return cmd + ["--", sys.executable, "-m", "mlxchat.cli", *args]
+    return cmd + ["--", *rank_command]
 
 
 def _describe(code: int) -> str:
+    if code == 130:
+        return "was interrupted (Ctrl-C); rerun the command to resume"
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
         hint = " (out of memory, or killed by hand)" if code == -signal.SIGKILL else ""
@@ -174,7 +176,7 @@ def run_mlxchat(args: list[str], ranks: Ranks, on_progress: Callable[[dict], Non
     `on_progress` receives rank 0's training progress rows as they come; `on_output` every
     other line without the progress bars' frames (default: all to this process's stderr as
     it comes, bars included)."""
-    cmd = launch_command(args, ranks)
+    cmd = launch_command([sys.executable, "-m", "mlxchat.cli", *args], ranks)
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     ended: dict[int, int] = {}
     errors: dict[int, str] = {}
@@ -219,7 +221,10 @@ def run_mlxchat(args: list[str], ranks: Ranks, on_progress: Callable[[dict], Non
     readers = [threading.Thread(target=f, daemon=True) for f in (read_stdout, read_stderr)]
     for t in readers:
         t.start()
-    code = proc.wait()
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # the ranks got it too: let them finish the step and write their checkpoint
+        code = proc.wait()
     for t in readers:
         t.join()
     ended = {r: ended.get(r, 0) for r in range(ranks.size)} | ended

@@ -491,7 +491,8 @@ def train_loop(
                 queued = (*step_fn.dispatch(train_batches), step_fn.tokens)
             loss_a, gnorm_a, tokens = queued
             queued = None
-            if not (must_settle(step + 1) or stop.requested):
+            # across ranks no step runs ahead: every rank must meet the same collectives in order
+            if p.world_size == 1 and not (must_settle(step + 1) or stop.requested):
                 queued = (*step_fn.dispatch(train_batches), step_fn.tokens)
             loss, gnorm = loss_a.item(), gnorm_a.item()
             now = time.perf_counter()
@@ -517,7 +518,10 @@ def train_loop(
                 eta = (p.num_iterations - step) * (t_train / (step - start_step))
                 on_progress({**row, "num_iterations": p.num_iterations, "eta_s": eta,
                              metric: history[-1][metric] if history else None})
-            stopping = stop.requested and queued is None  # a queued step finishes first
+            if p.world_size == 1:
+                stopping = stop.requested and queued is None  # a queued step finishes first
+            else:  # Ctrl-C reaches the ranks at different moments: they stop at the first step any saw it
+                stopping = sum_over_ranks([stop.requested])[0] > 0
             last_step = step == p.num_iterations
             if cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0):
                 evaluate(step)
