@@ -16,7 +16,7 @@ import sys
 from contextlib import nullcontext
 
 from mlxchat.common import HOME_ENV, MlxchatError
-from mlxchat.launch import BACKENDS, EVENTS_ENV, Ranks, emit, launched_rank, run_mlxchat
+from mlxchat.launch import BACKENDS, EVENTS_ENV, PEER_LOST, Ranks, emit, launched_rank, run_mlxchat
 
 
 # `mlxchat train` flags that map onto TrainConfig / OptimConfig fields; unset flags keep the
@@ -374,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{who}interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a crash: the launcher's caller learns which rank, the traceback follows
+        if rank is not None and any(p in str(e) for p in PEER_LOST):
+            print(f"error: {who}another rank went away ({e})", file=sys.stderr)
+            return 1
         if rank is not None:
             print(f"error: {who}{type(e).__name__}: {e}", file=sys.stderr)
         raise

@@ -239,8 +239,9 @@ def _pack(docs: list[str], shard_chars: int) -> list[list[str]]:
 
 
 def _row_group_docs(n: int) -> int:
-    """nanochat's 1024 documents per row group, but at least 8 groups in a small shard: the
-    loader deals row groups to data-parallel ranks, so a one-group shard would starve all but one."""
+    """nanochat's 1024 documents per row group, but at least 8 groups in a small shard: nanochat's
+    loader deals row groups to data-parallel ranks, so a one-group shard would starve all but one
+    there (mlxchat's ranks share one stream instead)."""
     return min(1024, max(16, math.ceil(n / 8)))
 
 

@@ -35,7 +35,7 @@ _RANK_ERROR = re.compile(r"^error: rank (\d+): (.*)$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _BAR = re.compile(r"[\w-]+: +\d+%\|[^|]*\|[^\]]*\]")  # a tqdm frame, as train_loop's bar draws it
 # What a rank says when another one went away first: a consequence, not the cause.
-_PEER_LOST = ("connection to a peer was lost", "was closed by the peer", "Too many send/recv errors")
+PEER_LOST = ("connection to a peer was lost", "was closed by the peer", "Too many send/recv errors")
 
 
 @dataclass(frozen=True)
@@ -123,13 +123,16 @@ def launch_command(rank_command: list[str], ranks: Ranks) -> list[str]:
     cmd = _launcher()
     if ranks.np > 1:
         cmd += ["-n", str(ranks.np)]
+    env = {EVENTS_ENV: "1"}
     if ranks.hostfile:
         cmd += ["--hostfile", str(Path(ranks.hostfile).resolve())]
     else:
         cmd += ["--starting-port", str(_free_ports(ranks.np))]
+        # N local CPU ranks each starting a BLAS thread per core oversubscribe the cores: share them
+        # (measured on a 2-core VM: a 2-rank d2 run took 33 s instead of 58 s)
+        env["OPENBLAS_NUM_THREADS"] = os.environ.get("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks.np)))
     if ranks.backend:
         cmd += ["--backend", ranks.backend]
-    env = {EVENTS_ENV: "1"}
     for name in (HOME_ENV, "PYTHONPATH"):
         if os.environ.get(name):
             env[name] = os.environ[name]
@@ -161,7 +164,7 @@ def culprit(ended: dict[int, int], errors: dict[int, str]) -> str | None:
         return None
 
     def consequence(rank: int) -> bool:
-        return ended.get(rank) == -signal.SIGTERM or any(p in errors.get(rank, "") for p in _PEER_LOST)
+        return ended.get(rank) == -signal.SIGTERM or any(p in errors.get(rank, "") for p in PEER_LOST)
 
     rank = min((r for r in failed if not consequence(r)), default=min(failed))
     if rank in errors:
