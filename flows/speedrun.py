@@ -34,6 +34,7 @@ def build_flow():
     from prefect.utilities.annotations import quote
 
     from mlxchat import stages
+    from mlxchat.launch import Ranks
     from tasks import stages as T
     from tasks.artifacts import label_flow_run
     from tasks.caching import cache_key, key_settings
@@ -45,7 +46,7 @@ def build_flow():
                  max_steps: int | None = None, vocab_size: int | None = None, rl: bool = False, np: int = 1,
                  hosts: str | None = None, backend: str | None = None):
         p, run = validate(preset, run, depth, only, start, force, max_steps, vocab_size, rl, np, hosts, backend)
-        ranks = {"np": np, "hosts": hosts, "backend": backend}
+        ranks = Ranks(np, hosts, backend).to_dict()
         root = str(home())
         order = stages.STAGES
         first = order.index(start) if start else 0
