@@ -134,7 +134,7 @@ def eval_tokenizer(run: str, source: str = "smoke", max_chars: int = 1_000_000, 
 @timed("{stage}-eval")
 def eval_bpb(run: str, stage: str = "base", eval_tokens: int | None = None, root=None) -> dict:
     """Bits per byte of a stage's latest checkpoint on the validation (and training) split."""
-    from mlxchat import dataset
+    from mlxchat import checkpoint as ckpt_lib, dataset
     from mlxchat.dataloader import DataLoader
     from mlxchat.evaluation.bpb import evaluate_bpb
     from mlxchat.tokenizer import Tokenizer
@@ -142,7 +142,10 @@ def eval_bpb(run: str, stage: str = "base", eval_tokens: int | None = None, root
 
     rdir = run_dir(run, root, must_exist=True)
     model, ck = load_trained_model(rdir / stage, f"train it first: mlxchat train {stage} --run {run}")
-    cfg = TrainConfig.from_dict(ck.state["config"])
+    config = ck.state["config"]
+    if stage == "rl":  # RL trains on problems, not text: measure on base's text, with base's shapes
+        config = ckpt_lib.require_checkpoint(rdir / "base", f"train it first: mlxchat train base --run {run}").state["config"]
+    cfg = TrainConfig.from_dict(config)
     tok = Tokenizer.load(rdir / "tokenizer")
     src = dataset.get_source(cfg.source, root=root)
     tokens = eval_tokens or cfg.eval_tokens
