@@ -407,7 +407,7 @@ def test_the_chat_stages_keys_change_with_the_identity_file_and_the_word_list(tm
     identity.write_bytes(customjson.identity_path().read_bytes())
     words.write_text("apple\nbanana\n")
     monkeypatch.setattr(customjson, "identity_path", lambda: identity)
-    monkeypatch.setattr(spelling, "WORDS_PATH", words)
+    monkeypatch.setattr(spelling, "packaged_words_file", lambda: words)
     before = {stage: stages.mixture_inputs(stage, "smoke") for stage in ("mid", "sft")}
     identity.write_text(identity.read_text().replace("mlxchat", "mlxchat!", 1))
     edited = {stage: stages.mixture_inputs(stage, "smoke") for stage in ("mid", "sft")}
