@@ -222,7 +222,8 @@ def train_rl(run: str, cfg: RLConfig, root=None, fresh: bool = False, on_progres
 
     from mlxchat.calculator import calculator_tool
     from mlxchat.tokenizer import Tokenizer
-    from mlxchat.train import StopRequested, TrainResult, _append_metrics, _truncate_metrics, resumable_checkpoint, training_identity
+    from mlxchat.train import (StopRequested, TrainResult, append_metrics, resumable_checkpoint, training_identity,
+                               truncate_metrics)
 
     cfg = cfg.validated()
     rdir = run_dir(run, root, must_exist=True)
@@ -256,7 +257,7 @@ def train_rl(run: str, cfg: RLConfig, root=None, fresh: bool = False, on_progres
     tool = calculator_tool(tok)
     stage_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = stage_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_file, start_step)
+    truncate_metrics(metrics_file, start_step)
     log.info(f"rl: from {start.path} | {len(train_task):,} training problems ({cfg.source}) | {num_steps} steps of "
              f"{cfg.examples_per_step} x {cfg.num_samples} rollouts"
              + ("" if val_task is not None else f" | pass@k skipped: {no_val}"))
@@ -266,7 +267,7 @@ def train_rl(run: str, cfg: RLConfig, root=None, fresh: bool = False, on_progres
             return
         row = {"step": step, **pass_at_k(model, tok, val_task, cfg, step, tool)}
         history.append(row)
-        _append_metrics(metrics_file, row, True)
+        append_metrics(metrics_file, row, True)
         log.info(f"rl step {step:05d} | " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step"))
 
     def save(step: int) -> Path:
@@ -297,7 +298,7 @@ def train_rl(run: str, cfg: RLConfig, root=None, fresh: bool = False, on_progres
             generated = sum(sum(ro.lengths) - ro.inputs.shape[0] for ro in batch)
             row = {"step": step, "loss": loss, "smooth_loss": loss, "reward": reward, "dt": dt,
                    "sequence_length": float(np.mean([n for ro in batch for n in ro.lengths])), "tok_per_s": generated / dt}
-            _append_metrics(metrics_file, row, True)
+            append_metrics(metrics_file, row, True)
             bar.update(1)
             bar.set_postfix(reward=f"{reward:.3f}", loss=f"{loss:.4f}")
             if on_progress is not None:

@@ -433,7 +433,7 @@ def train_loop(
     metrics_file = stage_dir / "metrics.jsonl"
     if is_main:
         stage_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_file, start_step)
+        truncate_metrics(metrics_file, start_step)
 
     def evaluate(step: int) -> float:
         if metric == "val_loss":
@@ -441,7 +441,7 @@ def train_loop(
         else:
             value = evaluate_bpb(model, make_loader("val"), eval_steps, token_bytes)
         history.append({"step": step, metric: value})
-        _append_metrics(metrics_file, {"step": step, metric: value}, is_main)
+        append_metrics(metrics_file, {"step": step, metric: value}, is_main)
         log.info(f"step {step:05d} | validation {metric[4:]} {value:.4f}")
         return value
 
@@ -511,7 +511,7 @@ def train_loop(
             tok_s = tokens * p.world_size / dt
             mfu = 100 * p.flops_per_token * tok_s / peak if peak else None
             row = {"step": step, "loss": loss, "smooth_loss": debiased, "grad_norm": gnorm, "dt": dt, "tok_per_s": tok_s, "mfu": mfu}
-            _append_metrics(metrics_file, row, is_main)
+            append_metrics(metrics_file, row, is_main)
             bar.update(1)
             bar.set_postfix(loss=f"{debiased:.4f}", tok_s=f"{tok_s:,.0f}", **({"mfu": f"{mfu:.1f}%"} if mfu else {}))
             if on_progress is not None and is_main:
@@ -586,7 +586,7 @@ def _differences(old, new: dict) -> str:
     return ", ".join(names) or "another identity"
 
 
-def _append_metrics(path: Path, row: dict, is_main: bool) -> None:
+def append_metrics(path: Path, row: dict, is_main: bool) -> None:
     if is_main:
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -606,7 +606,7 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric rows past the resumed step, so a resumed run's log reads as one run; the
     rewrite is atomic, so a kill during it leaves the old log, never an empty one."""
     if path.exists():

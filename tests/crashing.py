@@ -95,7 +95,7 @@ def checkpoint_kills(base: Path) -> dict:
 
 
 def metrics_kills(base: Path) -> dict:
-    """Kill the metrics rewrite of a resume (`_truncate_metrics`) at every line: the log is then
+    """Kill the metrics rewrite of a resume (`truncate_metrics`) at every line: the log is then
     the old one or the truncated one, never empty or half-written, and the next run's rewrite
     (after the run lock's sweep of dead temporaries) leaves no temporary behind."""
     files = {train.__file__, common.__file__}
@@ -109,14 +109,14 @@ def metrics_kills(base: Path) -> dict:
         work.mkdir()
         metrics = work / "metrics.jsonl"
         metrics.write_text(old)
-        killed = _in_child(lambda: train._truncate_metrics(metrics, 5), n, files, base / "where")
+        killed = _in_child(lambda: train.truncate_metrics(metrics, 5), n, files, base / "where")
         if not killed:
             ok = metrics.read_text() == truncated
             results.append({"kill": None, "at": "finished", "found": None, "ok": ok})
             break
         found = metrics.read_text()
         common.sweep_temporaries(work)
-        train._truncate_metrics(metrics, 5)
+        train.truncate_metrics(metrics, 5)
         ok = found in (old, truncated) and metrics.read_text() == truncated and os.listdir(work) == ["metrics.jsonl"]
         results.append({"kill": n, "at": (base / "where").read_text(), "found": len(found), "ok": ok})
         shutil.rmtree(work)
