@@ -145,11 +145,13 @@ def newton_schulz(X: mx.array, steps: int) -> mx.array:
     (n, rows ≤ cols), each normalised by its own Frobenius norm: `Muon`'s per-matrix iteration,
     batched."""
     a, b, c = (3.4445, -4.7750, 2.0315)
-    X = X / (mx.linalg.norm(X, axis=(-2, -1), keepdims=True) + 1e-7)
+    # The norm is taken in fp32: its sum of squares over a whole matrix is where bf16 loses.
+    norms = mx.linalg.norm(X.astype(mx.float32), axis=(-2, -1), keepdims=True)
+    X = X / (norms + 1e-7).astype(X.dtype)
     for _ in range(steps):
         A = X @ X.swapaxes(-1, -2)
-        B = mx.addmm(b * A, A, A, beta=1.0, alpha=c)
-        X = mx.addmm(a * X, B, X, beta=1.0, alpha=1.0)
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
     return X
 
 

@@ -183,3 +183,18 @@ def test_checkpointed_blocks_give_the_same_loss_and_gradients():
     assert abs(ck_loss.item() - loss.item()) < 1e-6
     for (name, a), (_, b) in zip(tree_flatten(grads), tree_flatten(ck_grads)):
         np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_relu2_projection_backward_equals_autodiff(dtype):
+    """The MLP's hand-written backward (recomputing relu² from the c_fc output) gives autodiff's
+    gradients for the input and the projection weight."""
+    h = mx.random.normal((2, 5, 32), key=mx.random.key(1)).astype(dtype)
+    w = (0.1 * mx.random.normal((8, 32), key=mx.random.key(2))).astype(dtype)
+    cot = mx.random.normal((2, 5, 8), key=mx.random.key(3)).astype(dtype)
+    reference = mx.vjp(lambda a, b: mx.square(nn.relu(a)) @ b.T, [h, w], [cot])
+    ours = mx.vjp(gpt.relu2_projection, [h, w], [cot])
+    tol = 1e-6 if dtype == mx.float32 else 2e-2
+    for a, b in zip(reference[0] + reference[1], ours[0] + ours[1]):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(np.array(b.astype(mx.float32)), np.array(a.astype(mx.float32)), atol=tol, rtol=tol)

@@ -128,3 +128,17 @@ def test_batched_newton_schulz_equals_muon_per_matrix():
         np.testing.assert_allclose(np.array(p_batched[k]), np.array(p_per_matrix[k]), rtol=1e-5, atol=1e-6, err_msg=k)
         np.testing.assert_allclose(np.array(batched.state[k]["v"]), np.array(per_matrix.state[k]["v"]), rtol=1e-6, err_msg=k)
     assert not np.allclose(np.array(p_batched["a"]), np.array(params["a"]))
+
+
+def test_bfloat16_newton_schulz_stays_near_the_fp32_iteration():
+    """The GPU runs Newton–Schulz in bf16 on stacks of matrices: it must stay finite and within
+    bf16's error of the float64 iteration, for tiny gradients and for an all-zero one (a zero-init
+    c_proj's first gradients)."""
+    from mlxchat.optim import newton_schulz
+
+    G = mx.concatenate([1e-4 * mx.random.normal((3, 32, 96), key=mx.random.key(0)), mx.zeros((1, 32, 96))])
+    X = np.array(newton_schulz(G.astype(mx.bfloat16), 5).astype(mx.float32))
+    assert np.isfinite(X).all()
+    for i in range(3):
+        np.testing.assert_allclose(X[i], _ns_reference(np.array(G[i], dtype=np.float64)), atol=0.05)
+    assert not X[3].any()
