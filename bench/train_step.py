@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.compile nanochat's model, as scripts/base_train.py does (default on)")
     p.add_argument("--mlx-cache-limit", type=int, default=None,
                    help="mx.set_cache_limit(BYTES) before building any MLX variant (ours raises it on CPU itself)")
+    p.add_argument("--loss-chunk-log2", type=int, default=0,
+                   help="logits per loss chunk as a power of two (0: mlxchat.gpt's defaults)")
     p.add_argument("--peak-flops", type=float, default=0.0, help="override the MFU denominator (FLOP/s)")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per variant")
     p.add_argument("--seed", type=int, default=0)
@@ -159,7 +161,11 @@ def run_mlx(args, variant: str) -> dict:
     import mlx.nn as nn
     import mlx.optimizers as optim
 
+    from mlxchat import gpt
     from mlxchat.gpt import GPT, GPTConfig, loss_kernel
+
+    if args.loss_chunk_log2:
+        gpt.FUSED_LOSS_CHUNK_ELEMENTS = gpt.LOSS_CHUNK_ELEMENTS = 1 << args.loss_chunk_log2
     from mlxchat.optim import OptimConfig, build_optimizer, clip_gradients
     from mlxchat.train import TrainStep
 
