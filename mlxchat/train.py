@@ -14,6 +14,7 @@ the computation the uninterrupted run would have done, so the final weights are 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -33,6 +34,7 @@ from mlxchat.distributed import RankShare, agree, sum_over_ranks, world
 from mlxchat.evaluation.bpb import evaluate_bpb, evaluate_loss
 from mlxchat.gpt import GPT, GPTConfig
 from mlxchat.optim import OptimConfig, build_optimizer, clip_gradients
+from mlxchat.prefetch import Prefetched
 
 log = get_logger()
 
@@ -425,7 +427,6 @@ def train_loop(
     elif fresh and stage_dir.exists():
         log.info(f"--fresh: ignoring existing checkpoints in {stage_dir}")
 
-    train_batches = RankShare(make_loader("train", loader_state))
     step_fn = TrainStep(model, optimizer, p.grad_accum_steps, cfg.optim.grad_clip, p.world_size)
     peak = peak_flops(cfg)
     eval_steps = cfg.eval_steps or max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.seq_len))  # global batches
@@ -481,7 +482,9 @@ def train_loop(
         return (after == p.num_iterations or (cfg.eval_every > 0 and after % cfg.eval_every == 0)
                 or (cfg.checkpoint_every > 0 and after % cfg.checkpoint_every == 0))
 
-    with StopRequested() as stop:
+    prefetched = Prefetched(make_loader("train", loader_state))
+    train_batches = RankShare(prefetched)
+    with StopRequested() as stop, contextlib.closing(prefetched):
         # One step runs ahead: step k+1 is loaded and queued before step k's loss is read, so the
         # device never waits for the host (batch loading, logging) between steps.
         queued = None
