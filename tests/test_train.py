@@ -246,3 +246,16 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
     assert abs(loss1 - loss2) < 1e-5 and abs(norm1 - norm2) < 1e-5
     for k in p1:
         np.testing.assert_allclose(np.array(p2[k]), np.array(p1[k]), atol=1e-5, err_msg=k)
+
+
+def test_step_rate_keeps_the_compile_step_apart_and_sums_misattributed_neighbours():
+    from mlxchat.train import StepRate
+
+    rate = StepRate(window=4)
+    assert rate.add(100, 10.0) == 10  # first step: compilation, its own rate
+    assert rate.add(100, 1.0) == 100
+    assert rate.add(100, 1.9) == pytest.approx(200 / 2.9)  # one read waited for two steps ...
+    assert rate.add(100, 0.1) == pytest.approx(100)  # ... the next for none: the window evens them
+    for _ in range(4):
+        last = rate.add(100, 0.5)
+    assert last == pytest.approx(200)  # only the last 4 steps count
