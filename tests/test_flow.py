@@ -100,8 +100,28 @@ def test_flow_runs_every_stage_then_reruns_from_cache(home):
                              "-p", "Who are you?", "--max-tokens", "8"], capture_output=True, text=True, timeout=120)
     assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr[-2000:]
 
-    again = _flow(home)
-    assert _states(again.stdout + again.stderr) == {s: "Cached" for s in STAGES}
+    # --rl on the same run: rl-train joins, what it does not change is reused, then all cache hits
+    with_rl = STAGES[:STAGES.index("chat-eval")] + ["rl-train"] + STAGES[STAGES.index("chat-eval"):]
+    rl = _flow(home, "--rl")
+    rl_states = _states(rl.stdout + rl.stderr)
+    assert rl_states == {s: "Completed" if s in ("rl-train", "chat-eval", "report") else "Cached" for s in with_rl}
+    assert_rl_trained_and_reported(home)
+    again = _flow(home, "--rl")
+    assert _states(again.stdout + again.stderr) == {s: "Cached" for s in with_rl}
+
+
+def assert_rl_trained_and_reported(home):
+    run = _run(home)
+    assert os.readlink(run / "rl" / "latest") == "step_000002"
+    rows = [json.loads(line) for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2] and [r["step"] for r in rows if "pass@1" in r] == [0, 2]
+    chat = json.loads((run / "eval" / "chat_rl.json").read_text())
+    assert chat["chatcore"] is not None and chat["problems"]["GSM8K"] == 2
+    report = (run / "report.md").read_text()
+    assert "| Metric | BASE | MID | SFT | RL |" in report
+    assert f"| ChatCORE | - | {json.loads((run / 'eval' / 'chat_sft.json').read_text())['chatcore']:.4f} | " in report
+    assert re.search(rf"\| ChatCORE \| - \| \S+ \| \S+ \| {chat['chatcore']:.4f} \|", report), report[:1500]
+    assert "## RL training" in report
 
 
 def test_damaged_or_deleted_outputs_recompute_their_stage_never_cached(home):
@@ -150,21 +170,30 @@ def test_force_tokenizer_with_another_vocab_retrains_everything_from_the_new_par
     assert json.loads((home / "published" / "tiny-sft" / "config.json").read_text())["vocab_size"] == 400
 
 
-def test_a_changed_setting_recomputes_that_stage_and_what_follows(home):
-    out = _flow(home, "--vocab-size", "400", "--max-steps", "14")
+def test_a_changed_setting_recomputes_that_stage_and_what_follows_on_two_ranks(home):
+    """Two ranks (`--np 2`) launch training and evaluation through mlx.launch; the tiny
+    preset's micro-batch is halved to fit, so base retrains, as the changed --max-steps wants."""
+    out = _flow(home, "--vocab-size", "400", "--max-steps", "14", "--np", "2")
     log = out.stdout + out.stderr
     states = _states(log)
     assert states["tokenizer-train"] == "Cached" and states["base-eval"] == "Completed"
     assert all(states[s] == "Completed" for s in ("base-train", "mid-train", "sft-train", "publish")), states
-    assert "base: starting fresh: step_000012 was made with other settings (max_steps)" in log
+    assert re.search(r"base: starting fresh: step_000012 was made with other settings \(([a-z_]+, )*max_steps", log)
     assert os.readlink(_run(home) / "base" / "latest") == "step_000014"
+    for stage in ("base-train", "base-eval", "mid-train", "sft-train", "chat-eval"):
+        assert re.search(rf"Task run '{stage}-[0-9a-f]+' - launching 2 ranks: mlxchat ", log), stage
+    assert "micro-batch 2x64 x 2 ranks" in log  # the tiny preset's 4-row micro-batch, halved to fit 2 ranks
+    assert re.search(r"Task run 'base-train-[0-9a-f]+' - step 14/14 \| loss", log)  # rank 0's progress, streamed
+    assert re.search(r"Task run 'base-eval-[0-9a-f]+' - CORE-pack \(14/22\): ", log)
+    assert (_run(home) / "report.md").read_text().startswith("# mlxchat report: tiny")
     assert_trained_from_their_parents(home)
 
 
 def test_force_mid_retrains_sft_for_real_and_a_second_flow_on_the_run_is_refused(home):
+    """Also on two ranks, after the test before: its results are reused as cache hits."""
     sft_state = (_run(home) / "sft" / "latest").resolve() / "state.json"
     stamp = sft_state.stat().st_mtime_ns
-    first = _flow(home, "--force", "mid-train", "--vocab-size", "400", "--max-steps", "14",
+    first = _flow(home, "--force", "mid-train", "--vocab-size", "400", "--max-steps", "14", "--np", "2",
                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lock = _run(home) / ".lock"
     deadline = time.time() + 120
@@ -176,7 +205,9 @@ def test_force_mid_retrains_sft_for_real_and_a_second_flow_on_the_run_is_refused
     log, _ = first.communicate(timeout=600)
     assert first.returncode == 0, log[-3000:]
     states = _states(log)
-    assert states["base-train"] == "Cached" and states["mid-train"] == states["sft-train"] == "Completed", states
+    # the two-rank results of the test before are reused (ranks are not in the keys), then retrained from mid
+    assert states["base-train"] == states["base-eval"] == "Cached", states
+    assert states["mid-train"] == states["sft-train"] == "Completed", states
     assert not re.search(r"resuming (mid|sft)", log)
     assert sft_state.stat().st_mtime_ns != stamp  # sft trained again, not "resumed" at its end
     assert_trained_from_their_parents(home)
@@ -200,41 +231,6 @@ def test_bad_arguments_are_one_line_before_any_flow_run(args, message, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert runtime._server is None and not (tmp_path / ".prefect").exists()  # Prefect never started
-
-
-def test_flow_with_rl_trains_rl_after_sft_and_reports_its_column(home):
-    first = _flow(home, "--rl", "--run", "tinyrl")
-    with_rl = STAGES[:STAGES.index("chat-eval")] + ["rl-train"] + STAGES[STAGES.index("chat-eval"):]
-    assert _states(first.stdout + first.stderr) == {s: "Completed" for s in with_rl}
-    run = home / "runs" / "tinyrl"
-    assert os.readlink(run / "rl" / "latest") == "step_000002"
-    rows = [json.loads(line) for line in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "reward" in r] == [1, 2] and [r["step"] for r in rows if "pass@1" in r] == [0, 2]
-    chat = json.loads((run / "eval" / "chat_rl.json").read_text())
-    assert chat["chatcore"] is not None and chat["problems"]["GSM8K"] == 2
-    report = (run / "report.md").read_text()
-    assert "| Metric | BASE | MID | SFT | RL |" in report
-    assert f"| ChatCORE | - | {json.loads((run / 'eval' / 'chat_sft.json').read_text())['chatcore']:.4f} | " in report
-    assert re.search(rf"\| ChatCORE \| - \| \S+ \| \S+ \| {chat['chatcore']:.4f} \|", report), report[:1500]
-    assert "## RL training" in report
-    again = _flow(home, "--rl", "--run", "tinyrl")
-    assert _states(again.stdout + again.stderr) == {s: "Cached" for s in with_rl}
-
-
-def test_flow_with_two_ranks_launches_training_and_evaluation_then_reruns_from_cache(home):
-    first = _flow(home, "--run", "tiny-np2", "--np", "2")
-    log = first.stdout + first.stderr
-    states = _states(log)
-    shared = {"prepare-data", "prepare-evals"}  # not per run: cached if the other flow test ran first
-    assert set(states) == set(STAGES) and all(states[s] == "Completed" for s in set(STAGES) - shared), states
-    for stage in ("base-train", "base-eval", "mid-train", "sft-train", "chat-eval"):
-        assert re.search(rf"Task run '{stage}-[0-9a-f]+' - launching 2 ranks: mlxchat ", log), stage
-    assert "micro-batch 2x64 x 2 ranks" in log  # the tiny preset's 4-row micro-batch, halved to fit 2 ranks
-    assert re.search(r"Task run 'base-train-[0-9a-f]+' - step 12/12 \| loss", log)  # rank 0's progress, streamed
-    assert re.search(r"Task run 'base-eval-[0-9a-f]+' - CORE-pack \(14/22\): ", log)
-    assert (home / "runs" / "tiny-np2" / "report.md").read_text().startswith("# mlxchat report: tiny-np2")
-    again = _flow(home, "--run", "tiny-np2", "--np", "2")
-    assert _states(again.stdout + again.stderr) == {s: "Cached" for s in STAGES}
 
 
 def test_only_without_inputs_names_the_stage_to_run_first(tmp_path, home):
@@ -271,8 +267,7 @@ def test_ctrl_c_during_base_train_ends_cancelled_with_a_checkpoint_and_the_rerun
 
 def test_a_damaged_input_of_a_skipped_stage_stops_with_one_line_naming_the_file(tmp_path, home):
     shutil.copytree(home / "data", tmp_path / "data")
-    _flow(tmp_path, "--only", "prepare-data")
-    _flow(tmp_path, "--only", "tokenizer-train")
+    _flow(tmp_path, "--only", "tokenizer-train")  # prepare-data is not run: its data is there
     pkl = tmp_path / "runs" / "tiny" / "tokenizer" / "tokenizer.pkl"
     good = pkl.read_bytes()
     pkl.write_bytes(b"corrupt")
@@ -282,7 +277,7 @@ def test_a_damaged_input_of_a_skipped_stage_stops_with_one_line_naming_the_file(
         f"error: stage 'tokenizer-train' of run 'tiny' cannot be reused ({pkl} is 7 bytes, {len(good)} when it was "
         f"written): run it again (--from tokenizer-train)")
     pkl.write_bytes(good)
-    fixed = _flow(tmp_path, "--from", "tokenizer-eval")
+    fixed = _flow(tmp_path, "--only", "tokenizer-eval")
     assert _states(fixed.stdout + fixed.stderr)["tokenizer-eval"] == "Completed"
 
 
