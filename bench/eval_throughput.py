@@ -41,9 +41,9 @@ def main() -> None:
 
     from mlxchat import dataset
     from mlxchat.evaluation import core
-    from mlxchat.evaluation.chat import run_categorical_eval
+    from mlxchat.evaluation.chatcore import run_categorical_eval
     from mlxchat.gpt import GPT, GPTConfig
-    from mlxchat.tasks import ARC
+    from mlxchat.conversations import ARC
     from mlxchat.tokenizer import Tokenizer
 
     home = Path(args.home)

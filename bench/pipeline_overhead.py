@@ -30,24 +30,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 DIRECT = """
 import sys
-from mlxchat import presets, stages
+from mlxchat import presets, pipeline
 p = presets.resolve(sys.argv[1]); run, root = p.name, sys.argv[2]
-stages.prepare_data(p.source, p.num_shards, root=root)
-stages.train_tokenizer(run, p.vocab_size, p.source, p.tokenizer_max_chars, root=root)
-stages.eval_tokenizer(run, p.source, root=root)
-evals = stages.prepare_evals(p.evals, root=root)
-stages.train(run, "base", p.base.to_dict(), root=root)
-stages.eval_bpb(run, "base", p.bpb_eval_tokens, root=root)
+pipeline.prepare_data(p.source, p.num_shards, root=root)
+pipeline.train_tokenizer(run, p.vocab_size, p.source, p.tokenizer_max_chars, root=root)
+pipeline.eval_tokenizer(run, p.source, root=root)
+evals = pipeline.prepare_evals(p.evals, root=root)
+pipeline.train(run, "base", p.base.to_dict(), root=root)
+pipeline.eval_bpb(run, "base", p.bpb_eval_tokens, root=root)
 if evals["fingerprint"]:
-    stages.eval_core(run, "base", p.max_per_task, root=root)
-stages.train(run, "mid", p.mid.to_dict(), root=root)
-stages.train(run, "sft", p.sft.to_dict(), root=root)
+    pipeline.eval_core(run, "base", p.max_per_task, root=root)
+pipeline.train(run, "mid", p.mid.to_dict(), root=root)
+pipeline.train(run, "sft", p.sft.to_dict(), root=root)
 for stage in ("mid", "sft"):
-    stages.eval_chat(run, stage, p.max_per_task, p.chat_max_new_tokens, root=root)
+    pipeline.eval_chat(run, stage, p.max_per_task, p.chat_max_new_tokens, root=root)
 for stage in ("base", "mid", "sft"):
-    stages.sample(run, stage, max_tokens=p.sample_max_tokens, root=root)
-stages.publish(run, "sft", root=root)
-stages.report(run, root=root)
+    pipeline.sample(run, stage, max_tokens=p.sample_max_tokens, root=root)
+pipeline.publish(run, "sft", root=root)
+pipeline.report(run, root=root)
 """
 
 EMPTY = """
@@ -71,7 +71,7 @@ def timed(cmd: list[str], prefect_home: Path) -> float:
 
 
 def stage_seconds(home: Path, preset: str) -> float:
-    """Total time the run's stages spent inside their own functions (see mlxchat.stages.timed)."""
+    """Total time the run's stages spent inside their own functions (see mlxchat.pipeline.timed)."""
     return sum(json.loads((home / "runs" / preset / "timings.json").read_text()).values())
 
 

@@ -101,10 +101,10 @@ def run_name(args) -> str:
 
 
 def ensure_tokenizer(args) -> None:
-    from mlxchat import stages
+    from mlxchat import pipeline
 
     if not (Path(args.home) / "runs" / run_name(args) / "tokenizer").exists():
-        stages.train_tokenizer(run_name(args), vocab_size=args.vocab, max_chars=2_000_000, root=args.home)
+        pipeline.train_tokenizer(run_name(args), vocab_size=args.vocab, max_chars=2_000_000, root=args.home)
 
 
 def spawn(raw: list[str], worker: str) -> dict:

@@ -33,12 +33,12 @@ def build_flow():
     from prefect.states import Cancelled
     from prefect.utilities.annotations import quote
 
-    from mlxchat import stages
+    from mlxchat import pipeline
     from mlxchat.launch import Ranks
-    from tasks import stages as T
+    from tasks import steps as T
     from tasks.artifacts import label_flow_run
     from tasks.caching import cache_key, key_settings
-    from tasks.report import publish_report, report
+    from tasks.report_card import publish_report, report
 
     @flow(name="speedrun", log_prints=True)
     def speedrun(preset: str = "smoke", run: str | None = None, depth: int | None = None,
@@ -48,11 +48,11 @@ def build_flow():
         p, run = validate(preset, run, depth, only, start, force, max_steps, vocab_size, rl, np, hosts, backend)
         ranks = Ranks(np, hosts, backend).to_dict()
         root = str(home())
-        order = stages.STAGES
+        order = pipeline.STEPS
         first = order.index(start) if start else 0
         selected = {only} if only else set(order[first:])
         forced = set(order[order.index(force):]) if force else set()
-        stages.write_run_json(run, p.to_dict(), root=root)
+        pipeline.write_run_json(run, p.to_dict(), root=root)
         label_flow_run(f"{run} ({preset}, d{p.base.depth})", ["mlxchat", f"run:{run}", f"preset:{preset}", f"depth:{p.base.depth}"])
         records: dict[str, dict] = {}
         states: dict = {}
@@ -72,10 +72,10 @@ def build_flow():
             if order.index(name) > last:
                 raise AllSelectedDone
             if name not in selected:
-                records[name] = stages.existing_output(name, run, p.source, p.num_shards, root=root)
+                records[name] = pipeline.existing_output(name, run, p.source, p.num_shards, root=root)
                 return records[name]
             key = cache_key(name, kwargs)
-            record, why = stages.reuse_problem(name, run, key, p.source, p.num_shards, root=root)
+            record, why = pipeline.reuse_problem(name, run, key, p.source, p.num_shards, root=root)
             if name in forced:
                 why = f"--force {force}"
             if why is not None and record is not None:
@@ -94,7 +94,7 @@ def build_flow():
                 raise Interrupted(state.message)
             states[name], result = state, state.result()
             if why is not None or state.name != "Cached":
-                record = stages.record_step(name, run, key, key_settings(kwargs), p.source, p.num_shards, root=root)
+                record = pipeline.record_step(name, run, key, key_settings(kwargs), p.source, p.num_shards, root=root)
             records[name] = {**result, "fingerprint": record["fingerprint"]}
             return records[name]
 
@@ -111,10 +111,10 @@ def build_flow():
                        checkpoint_fingerprint=base["fingerprint"], evals_fingerprint=evals["fingerprint"], root=root,
                        ranks=ranks)
             mid = step("mid-train", T.mid_train, run=run, stage="mid", config=p.mid.to_dict(),
-                       inputs={**inputs, "base": base["fingerprint"], **stages.mixture_inputs("mid", p.mid.source, root)},
+                       inputs={**inputs, "base": base["fingerprint"], **pipeline.mixture_inputs("mid", p.mid.source, root)},
                        root=root, ranks=ranks)
             sft = step("sft-train", T.sft_train, run=run, stage="sft", config=p.sft.to_dict(),
-                       inputs={**inputs, "mid": mid["fingerprint"], **stages.mixture_inputs("sft", p.sft.source, root)},
+                       inputs={**inputs, "mid": mid["fingerprint"], **pipeline.mixture_inputs("sft", p.sft.source, root)},
                        root=root, ranks=ranks)
             checkpoints = {"base": base["fingerprint"], "mid": mid["fingerprint"], "sft": sft["fingerprint"]}
             chat = {k: checkpoints[k] for k in ("mid", "sft")}
@@ -125,7 +125,7 @@ def build_flow():
             step("chat-eval", T.chat_eval, run=run, checkpoints=chat, max_per_task=p.max_per_task,
                  max_new_tokens=p.chat_max_new_tokens, evals_fingerprint=evals["fingerprint"], root=root, ranks=ranks)
             step("sample", T.sample, run=run, checkpoints=checkpoints, max_tokens=p.sample_max_tokens, root=root)
-            step("publish", T.publish, run=run, stage=stages.CHAT_MODEL_STAGE, checkpoint_fingerprint=sft["fingerprint"],
+            step("publish", T.publish, run=run, stage=pipeline.CHAT_MODEL_STAGE, checkpoint_fingerprint=sft["fingerprint"],
                  eval_fingerprint=bpb.get("fingerprint", ""), root=root)
             step("report", report, run=run, inputs={k: v.get("fingerprint") for k, v in records.items()}, root=root)
 
@@ -147,18 +147,18 @@ def validate(preset: str, run: str | None, depth: int | None, only: str | None, 
              hosts: str | None = None, backend: str | None = None):
     """The flow's arguments checked (one-line MlxchatError otherwise): (resolved preset, run name).
     Across ranks, a stage's micro-batch is halved where the global batch would not divide."""
-    from mlxchat import presets, stages
+    from mlxchat import presets, pipeline
     from mlxchat.launch import Ranks
 
     p = presets.resolve(preset, depth, max_steps, vocab_size)
-    stages.check_selection(only=only, start=start, force=force)
+    pipeline.check_selection(only=only, start=start, force=force)
     for flag, value in (("--only", only), ("--from", start), ("--force", force)):
         if value == "rl-train" and not rl:
             raise MlxchatError(f"{flag} rl-train needs --rl (the flow runs RL only when asked)")
     spread = Ranks(np, hosts, backend)
     spread.check()
     if spread.distributed:
-        fitted = {s: presets.fit_to_ranks(getattr(p, s), spread.size) for s in stages.MODEL_STAGES}
+        fitted = {s: presets.fit_to_ranks(getattr(p, s), spread.size) for s in pipeline.MODEL_STAGES}
         for s, cfg in fitted.items():
             if cfg != getattr(p, s):
                 print(f"{s}: micro-batch {getattr(p, s).device_batch_size} -> {cfg.device_batch_size} rows so that "
@@ -208,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, help="override the preset's tokenizer vocabulary size")
     parser.add_argument("--home", help="run directory root (default $MLXCHAT_HOME or ./artifacts)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--only", metavar="STAGE")
-    group.add_argument("--from", dest="start", metavar="STAGE")
-    parser.add_argument("--force", metavar="STAGE", help="recompute STAGE and everything after it")
+    group.add_argument("--only", metavar="STEP", help="run only this pipeline step (the steps before it must have results)")
+    group.add_argument("--from", dest="start", metavar="STEP", help="run this pipeline step and every one after it")
+    parser.add_argument("--force", metavar="STEP", help="recompute STEP and every step after it (training from scratch)")
     parser.add_argument("--rl", action="store_true", help="add rl-train after SFT (nanochat's chat_rl on GSM8K)")
     parser.add_argument("--np", type=int, default=1, help="train and evaluate on this many local processes (per host with --hosts)")
     parser.add_argument("--hosts", metavar="HOSTFILE", help="train and evaluate on the hosts of an mlx.launch hostfile")

@@ -1,7 +1,7 @@
 """Batches of conversations for mid-training and SFT, with exact resume.
 
 Both read a conversation dataset (anything with `len()` and `[i]` giving `{"messages": ...}`,
-e.g. an `mlxchat.tasks` mixture) and render each conversation with the tokenizer's chat
+e.g. an `mlxchat.conversations` mixture) and render each conversation with the tokenizer's chat
 format. They differ as nanochat's scripts do:
 
 - `PackedConversations` (mid_train): rendered conversations are concatenated into one token

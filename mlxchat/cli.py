@@ -182,7 +182,7 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 def run_chat(args: argparse.Namespace) -> None:
     """`mlxchat chat`: one answer to -p, or a conversation on stdin; text streams to stdout."""
-    from mlxchat.chat import chat_repl, load_chat_model, stream_reply
+    from mlxchat.chat_session import chat_repl, load_chat_model, stream_reply
 
     chat = load_chat_model(args.run, args.stage, root=args.home)
     sampling = _sampling(args)
@@ -281,7 +281,7 @@ def _add_nanochat_args(sub) -> None:
 def run_command(args: argparse.Namespace) -> dict | list | None:
     """The command's result to print as JSON; None for the interactive ones (chat, serve),
     which write to the terminal themselves."""
-    from mlxchat import stages
+    from mlxchat import pipeline
 
     root = args.home
     if args.command == "chat":
@@ -303,24 +303,24 @@ def run_command(args: argparse.Namespace) -> dict | list | None:
         return {"shards": [str(p) for p in dataset.download(args.shards, root=root)]}
     if args.command == "tokenizer":
         if args.action == "train":
-            return stages.train_tokenizer(args.run, args.vocab_size, args.source, args.max_chars, root=root)
-        return stages.eval_tokenizer(args.run, args.source, root=root)
+            return pipeline.train_tokenizer(args.run, args.vocab_size, args.source, args.max_chars, root=root)
+        return pipeline.eval_tokenizer(args.run, args.source, root=root)
     if args.command == "train" and args.stage == "rl":
-        result = stages.train_rl(args.run, rl_config(args).to_dict(), root=root, fresh=args.fresh)
+        result = pipeline.train_rl(args.run, rl_config(args).to_dict(), root=root, fresh=args.fresh)
         if result["interrupted"]:
             raise KeyboardInterrupt
         return result
     if args.command == "train":
         progress = (lambda row: emit("progress", row)) if os.environ.get(EVENTS_ENV) else None
-        result = stages.train(args.run, args.stage, train_config(args).to_dict(), root=root, fresh=args.fresh,
+        result = pipeline.train(args.run, args.stage, train_config(args).to_dict(), root=root, fresh=args.fresh,
                               on_progress=progress)
         if result["interrupted"]:
             raise KeyboardInterrupt
         return result
     if args.command == "sample":
-        return stages.sample(args.run, args.stage, args.prompt, args.max_tokens, args.temperature, args.top_k, root=root)
+        return pipeline.sample(args.run, args.stage, args.prompt, args.max_tokens, args.temperature, args.top_k, root=root)
     if args.command == "publish":
-        return stages.publish(args.run, args.stage, args.out, root=root)
+        return pipeline.publish(args.run, args.stage, args.out, root=root)
     if args.command in ("import", "export"):
         from mlxchat import nanochat_io
 
@@ -329,10 +329,10 @@ def run_command(args: argparse.Namespace) -> dict | list | None:
         return nanochat_io.export_nanochat(args.run, args.stage, args.out, root=root)
     if args.command == "eval":
         if args.metric == "core":
-            return stages.eval_core(args.run, args.stage or "base", args.max_per_task, root=root)
+            return pipeline.eval_core(args.run, args.stage or "base", args.max_per_task, root=root)
         if args.metric == "chat":
-            return stages.eval_chat(args.run, args.stage or "sft", args.max_per_task, args.max_new_tokens, root=root)
-        return stages.eval_bpb(args.run, args.stage or "base", args.eval_tokens, root=root)
+            return pipeline.eval_chat(args.run, args.stage or "sft", args.max_per_task, args.max_new_tokens, root=root)
+        return pipeline.eval_bpb(args.run, args.stage or "base", args.eval_tokens, root=root)
     raise AssertionError(args.command)
 
 

@@ -197,8 +197,8 @@ def pass_at_k(model, tok, task, cfg: RLConfig, step: int, tool) -> dict:
 
 def rl_tasks(cfg: RLConfig, root=None):
     """(train task, test task or None, why the test task is missing)."""
-    from mlxchat.tasks import GSM8K
-    from mlxchat.tasks.arithmetic import Arithmetic
+    from mlxchat.conversations import GSM8K
+    from mlxchat.conversations.arithmetic import Arithmetic
 
     if cfg.source == "hub":
         train = GSM8K("main", "train", root=root)

@@ -329,7 +329,7 @@ def train_chat(
     """nanochat's mid_train (stage "mid") or chat_sft (stage "sft"): continue the previous
     stage's latest checkpoint on a conversation mixture (`cfg.source`: smoke or hub)."""
     from mlxchat.chatloader import PackedConversations, PaddedConversations, epoch_tokens
-    from mlxchat.tasks import build_mixture, mixture_fingerprint
+    from mlxchat.conversations import build_mixture, mixture_fingerprint
     from mlxchat.tokenizer import Tokenizer
 
     if cfg.stage not in CHAT_STAGES:

@@ -51,7 +51,7 @@ from typing import Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from mlxchat.chat import ChatModel, fit_to_context, stream_reply
+from mlxchat.chat_session import ChatModel, fit_to_context, stream_reply
 from mlxchat.common import MlxchatError, get_logger
 
 log = get_logger()
@@ -385,7 +385,7 @@ def serve(run: str, stage: str = "sft", host: str = "127.0.0.1", port: int = 800
     default setting no request could ask for is a MlxchatError before anything listens)."""
     import uvicorn
 
-    from mlxchat.chat import load_chat_model
+    from mlxchat.chat_session import load_chat_model
 
     for name, bounds in (("temperature", TEMPERATURE_RANGE), ("top_k", TOP_K_RANGE), ("max_tokens", MAX_TOKENS_RANGE)):
         value = getattr(defaults, name)

@@ -1,1 +1,1 @@
-"""Prefect tasks: one per speedrun stage, thin wrappers over `mlxchat.stages`."""
+"""Prefect tasks: one per speedrun stage, thin wrappers over `mlxchat.pipeline`."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from mlxchat.stages import code_version
+from mlxchat.pipeline import code_version
 
 # Parameters that do not change what a stage computes (`ranks`: N ranks give one process's results).
 NOT_IN_KEY = {"root", "on_progress", "fresh", "ranks"}

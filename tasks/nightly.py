@@ -43,7 +43,7 @@ def evaluate_published(model_dir: str, source: str, batch_size: int, seq_len: in
     """Every evaluation that has data, on one published model: validation bits per byte and
     greedy samples always, CORE when `<home>/evals/core` exists, ChatCORE's tasks when the
     model is a chat stage (mid, sft)."""
-    from mlxchat import dataset, engine, stages
+    from mlxchat import dataset, engine, pipeline
     from mlxchat.evaluation.core import evaluate_core
     from mlxchat.evaluation.pack import evals_dir
     from mlxchat.dataloader import DataLoader
@@ -69,14 +69,14 @@ def evaluate_published(model_dir: str, source: str, batch_size: int, seq_len: in
     limit = "every problem" if max_per_task < 0 else f"at most {max_per_task} problems per task"
     if bundle.is_dir():
         logger.info(f"CORE on {bundle} ({limit})…")
-        core = evaluate_core(model, tok, bundle, max_per_task=max_per_task, batch_tokens=stages.eval_batching()[0])
+        core = evaluate_core(model, tok, bundle, max_per_task=max_per_task, batch_tokens=pipeline.eval_batching()[0])
         result.update(core_name=core["name"], core_metric=core["core_metric"])
         logger.info(f"{core['name']}: {core['core_metric']:.4f}")
     else:
         logger.warning(f"CORE skipped: no evaluation data in {bundle}; run: mlxchat data prepare-evals")
     if origin.get("stage") in ("mid", "sft"):
         logger.info(f"ChatCORE's six tasks ({limit})…")
-        chat = stages.score_chat(model, tok, max_per_task, chat_max_new_tokens, root=root)
+        chat = pipeline.score_chat(model, tok, max_per_task, chat_max_new_tokens, root=root)
         result.update(chatcore=chat["chatcore"], chat_results=chat["results"], chat_skipped=chat["skipped"])
         logger.info("ChatCORE " + (f"{chat['chatcore']:.4f}" if chat["chatcore"] is not None else "n/a (tasks skipped)"))
     return result

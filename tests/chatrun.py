@@ -1,6 +1,6 @@
 """A tiny run directory with a chat checkpoint, for the chat CLI, web and browser tests: a
 small trained tokenizer and a random GPT saved as stage `sft`'s latest checkpoint, laid out
-exactly as training leaves a run (so `mlxchat.chat.load_chat_model` reads it unchanged)."""
+exactly as training leaves a run (so `mlxchat.chat_session.load_chat_model` reads it unchanged)."""
 
 from pathlib import Path
 

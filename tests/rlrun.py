@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlxchat.tasks.base import Task  # noqa: E402
+from mlxchat.conversations.base import Task  # noqa: E402
 
 
 class SayE(Task):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxchat import blas, stages
+from mlxchat import blas, pipeline
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or blas.bundled_reference_blas() is None,
                                 reason="only Linux's mlx[cpu] wheel bundles a reference BLAS")
@@ -28,7 +28,7 @@ def test_training_started_without_ld_preload_runs_on_openblas(smoke_root, tmp_pa
     if blas.find_openblas() is None:
         pytest.fail(f"no Debian OpenBLAS installed: {blas.INSTALL_HINT} (./setup.sh does it)")
     shutil.copytree(smoke_root / "data", tmp_path / "data")
-    stages.train_tokenizer("r", vocab_size=512, max_chars=300_000, root=tmp_path)
+    pipeline.train_tokenizer("r", vocab_size=512, max_chars=300_000, root=tmp_path)
     cmd = [sys.executable, "-m", "mlxchat.cli", "--home", str(tmp_path), "train", "base", "--run", "r", "--depth", "2",
            "--seq-len", "64", "--device-batch-size", "4", "--total-batch-size", "256", "--max-steps", "100000",
            "--eval-every", "0", "--checkpoint-every", "0", "--dtype", "float32"]

@@ -17,7 +17,7 @@ import pytest
 
 from chatrun import RUN, make_chat_run
 from liveserver import LiveServer
-from mlxchat.chat import load_chat_model, stream_reply
+from mlxchat.chat_session import load_chat_model, stream_reply
 from mlxchat.web import GenerationWorker, Sampling, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")

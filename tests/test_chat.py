@@ -12,7 +12,7 @@ import pytest
 from chatrun import RUN, ScriptedModel, make_chat_run
 from mlxchat import cli
 from mlxchat.calculator import calculator_tool
-from mlxchat.chat import (TOOL_MARKS, ChatModel, chat_repl, load_chat_model, render_prompt,
+from mlxchat.chat_session import (TOOL_MARKS, ChatModel, chat_repl, load_chat_model, render_prompt,
                           stream_reply)
 from mlxchat.common import MlxchatError
 from mlxchat.engine import generate_batch

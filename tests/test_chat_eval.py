@@ -7,7 +7,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxchat.common import MlxchatError
 from mlxchat.engine import generate_batch
-from mlxchat.evaluation.chat import (
+from mlxchat.evaluation.chatcore import (
     CHATCORE_TASKS,
     centered_accuracy,
     chatcore,

@@ -15,12 +15,12 @@ import pytest
 from pydoc_data.topics import topics
 
 from mlxchat.common import MlxchatError
-from mlxchat.tasks import (
+from mlxchat.conversations import (
     ARC, GSM8K, MMLU, Arithmetic, CustomJSON, HumanEval, SimpleSpelling, SmolTalk, SpellingBee, Task, TaskMixture,
     TaskSequence, build_mixture, identity_path, mixture_fingerprint, render_mc,
 )  # fmt: skip
-from mlxchat.tasks.gsm8k import solution_parts
-from mlxchat.tasks.mixtures import IDENTITY_VAL
+from mlxchat.conversations.gsm8k import solution_parts
+from mlxchat.conversations.mixtures import IDENTITY_VAL
 from mlxchat.tokenizer import Tokenizer
 
 GSM_ANSWER = (
@@ -132,7 +132,7 @@ def test_packaged_word_list_needs_no_os_file_and_is_the_same_in_every_process():
     example i is the same conversation whatever the process's string hash seed."""
     import subprocess
 
-    code = "from mlxchat.tasks import SpellingBee; print(SpellingBee(50, 'train')[7]['messages'][0]['content'])"
+    code = "from mlxchat.conversations import SpellingBee; print(SpellingBee(50, 'train')[7]['messages'][0]['content'])"
     out = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
     assert len(out) == 1 and out.pop().strip()
@@ -400,17 +400,17 @@ def test_every_smoke_conversation_renders_with_something_to_train_on():
 
 
 def test_the_chat_stages_keys_change_with_the_identity_file_and_the_word_list(tmp_path, monkeypatch):
-    from mlxchat import stages
-    from mlxchat.tasks import customjson, spelling
+    from mlxchat import pipeline
+    from mlxchat.conversations import customjson, spelling
 
     identity, words = tmp_path / "identity.jsonl", tmp_path / "words"
     identity.write_bytes(customjson.identity_path().read_bytes())
     words.write_text("apple\nbanana\n")
     monkeypatch.setattr(customjson, "identity_path", lambda: identity)
     monkeypatch.setattr(spelling, "packaged_words_file", lambda: words)
-    before = {stage: stages.mixture_inputs(stage, "smoke") for stage in ("mid", "sft")}
+    before = {stage: pipeline.mixture_inputs(stage, "smoke") for stage in ("mid", "sft")}
     identity.write_text(identity.read_text().replace("mlxchat", "mlxchat!", 1))
-    edited = {stage: stages.mixture_inputs(stage, "smoke") for stage in ("mid", "sft")}
+    edited = {stage: pipeline.mixture_inputs(stage, "smoke") for stage in ("mid", "sft")}
     assert all(edited[s]["mixture_train"] != before[s]["mixture_train"] for s in before)
     words.write_text("apple\ncherry\n")
-    assert all(stages.mixture_inputs(s, "smoke")["mixture_train"] != edited[s]["mixture_train"] for s in before)
+    assert all(pipeline.mixture_inputs(s, "smoke")["mixture_train"] != edited[s]["mixture_train"] for s in before)

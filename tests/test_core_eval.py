@@ -191,21 +191,21 @@ def test_evaluate_core_on_a_tiny_bundle(tmp_path, model, tok):
 def test_eval_core_stage_and_cli_write_core_json(smoke_root, tmp_path, capsys):
     import shutil
 
-    from mlxchat import stages
+    from mlxchat import pipeline
     from mlxchat.cli import main
     from mlxchat.common import MlxchatError
     from mlxchat.train import TrainConfig, train_base
 
     home = tmp_path / "home"
     shutil.copytree(smoke_root / "data", home / "data")
-    stages.train_tokenizer("r", vocab_size=300, max_chars=100_000, root=home)
+    pipeline.train_tokenizer("r", vocab_size=300, max_chars=100_000, root=home)
     train_base("r", TrainConfig(depth=2, seq_len=64, device_batch_size=2, total_batch_size=128, eval_tokens=256,
                                 dtype="float32", max_steps=1, eval_every=0, checkpoint_every=1), root=home)
     with pytest.raises(MlxchatError, match="prepare-evals"):
-        stages.eval_core("r", root=home)
+        pipeline.eval_core("r", root=home)
     mc = [{"query": f"Q: the cat {i}?", "choices": ["red", "blue"], "gold": i % 2} for i in range(6)]
     write_bundle(home / "evals", [("mc", "multiple_choice", 1, mc)])
-    result = stages.eval_core("r", "base", max_per_task=4, root=home)
+    result = pipeline.eval_core("r", "base", max_per_task=4, root=home)
     saved = json.loads((home / "runs" / "r" / "eval" / "core.json").read_text())["base"]
     assert saved["results"] == result["results"] and set(saved["results"]) == {"mc"} and saved["max_per_task"] == 4
     assert saved["name"] == "CORE-pack (1/22)" and saved["core_metric"] == pytest.approx(saved["centered"]["mc"])

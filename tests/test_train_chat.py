@@ -9,7 +9,7 @@ from dataclasses import replace
 import mlx.core as mx
 import pytest
 
-from mlxchat import stages
+from mlxchat import pipeline
 from mlxchat.checkpoint import latest_checkpoint
 from mlxchat.common import MlxchatError
 from mlxchat.presets import resolve
@@ -31,9 +31,9 @@ def home(smoke_root, tmp_path_factory):
     """A home with the smoke corpus and run 'src': tokenizer, base (4 steps) and mid (4 steps)."""
     root = tmp_path_factory.mktemp("chat_home")
     shutil.copytree(smoke_root / "data", root / "data")
-    stages.train_tokenizer("src", vocab_size=512, max_chars=300_000, root=root)
-    stages.train("src", "base", replace(TINY.base, max_steps=4, eval_every=0).to_dict(), root=root)
-    stages.train("src", "mid", replace(TINY.mid, max_steps=4, eval_every=0).to_dict(), root=root)
+    pipeline.train_tokenizer("src", vocab_size=512, max_chars=300_000, root=root)
+    pipeline.train("src", "base", replace(TINY.base, max_steps=4, eval_every=0).to_dict(), root=root)
+    pipeline.train("src", "mid", replace(TINY.mid, max_steps=4, eval_every=0).to_dict(), root=root)
     return root
 
 
@@ -50,7 +50,7 @@ def _weights(path):
 def test_a_chat_stage_starts_from_the_previous_stages_weights(home):
     run = _new_run(home, "starts", ("tokenizer", "base"))
     frozen = replace(TINY.mid, max_steps=1, eval_every=0, optim=replace(TINY.mid.optim, init_lr_frac=0.0))
-    result = stages.train(run, "mid", frozen.to_dict(), root=home)
+    result = pipeline.train(run, "mid", frozen.to_dict(), root=home)
     assert result["step"] == 1
     base, mid = _weights(home / "runs" / run / "base"), _weights(home / "runs" / run / "mid")
     assert base.keys() == mid.keys() and all(mx.array_equal(base[k], mid[k]).item() for k in base)
@@ -58,21 +58,21 @@ def test_a_chat_stage_starts_from_the_previous_stages_weights(home):
 
 def test_mid_training_lowers_validation_bpb_and_sft_reports_validation_loss(home):
     run = _new_run(home, "learns", ("tokenizer", "base"))
-    stages.train(run, "mid", replace(TINY.mid, max_steps=30, eval_every=30).to_dict(), root=home)
+    pipeline.train(run, "mid", replace(TINY.mid, max_steps=30, eval_every=30).to_dict(), root=home)
     history = latest_checkpoint(home / "runs" / run / "mid").state["history"]
     assert [h["step"] for h in history] == [0, 30]
     assert history[-1]["val_bpb"] < 0.9 * history[0]["val_bpb"], history
-    sft = stages.train(run, "sft", replace(TINY.sft, max_steps=4, eval_every=4).to_dict(), root=home)
+    sft = pipeline.train(run, "sft", replace(TINY.sft, max_steps=4, eval_every=4).to_dict(), root=home)
     assert sft["metrics"]["val_loss"] > 0 and "val_bpb" not in sft["metrics"]
     assert (home / "runs" / run / "samples").exists() is False  # training writes no samples
-    out = stages.sample(run, "sft", max_tokens=4, root=home)
+    out = pipeline.sample(run, "sft", max_tokens=4, root=home)
     assert [s["prompt"] for s in out["samples"]][0] == "What is the capital of France?"
 
 
 def test_a_chat_stage_without_its_starting_checkpoint_names_the_command(home):
     run = _new_run(home, "nobase", ("tokenizer",))
     with pytest.raises(MlxchatError, match=r"train it first: mlxchat train mid --run nobase"):
-        stages.train(run, "sft", TINY.sft.to_dict(), root=home)
+        pipeline.train(run, "sft", TINY.sft.to_dict(), root=home)
 
 
 def _cli(home, *args):

@@ -21,7 +21,7 @@ import pytest
 from chatrun import RUN, make_chat_run
 from liveserver import LiveServer
 from mlxchat import web
-from mlxchat.chat import load_chat_model
+from mlxchat.chat_session import load_chat_model
 from mlxchat.common import MlxchatError
 from mlxchat.web import MAX_BODY_BYTES, GenerationWorker, create_app
 
@@ -293,7 +293,7 @@ def test_a_body_past_the_limit_without_content_length_is_refused_as_it_arrives(l
 
 
 def test_fit_to_context_keeps_the_newest_turns_in_order_within_the_budget(root):
-    from mlxchat.chat import fit_to_context, render_prompt
+    from mlxchat.chat_session import fit_to_context, render_prompt
 
     tokenizer = load_chat_model(RUN, "sft", root).tokenizer
     conversation = [{"role": "system", "content": "Be brief."}]

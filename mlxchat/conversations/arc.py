@@ -4,8 +4,8 @@ ARC-Easy and ARC-Challenge subsets. nanochat's tasks/arc.py; categorical."""
 from __future__ import annotations
 
 from mlxchat.common import MlxchatError
-from mlxchat.tasks.base import Task, render_mc
-from mlxchat.tasks.hub import Rows, SHUFFLE_SEED, load_rows, pack_dir, read_jsonl
+from mlxchat.conversations.base import Task, render_mc
+from mlxchat.conversations.hub import Rows, SHUFFLE_SEED, load_rows, pack_dir, read_jsonl
 
 REPO = "allenai/ai2_arc"
 SUBSETS = {"ARC-Easy": "arc_easy.jsonl", "ARC-Challenge": "arc_challenge.jsonl"}

@@ -10,14 +10,14 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from mlxchat import stages
+from mlxchat import pipeline
 from tasks.artifacts import artifact_key, inline_images, publish_location
 from tasks.caching import stage_cache_key
 
 
 @task(name="report", cache_key_fn=stage_cache_key, persist_result=True)
 def report(run: str, inputs: dict, root: str) -> dict:
-    return stages.report(run, root=root)
+    return pipeline.report(run, root=root)
 
 
 def publish_report(run: str, record: dict) -> None:

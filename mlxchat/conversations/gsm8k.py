@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 
 from mlxchat.common import MlxchatError
-from mlxchat.tasks.base import Task, evaluate_final_number
-from mlxchat.tasks.hub import Rows, SHUFFLE_SEED, load_rows, pack_dir, read_jsonl
+from mlxchat.conversations.base import Task, evaluate_final_number
+from mlxchat.conversations.hub import Rows, SHUFFLE_SEED, load_rows, pack_dir, read_jsonl
 
 REPO = "openai/gsm8k"
 _CALL = re.compile(r"(<<[^>]+>>)")

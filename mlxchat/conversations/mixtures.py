@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from mlxchat.common import MlxchatError
-from mlxchat.tasks.base import Task, TaskMixture
+from mlxchat.conversations.base import Task, TaskMixture
 
 IDENTITY_VAL = 12  # the identity file's last conversations, held out for smoke validation
 
@@ -96,7 +96,7 @@ def recipe(kind: str, split: str, source: str) -> Recipe:
 def _identity(start: int = 0, stop: int | None = None) -> Task:
     """The identity conversations; negative bounds count from the end (train takes all but
     the last IDENTITY_VAL, smoke validation those last ones)."""
-    from mlxchat.tasks.customjson import CustomJSON, identity_path
+    from mlxchat.conversations.customjson import CustomJSON, identity_path
 
     n = len(CustomJSON(identity_path()))
     start = start % n if start < 0 else start
@@ -106,7 +106,7 @@ def _identity(start: int = 0, stop: int | None = None) -> Task:
 
 def make_task(name: str, args: dict, root=None) -> Task:
     """One recipe entry as a task; hub tasks download into `<root>/data/hub-datasets`."""
-    from mlxchat.tasks import arithmetic, spelling
+    from mlxchat.conversations import arithmetic, spelling
 
     if name == "Identity":
         return _identity(**args)
@@ -114,10 +114,10 @@ def make_task(name: str, args: dict, root=None) -> Task:
              "Arithmetic": arithmetic.Arithmetic}  # fmt: skip
     if name in local:
         return local[name](**args)
-    from mlxchat.tasks.arc import ARC
-    from mlxchat.tasks.gsm8k import GSM8K
-    from mlxchat.tasks.mmlu import MMLU
-    from mlxchat.tasks.smoltalk import SmolTalk
+    from mlxchat.conversations.arc import ARC
+    from mlxchat.conversations.gsm8k import GSM8K
+    from mlxchat.conversations.mmlu import MMLU
+    from mlxchat.conversations.smoltalk import SmolTalk
 
     hub = {"SmolTalk": SmolTalk, "MMLU": MMLU, "GSM8K": GSM8K, "ARC": ARC}
     if name not in hub:
@@ -136,8 +136,8 @@ def mixture_fingerprint(kind: str, split: str, source: str, root=None) -> str:
     identity file, the word list (smoke) and the code of the task modules — so a stage's cache
     key changes exactly when its data would. Builds nothing and needs no network. (Hub
     datasets are identified by name: their files are fetched at the hub's current revision.)"""
-    from mlxchat.tasks.customjson import identity_path
-    from mlxchat.tasks.spelling import packaged_words_file
+    from mlxchat.conversations.customjson import identity_path
+    from mlxchat.conversations.spelling import packaged_words_file
 
     entries = recipe(kind, split, source)
     h = hashlib.sha256(json.dumps([kind, split, source, entries], sort_keys=True).encode())

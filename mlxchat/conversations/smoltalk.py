@@ -4,8 +4,8 @@ SmolTalk: 460K train, 24K test), nanochat's tasks/smoltalk.py."""
 from __future__ import annotations
 
 from mlxchat.common import MlxchatError
-from mlxchat.tasks.base import Task
-from mlxchat.tasks.hub import load_rows
+from mlxchat.conversations.base import Task
+from mlxchat.conversations.hub import load_rows
 
 REPO = "HuggingFaceTB/smol-smoltalk"
 

@@ -14,14 +14,14 @@ from importlib import resources
 from pathlib import Path
 
 from mlxchat.common import MlxchatError
-from mlxchat.tasks.base import Task
+from mlxchat.conversations.base import Task
 
 
 def identity_path() -> Path:
     """mlxchat's own identity conversations (package data): who the model is, who made it,
     what it can and cannot do — nanochat mixes its equivalent into mid-training and SFT so
     the model answers "who are you?" truthfully."""
-    return Path(str(resources.files("mlxchat.tasks") / "data" / "identity.jsonl"))
+    return Path(str(resources.files("mlxchat.conversations") / "data" / "identity.jsonl"))
 
 
 def _check(messages, where: str) -> list[dict]:

@@ -5,8 +5,8 @@ auxiliary_train subset (100K questions from ARC, MCTest, OBQA and RACE) and eval
 from __future__ import annotations
 
 from mlxchat.common import MlxchatError
-from mlxchat.tasks.base import Task, render_mc
-from mlxchat.tasks.hub import Rows, SHUFFLE_SEED, load_rows, pack_dir, read_jsonl
+from mlxchat.conversations.base import Task, render_mc
+from mlxchat.conversations.hub import Rows, SHUFFLE_SEED, load_rows, pack_dir, read_jsonl
 
 REPO = "cais/mmlu"
 LETTERS = ("A", "B", "C", "D")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from mlxchat.tasks.base import Task, check_split, evaluate_final_number, in_split
+from mlxchat.conversations.base import Task, check_split, evaluate_final_number, in_split
 
 NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo", "Kofi", "Lena", "Mateo",
          "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq", "Uma", "Victor", "Wen", "Yusuf", "Zoe")

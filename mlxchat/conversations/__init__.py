@@ -5,16 +5,16 @@ are also what chat evaluation reads problems from: ARC, MMLU, GSM8K and HumanEva
 the hub or, offline, from the eval pack (`Class.from_pack(root)`).
 """
 
-from mlxchat.tasks.arc import ARC
-from mlxchat.tasks.arithmetic import Arithmetic
-from mlxchat.tasks.base import Task, TaskMixture, TaskSequence, render_mc
-from mlxchat.tasks.customjson import CustomJSON, identity_path
-from mlxchat.tasks.gsm8k import GSM8K
-from mlxchat.tasks.humaneval import HumanEval
-from mlxchat.tasks.mixtures import build_mixture, mixture_fingerprint
-from mlxchat.tasks.mmlu import MMLU
-from mlxchat.tasks.smoltalk import SmolTalk
-from mlxchat.tasks.spelling import SimpleSpelling, SpellingBee
+from mlxchat.conversations.arc import ARC
+from mlxchat.conversations.arithmetic import Arithmetic
+from mlxchat.conversations.base import Task, TaskMixture, TaskSequence, render_mc
+from mlxchat.conversations.customjson import CustomJSON, identity_path
+from mlxchat.conversations.gsm8k import GSM8K
+from mlxchat.conversations.humaneval import HumanEval
+from mlxchat.conversations.mixtures import build_mixture, mixture_fingerprint
+from mlxchat.conversations.mmlu import MMLU
+from mlxchat.conversations.smoltalk import SmolTalk
+from mlxchat.conversations.spelling import SimpleSpelling, SpellingBee
 
 __all__ = [
     "ARC", "Arithmetic", "CustomJSON", "GSM8K", "HumanEval", "MMLU", "SimpleSpelling", "SmolTalk", "SpellingBee",

@@ -1,4 +1,4 @@
-"""One Prefect task per stage. Each calls `mlxchat.stages` and adds observability: logs through
+"""One Prefect task per stage. Each calls `mlxchat.pipeline` and adds observability: logs through
 the run logger, a live view while training, a metrics table, where the outputs are (tasks/artifacts.py).
 
 Training and evaluation tasks take `ranks` (`mlxchat.launch.Ranks` as a dict): with more than
@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 from prefect.states import Cancelled
 
-from mlxchat import stages
+from mlxchat import pipeline
 from mlxchat.launch import Ranks, run_mlxchat
 from tasks.artifacts import LiveTraining, artifact_key as _artifact_key, metric_rows, publish_location, rounded
 from tasks.caching import stage_cache_key
@@ -30,14 +30,14 @@ def _table(key: str, metrics: dict, description: str) -> None:
 
 @task(name="prepare-data", **CACHED)
 def prepare_data(source: str, num_shards: int | None, root: str) -> dict:
-    result = stages.prepare_data(source, num_shards, root=root)
+    result = pipeline.prepare_data(source, num_shards, root=root)
     get_run_logger().info(f"data source {source}: {result['num_shards']} shards ({result['path']})")
     return result
 
 
 @task(name="tokenizer-train", **CACHED)
 def tokenizer_train(run: str, vocab_size: int, source: str, max_chars: int, data_fingerprint: str, root: str) -> dict:
-    result = stages.train_tokenizer(run, vocab_size, source, max_chars, root=root)
+    result = pipeline.train_tokenizer(run, vocab_size, source, max_chars, root=root)
     get_run_logger().info(f"tokenizer: vocab {result['vocab_size']} in {result['train_time_s']:.1f}s")
     _table(_artifact_key(run, "tokenizer-train"), result, "Tokenizer training")
     return result
@@ -45,7 +45,7 @@ def tokenizer_train(run: str, vocab_size: int, source: str, max_chars: int, data
 
 @task(name="tokenizer-eval", **CACHED)
 def tokenizer_eval(run: str, source: str, tokenizer_fingerprint: str, root: str) -> dict:
-    result = stages.eval_tokenizer(run, source, root=root)
+    result = pipeline.eval_tokenizer(run, source, root=root)
     rows = [{"text": name, **{k: rounded(v) for k, v in vals.items()}} for name, vals in result.items()]
     create_table_artifact(key=_artifact_key(run, "tokenizer-eval"), table=rows, description="Tokenizer compression")
     get_run_logger().info("tokenizer bytes/token: " + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in result.items()))
@@ -68,7 +68,7 @@ def _train(run: str, stage: str, config: dict, inputs: dict, root: str, fresh: b
     is only there for the cache key."""
     live = LiveTraining(run, stage, "val_loss" if stage == "sft" else "val_bpb", get_run_logger())
     args = ["train", stage, "--run", run, "--config", json.dumps(config), *(["--fresh"] if fresh else [])]
-    result = _in_ranks(ranks, root, args, lambda: stages.train(run, stage, config, root=root, fresh=fresh,
+    result = _in_ranks(ranks, root, args, lambda: pipeline.train(run, stage, config, root=root, fresh=fresh,
                                                                 on_progress=live), on_progress=live)
     if result["interrupted"]:  # Ctrl-C: a checkpoint was written; the run ends Cancelled, not Failed
         return Cancelled(message=f"{stage}-train stopped at step {result['step']} of {result['num_iterations']}; "
@@ -87,7 +87,7 @@ base_train, mid_train, sft_train = (task(name=f"{stage}-train", **CACHED)(_train
 def rl_train(run: str, config: dict, inputs: dict, root: str, fresh: bool = False) -> dict:
     """RL from the SFT model; `inputs` (tokenizer, SFT checkpoint, eval data) is only there for the cache key."""
     live = LiveTraining(run, "rl", "reward", get_run_logger())
-    result = stages.train_rl(run, config, root=root, fresh=fresh, on_progress=live)
+    result = pipeline.train_rl(run, config, root=root, fresh=fresh, on_progress=live)
     if result["interrupted"]:  # Ctrl-C: a checkpoint was written; the run ends Cancelled, not Failed
         return Cancelled(message=f"rl-train stopped at step {result['step']} of {result['num_iterations']}; "
                                  f"rerun the flow to resume from {result['checkpoint']}")
@@ -100,7 +100,7 @@ def rl_train(run: str, config: dict, inputs: dict, root: str, fresh: bool = Fals
 
 @task(name="prepare-evals", **CACHED)
 def prepare_evals(source: str, root: str) -> dict:
-    result = stages.prepare_evals(source, root=root)
+    result = pipeline.prepare_evals(source, root=root)
     logger = get_run_logger()
     if result["skipped"]:
         logger.warning(f"evaluation data unavailable, CORE and ChatCORE will be skipped: {result['skipped']}")
@@ -117,7 +117,7 @@ def base_eval(run: str, eval_tokens: int, max_per_task: int, checkpoint_fingerpr
     """Bits per byte, then CORE when there is evaluation data."""
     logger = get_run_logger()
     result = _in_ranks(ranks, root, ["eval", "bpb", "--run", run, "--stage", "base", "--eval-tokens", str(eval_tokens)],
-                       lambda: stages.eval_bpb(run, "base", eval_tokens, root=root))
+                       lambda: pipeline.eval_bpb(run, "base", eval_tokens, root=root))
     logger.info(f"base val bpb {result['val_bpb']:.4f}, train bpb {result['train_bpb']:.4f}")
     _table(_artifact_key(run, "base-eval"), result, "Base model bits per byte")
     if not evals_fingerprint:
@@ -127,7 +127,7 @@ def base_eval(run: str, eval_tokens: int, max_per_task: int, checkpoint_fingerpr
                                  description="CORE of the base model: skipped")
         return result
     core = _in_ranks(ranks, root, ["eval", "core", "--run", run, "--stage", "base", "--max-per-task", str(max_per_task)],
-                     lambda: stages.eval_core(run, "base", max_per_task, root=root))
+                     lambda: pipeline.eval_core(run, "base", max_per_task, root=root))
     rows = [{"task": t, "accuracy": rounded(acc), "centered": rounded(core["centered"][t]), "note": ""}
             for t, acc in core["results"].items()]
     rows += [{"task": t, "accuracy": None, "centered": None, "note": f"skipped: {why}"} for t, why in core["skipped"].items()]
@@ -146,7 +146,7 @@ def chat_eval(run: str, checkpoints: dict, max_per_task: int, max_new_tokens: in
     for stage in checkpoints:
         args = ["eval", "chat", "--run", run, "--stage", stage, "--max-per-task", str(max_per_task),
                 "--max-new-tokens", str(max_new_tokens)]
-        result = _in_ranks(ranks, root, args, lambda: stages.eval_chat(run, stage, max_per_task, max_new_tokens, root=root))
+        result = _in_ranks(ranks, root, args, lambda: pipeline.eval_chat(run, stage, max_per_task, max_new_tokens, root=root))
         rows = [{"task": t, "accuracy": rounded(a), "centered": rounded(result["centered"][t]),
                  "problems": result["problems"][t], "note": ""} for t, a in result["results"].items()]
         rows += [{"task": t, "accuracy": None, "centered": None, "problems": 0, "note": f"skipped: {why}"}
@@ -167,7 +167,7 @@ def sample(run: str, checkpoints: dict, max_tokens: int, root: str) -> dict:
     """Greedy samples of every trained stage (`checkpoints`: stage -> checkpoint fingerprint)."""
     logger, records = get_run_logger(), {}
     for stage in checkpoints:
-        result = stages.sample(run, stage, max_tokens=max_tokens, root=root)
+        result = pipeline.sample(run, stage, max_tokens=max_tokens, root=root)
         for s in result["samples"]:
             logger.info(f"{stage}: {s['prompt']!r} -> {s['completion']!r}")
         create_table_artifact(key=_artifact_key(run, f"samples-{stage}"), table=result["samples"],
@@ -178,7 +178,7 @@ def sample(run: str, checkpoints: dict, max_tokens: int, root: str) -> dict:
 
 @task(name="publish", **CACHED)
 def publish(run: str, stage: str, checkpoint_fingerprint: str, eval_fingerprint: str, root: str) -> dict:
-    result = stages.publish(run, stage, root=root)
+    result = pipeline.publish(run, stage, root=root)
     get_run_logger().info(f"published {stage} model to {result['out_dir']}")
     publish_location(_artifact_key(run, f"published-{stage}"), f"mlx-lm model folder ({stage}, step {result.get('step')})",
                      result["out_dir"], {"generate with mlx-lm": f"python -m mlx_lm generate --model {result['out_dir']} --prompt \"The\"",

@@ -2,13 +2,13 @@
 tests. nanochat's tasks/humaneval.py; generative.
 
 `evaluate` runs the completion against the problem's tests in the sandbox
-(`mlxchat.evaluation.chat.humaneval_passes`): model-written code never runs in this process.
+(`mlxchat.evaluation.chatcore.humaneval_passes`): model-written code never runs in this process.
 """
 
 from __future__ import annotations
 
-from mlxchat.tasks.base import Task
-from mlxchat.tasks.hub import Rows, SHUFFLE_SEED, load_rows, pack_dir, read_jsonl
+from mlxchat.conversations.base import Task
+from mlxchat.conversations.hub import Rows, SHUFFLE_SEED, load_rows, pack_dir, read_jsonl
 
 REPO = "openai/openai_humaneval"
 
@@ -42,6 +42,6 @@ class HumanEval(Task):
         }
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        from mlxchat.evaluation.chat import humaneval_passes
+        from mlxchat.evaluation.chatcore import humaneval_passes
 
         return humaneval_passes(conversation, completion)

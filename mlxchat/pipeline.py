@@ -218,7 +218,7 @@ def train_rl(run: str, config: dict, root=None, fresh: bool = False, on_progress
 def chat_tasks(root=None) -> tuple[dict, dict]:
     """ChatCORE's six tasks as nanochat's chat_eval builds them, read from the eval pack
     (`<home>/evals/chat/`); a task whose data is missing is skipped with the reason."""
-    from mlxchat.tasks import ARC, GSM8K, MMLU, HumanEval, SpellingBee
+    from mlxchat.conversations import ARC, GSM8K, MMLU, HumanEval, SpellingBee
 
     builders = {
         "ARC-Easy": lambda: ARC.from_pack(root, "ARC-Easy"),
@@ -242,7 +242,7 @@ def score_chat(model, tok, max_per_task: int = -1, max_new_tokens: int = 512, ba
     """ChatCORE's tasks on a model (nanochat's chat_eval: greedy, top-k 50, one sample, the
     calculator on); ChatCORE itself only when all six tasks ran."""
     from mlxchat.calculator import calculator_tool
-    from mlxchat.evaluation.chat import centered_accuracy, chatcore, evaluate_chat
+    from mlxchat.evaluation.chatcore import centered_accuracy, chatcore, evaluate_chat
 
     tasks, skipped = chat_tasks(root)
     batch_size = batch_size or eval_batching()[1]
@@ -294,7 +294,7 @@ def sample(run: str, stage: str = "base", prompts: list[str] | None = None, max_
         samples = engine.sample_prompts(model, tok, prompts or engine.SAMPLE_PROMPTS, max_tokens=max_tokens,
                                         temperature=temperature, top_k=top_k)
     else:
-        from mlxchat.chat import sample_chat
+        from mlxchat.chat_session import sample_chat
 
         samples = sample_chat(model, tok, prompts, max_tokens=max_tokens, temperature=temperature, top_k=top_k)
     path = rdir / "samples" / f"{stage}.md"
@@ -325,7 +325,7 @@ def report(run: str, root=None) -> dict:
     return {"path": str(path), "fingerprint": fingerprint_files([path])}
 
 
-STAGES = ["prepare-data", "tokenizer-train", "tokenizer-eval", "prepare-evals", "base-train", "base-eval", "mid-train", "sft-train",
+STEPS = ["prepare-data", "tokenizer-train", "tokenizer-eval", "prepare-evals", "base-train", "base-eval", "mid-train", "sft-train",
           "rl-train", "chat-eval", "sample", "publish", "report"]
 MODEL_STAGES = ["base", "mid", "sft"]  # trained in this order; each starts from the one before
 CHAT_MODEL_STAGE = MODEL_STAGES[-1]  # what the flow samples last and publishes
@@ -334,14 +334,14 @@ CHAT_MODEL_STAGE = MODEL_STAGES[-1]  # what the flow samples last and publishes
 def check_selection(**options: str | None) -> None:
     """`--only`/`--from`/`--force` name pipeline steps; anything else is a one-line error."""
     for name, value in options.items():
-        if value is not None and value not in STAGES:
+        if value is not None and value not in STEPS:
             flag = "--from" if name == "start" else f"--{name}"
-            raise MlxchatError(f"{flag} {value!r} is not a stage; stages: {', '.join(STAGES)}")
+            raise MlxchatError(f"{flag} {value!r} is not a pipeline step; steps: {', '.join(STEPS)}")
 
 
 def mixture_inputs(stage: str, source: str, root=None) -> dict:
     """The fingerprints of a chat stage's conversation mixtures (train and val), for its key."""
-    from mlxchat.tasks import mixture_fingerprint
+    from mlxchat.conversations import mixture_fingerprint
 
     return {f"mixture_{split}": mixture_fingerprint(stage, split, source, root=root) for split in ("train", "val")}
 
@@ -418,9 +418,9 @@ def reuse_problem(step: str, run: str, key: str | None, source: str = "smoke", n
     if not path.exists():
         return None, "it has no results yet"
     try:
-        record = read_json(path, "stage record")
+        record = read_json(path, "step record")
         if not isinstance(record, dict) or not isinstance(record.get("outputs"), dict):
-            raise MlxchatError(f"stage record {path} is not valid")
+            raise MlxchatError(f"step record {path} is not valid")
         if key is not None and record.get("key") != key:
             return record, "its settings, inputs or code changed"
         if step == "prepare-data":
@@ -434,21 +434,21 @@ def reuse_problem(step: str, run: str, key: str | None, source: str = "smoke", n
         return None, str(e)
 
 
-def existing_output(stage: str, run: str, source: str = "smoke", num_shards: int | None = None, root=None) -> dict:
-    """The record of a stage that is not being run (`--only`/`--from`); a missing or damaged
-    output is a user error that names the stage to run first."""
-    record, why = reuse_problem(stage, run, None, source, num_shards, root)
+def existing_output(step: str, run: str, source: str = "smoke", num_shards: int | None = None, root=None) -> dict:
+    """The record of a step that is not being run (`--only`/`--from`); a missing or damaged
+    output is a user error that names the step to run first."""
+    record, why = reuse_problem(step, run, None, source, num_shards, root)
     if why is None:
         return record
-    if stage in ("prepare-data", "prepare-evals"):  # shared data: what is there now, if anything
+    if step in ("prepare-data", "prepare-evals"):  # shared data: what is there now, if anything
         try:
-            return {"fingerprint": _outputs(stage, run, source, num_shards, root)[1]}
+            return {"fingerprint": _outputs(step, run, source, num_shards, root)[1]}
         except MlxchatError:
-            if stage == "prepare-evals":  # no eval data: the evaluations say "skipped"
+            if step == "prepare-evals":  # no eval data: the evaluations say "skipped"
                 return {"fingerprint": "", "skipped": "no evaluation data; run: mlxchat data prepare-evals"}
     if record is None and why == "it has no results yet":
-        raise MlxchatError(f"stage {stage!r} has no results for run {run!r}: run it first (--from {stage})")
-    raise MlxchatError(f"stage {stage!r} of run {run!r} cannot be reused ({why}): run it again (--from {stage})")
+        raise MlxchatError(f"step {step!r} has no results for run {run!r}: run it first (--from {step})")
+    raise MlxchatError(f"step {step!r} of run {run!r} cannot be reused ({why}): run it again (--from {step})")
 
 
 def write_run_json(run: str, preset: dict, root=None) -> Path:

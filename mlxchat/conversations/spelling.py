@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from mlxchat.common import MlxchatError
-from mlxchat.tasks.base import Task, evaluate_final_number, in_split
+from mlxchat.conversations.base import Task, evaluate_final_number, in_split
 
 WORDS_PACKAGE = "english-words"  # pinned in pyproject.toml: its list decides the conversations
 LETTERS = "abcdefghijklmnopqrstuvwxyz"

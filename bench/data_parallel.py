@@ -7,7 +7,7 @@
    model's at each depth (fp32, what the CPU trains in), timed on 2 ranks; also as a fraction
    of the d4 training step measured in 1.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 python bench/distributed.py
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 python bench/data_parallel.py
 """
 
 from __future__ import annotations
@@ -89,14 +89,14 @@ def main() -> None:
     if args.worker:
         return allreduce_worker(depths, args.allreduce_vocab, args.repeats)
 
-    from mlxchat import stages
+    from mlxchat import pipeline
     from mlxchat.dataset import prepare_smoke
     from mlxchat.launch import Ranks, launch_command
 
     home = Path(tempfile.mkdtemp(prefix="bench_dist_"))
     try:
         prepare_smoke(root=home)
-        stages.train_tokenizer("tok", vocab_size=args.vocab, max_chars=2_000_000, root=home)
+        pipeline.train_tokenizer("tok", vocab_size=args.vocab, max_chars=2_000_000, root=home)
         train = ["--depth", str(args.depth), "--seq-len", str(args.seq_len), "--device-batch-size",
                  str(args.device_batch_size), "--total-batch-size", str(args.total_batch_size), "--dtype", "float32",
                  "--max-steps", str(args.steps), "--eval-every", "0", "--checkpoint-every", "0"]
