@@ -1,10 +1,10 @@
 """nanochat's speedrun as one Prefect flow: data -> tokenizer -> eval data -> base-train -> base-eval (bpb, CORE)
 -> mid-train -> sft-train [-> rl-train with --rl] -> chat-eval (ChatCORE) -> sample -> publish -> report.
 
-Every stage is a cached task (see tasks/caching.py): a rerun reuses finished stages, and a
-killed training stage resumes from its latest checkpoint. `--only`/`--from` run a subset
-(the stages before must already have results), `--force STAGE` recomputes a stage and
-everything after it. `--np N` (N local processes) or `--hosts HOSTFILE` runs the training and
+Every pipeline step (mlxchat.pipeline.STEPS) is a cached task (see tasks/caching.py): a rerun
+reuses finished steps, and a killed training step resumes from its latest checkpoint.
+`--only`/`--from` run a subset (the steps before must already have results), `--force STEP`
+recomputes a step and everything after it. `--np N` (N local processes) or `--hosts HOSTFILE` runs the training and
 evaluation stages data-parallel through `mlx.launch` (`--backend ring|jaccl|nccl|mpi`).
 
     python flows/speedrun.py --preset smoke
@@ -35,10 +35,10 @@ def build_flow():
 
     from mlxchat import pipeline
     from mlxchat.launch import Ranks
-    from tasks import steps as T
-    from tasks.artifacts import label_flow_run
+    from mlxchat.rundir import CHAT_MODEL_STAGE, CHAT_STAGES, LOOP_STAGES
+    from tasks.artifacts import label_flow_run, publish_report
     from tasks.caching import cache_key, key_settings
-    from tasks.report_card import publish_report, report
+    from tasks.steps import TASKS
 
     @flow(name="speedrun", log_prints=True)
     def speedrun(preset: str = "smoke", run: str | None = None, depth: int | None = None,
@@ -48,93 +48,89 @@ def build_flow():
         p, run = validate(preset, run, depth, only, start, force, max_steps, vocab_size, rl, np, hosts, backend)
         ranks = Ranks(np, hosts, backend).to_dict()
         root = str(home())
-        order = pipeline.STEPS
-        first = order.index(start) if start else 0
-        selected = {only} if only else set(order[first:])
-        forced = set(order[order.index(force):]) if force else set()
+        selection = pipeline.select(only, start, force, optional=rl)
         pipeline.write_run_json(run, p.to_dict(), root=root)
         label_flow_run(f"{run} ({preset}, d{p.base.depth})", ["mlxchat", f"run:{run}", f"preset:{preset}", f"depth:{p.base.depth}"])
         records: dict[str, dict] = {}
         states: dict = {}
 
-        last = max(order.index(s) for s in selected)
+        def fp(name: str) -> str:
+            return records[name]["fingerprint"]
 
-        class AllSelectedDone(Exception):
-            """Stages after the last selected one are neither run nor required."""
+        def trained(stages) -> dict:
+            """stage -> checkpoint fingerprint, for the model stages this run trains."""
+            return {s: fp(f"{s}-train") for s in stages if f"{s}-train" in records}
 
-        class Interrupted(Exception):
-            """A training stage stopped on Ctrl-C (after writing a checkpoint)."""
+        def tokenizer_and_data() -> dict:
+            return {"tokenizer": fp("tokenizer-train"), "data": fp("prepare-data")}
 
-        def step(name: str, fn, **kwargs) -> dict:
+        # Each step's arguments: its settings and the fingerprints of the outputs it reads (its
+        # cache key); read when the step's turn comes, from the records of the steps before it.
+        arguments = {
+            "prepare-data": lambda: dict(source=p.source, num_shards=p.num_shards),
+            "tokenizer-train": lambda: dict(run=run, vocab_size=p.vocab_size, source=p.source,
+                                            max_chars=p.tokenizer_max_chars, data_fingerprint=fp("prepare-data")),
+            "tokenizer-eval": lambda: dict(run=run, source=p.source, tokenizer_fingerprint=fp("tokenizer-train")),
+            "prepare-evals": lambda: dict(source=p.evals),
+            "base-train": lambda: dict(run=run, stage="base", config=p.base.to_dict(), inputs=tokenizer_and_data(), ranks=ranks),
+            # an empty eval-data fingerprint: prepare-evals found no data (and says why), CORE is skipped
+            "base-eval": lambda: dict(run=run, eval_tokens=p.bpb_eval_tokens, max_per_task=p.max_per_task,
+                                      checkpoint_fingerprint=fp("base-train"), evals_fingerprint=fp("prepare-evals"),
+                                      with_core=bool(fp("prepare-evals")), ranks=ranks),
+            "mid-train": lambda: dict(run=run, stage="mid", config=p.mid.to_dict(), ranks=ranks, inputs={
+                **tokenizer_and_data(), "base": fp("base-train"), **pipeline.mixture_inputs("mid", p.mid.source, root)}),
+            "sft-train": lambda: dict(run=run, stage="sft", config=p.sft.to_dict(), ranks=ranks, inputs={
+                **tokenizer_and_data(), "mid": fp("mid-train"), **pipeline.mixture_inputs("sft", p.sft.source, root)}),
+            # optional, as nanochat's speedrun leaves chat_rl commented out
+            "rl-train": lambda: dict(run=run, config=p.rl.to_dict(), inputs={
+                "tokenizer": fp("tokenizer-train"), "sft": fp("sft-train"), "evals": fp("prepare-evals")}),
+            "chat-eval": lambda: dict(run=run, checkpoints=trained(CHAT_STAGES), max_per_task=p.max_per_task,
+                                      max_new_tokens=p.chat_max_new_tokens, evals_fingerprint=fp("prepare-evals"),
+                                      ranks=ranks),
+            "sample": lambda: dict(run=run, checkpoints=trained(LOOP_STAGES), max_tokens=p.sample_max_tokens),
+            "publish": lambda: dict(run=run, stage=CHAT_MODEL_STAGE, checkpoint_fingerprint=fp(f"{CHAT_MODEL_STAGE}-train"),
+                                    eval_fingerprint=records["base-eval"].get("fingerprint", "")),
+            "report": lambda: dict(run=run, inputs={k: v.get("fingerprint") for k, v in records.items()}),
+        }
+
+        def run_step(step: pipeline.Step, kwargs: dict):
             """Run one pipeline step, or reuse its result: only while its record was made with
             the same key (settings, input fingerprints, code) and its outputs still hold what
-            was written. Downstream steps key on the fingerprint of those outputs."""
-            if order.index(name) > last:
-                raise AllSelectedDone
-            if name not in selected:
-                records[name] = pipeline.existing_output(name, run, p.source, p.num_shards, root=root)
-                return records[name]
+            was written. Downstream steps key on the fingerprint of those outputs. Returns the
+            task's state."""
+            name = step.name
             key = cache_key(name, kwargs)
             record, why = pipeline.reuse_problem(name, run, key, p.source, p.num_shards, root=root)
-            if name in forced:
+            forced = name in selection.forced
+            if forced:
                 why = f"--force {force}"
             if why is not None and record is not None:
                 get_run_logger().info(f"{name}: recomputing: {why}")
-            # --force recomputes for real: a training stage ignores its checkpoints too
-            extra = {"fresh": True} if (name in forced and "fresh" in fn.fn.__code__.co_varnames) else {}
-            # The graph's edges are the stages whose outputs this one's arguments name (by
+            # --force recomputes for real: a training step ignores its checkpoints too
+            extra = {"fresh": True} if forced and step.trains else {}
+            # The graph's edges are the steps whose outputs this one's arguments name (by
             # fingerprint). Prefect would also link any object it has seen in a result (by id, so a
             # shared dict key like "fingerprint" links to the last task that returned it):
-            # arguments are quoted, and the finished stages are waited for as futures, which
+            # arguments are quoted, and the finished steps are waited for as futures, which
             # Prefect does not look inside.
             upstream = [finished(states[s]) for s in upstream_of(kwargs, records) if s in states]
-            state = fn.with_options(refresh_cache=why is not None)(
+            state = TASKS[name].with_options(refresh_cache=why is not None)(
                 **{k: quote(v) for k, v in kwargs.items()}, **extra, wait_for=upstream, return_state=True)
             if state.is_cancelled():
-                raise Interrupted(state.message)
+                return state
             states[name], result = state, state.result()
             if why is not None or state.name != "Cached":
                 record = pipeline.record_step(name, run, key, key_settings(kwargs), p.source, p.num_shards, root=root)
             records[name] = {**result, "fingerprint": record["fingerprint"]}
-            return records[name]
+            return state
 
-        def compose(step) -> None:
-            data = step("prepare-data", T.prepare_data, source=p.source, num_shards=p.num_shards, root=root)
-            tok = step("tokenizer-train", T.tokenizer_train, run=run, vocab_size=p.vocab_size, source=p.source,
-                       max_chars=p.tokenizer_max_chars, data_fingerprint=data["fingerprint"], root=root)
-            step("tokenizer-eval", T.tokenizer_eval, run=run, source=p.source, tokenizer_fingerprint=tok["fingerprint"], root=root)
-            evals = step("prepare-evals", T.prepare_evals, source=p.evals, root=root)
-            inputs = {"tokenizer": tok["fingerprint"], "data": data["fingerprint"]}
-            base = step("base-train", T.base_train, run=run, stage="base", config=p.base.to_dict(), inputs=inputs, root=root,
-                        ranks=ranks)
-            bpb = step("base-eval", T.base_eval, run=run, eval_tokens=p.bpb_eval_tokens, max_per_task=p.max_per_task,
-                       checkpoint_fingerprint=base["fingerprint"], evals_fingerprint=evals["fingerprint"], root=root,
-                       ranks=ranks)
-            mid = step("mid-train", T.mid_train, run=run, stage="mid", config=p.mid.to_dict(),
-                       inputs={**inputs, "base": base["fingerprint"], **pipeline.mixture_inputs("mid", p.mid.source, root)},
-                       root=root, ranks=ranks)
-            sft = step("sft-train", T.sft_train, run=run, stage="sft", config=p.sft.to_dict(),
-                       inputs={**inputs, "mid": mid["fingerprint"], **pipeline.mixture_inputs("sft", p.sft.source, root)},
-                       root=root, ranks=ranks)
-            checkpoints = {"base": base["fingerprint"], "mid": mid["fingerprint"], "sft": sft["fingerprint"]}
-            chat = {k: checkpoints[k] for k in ("mid", "sft")}
-            if rl:  # optional, as nanochat's speedrun leaves chat_rl commented out
-                chat["rl"] = step("rl-train", T.rl_train, run=run, config=p.rl.to_dict(),
-                                  inputs={"tokenizer": tok["fingerprint"], "sft": sft["fingerprint"],
-                                          "evals": evals["fingerprint"]}, root=root)["fingerprint"]
-            step("chat-eval", T.chat_eval, run=run, checkpoints=chat, max_per_task=p.max_per_task,
-                 max_new_tokens=p.chat_max_new_tokens, evals_fingerprint=evals["fingerprint"], root=root, ranks=ranks)
-            step("sample", T.sample, run=run, checkpoints=checkpoints, max_tokens=p.sample_max_tokens, root=root)
-            step("publish", T.publish, run=run, stage=pipeline.CHAT_MODEL_STAGE, checkpoint_fingerprint=sft["fingerprint"],
-                 eval_fingerprint=bpb.get("fingerprint", ""), root=root)
-            step("report", report, run=run, inputs={k: v.get("fingerprint") for k, v in records.items()}, root=root)
-
-        try:
-            compose(step)
-        except AllSelectedDone:
-            pass
-        except Interrupted as e:
-            return Cancelled(message=str(e))
+        for step in selection.included:
+            if step.name not in selection.run:  # --only/--from: an earlier step's results must be there
+                records[step.name] = pipeline.existing_output(step.name, run, p.source, p.num_shards, root=root)
+                continue
+            state = run_step(step, {**arguments[step.name](), "root": root})
+            if state.is_cancelled():  # a training step stopped on Ctrl-C, after writing a checkpoint
+                return Cancelled(message=state.message)
         if "report" in records:  # also on a rerun of cache hits, whose tasks publish nothing
             publish_report(run, records["report"])
         return records
@@ -147,18 +143,16 @@ def validate(preset: str, run: str | None, depth: int | None, only: str | None, 
              hosts: str | None = None, backend: str | None = None):
     """The flow's arguments checked (one-line MlxchatError otherwise): (resolved preset, run name).
     Across ranks, a stage's micro-batch is halved where the global batch would not divide."""
-    from mlxchat import presets, pipeline
+    from mlxchat import pipeline, presets
     from mlxchat.launch import Ranks
+    from mlxchat.rundir import LOOP_STAGES
 
     p = presets.resolve(preset, depth, max_steps, vocab_size)
-    pipeline.check_selection(only=only, start=start, force=force)
-    for flag, value in (("--only", only), ("--from", start), ("--force", force)):
-        if value == "rl-train" and not rl:
-            raise MlxchatError(f"{flag} rl-train needs --rl (the flow runs RL only when asked)")
+    pipeline.select(only, start, force, optional=rl)
     spread = Ranks(np, hosts, backend)
     spread.check()
     if spread.distributed:
-        fitted = {s: presets.fit_to_ranks(getattr(p, s), spread.size) for s in pipeline.MODEL_STAGES}
+        fitted = {s: presets.fit_to_ranks(getattr(p, s), spread.size) for s in LOOP_STAGES}
         for s, cfg in fitted.items():
             if cfg != getattr(p, s):
                 print(f"{s}: micro-batch {getattr(p, s).device_batch_size} -> {cfg.device_batch_size} rows so that "
@@ -168,7 +162,7 @@ def validate(preset: str, run: str | None, depth: int | None, only: str | None, 
 
 
 def upstream_of(arguments, records: dict[str, dict]) -> list[str]:
-    """The stages whose output fingerprints appear anywhere in a task's arguments."""
+    """The steps whose output fingerprints appear anywhere in a task's arguments."""
     owner = {r["fingerprint"]: name for name, r in records.items() if r and r.get("fingerprint")}
     found: list[str] = []
 

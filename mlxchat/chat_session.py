@@ -22,7 +22,8 @@ from typing import Iterator
 
 from mlxchat.calculator import calculator_tool
 from mlxchat.checkpoint import latest_checkpoint
-from mlxchat.common import MlxchatError, run_dir
+from mlxchat.common import MlxchatError
+from mlxchat.rundir import run_dir
 from mlxchat.engine import generate, generate_batch
 
 # Questions for the chat stages (mid, SFT): facts, identity, the calculator and spelling, the
@@ -61,17 +62,16 @@ class ChatModel:
 def load_chat_model(run: str, stage: str = "sft", root=None) -> ChatModel:
     """The model of `runs/<run>/<stage>/latest` and the run's tokenizer. A run without a
     checkpoint for that stage is a user error that says how to train it."""
-    from mlxchat.tokenizer import Tokenizer
-    from mlxchat.train import load_trained_model
+    from mlxchat.inference import load_stage
 
     rdir = run_dir(run, root, must_exist=True)
-    stage_dir = rdir / stage
+    stage_dir = rdir.stage(stage)
     before = {"mid": " (after base)", "sft": " (after base and mid)"}.get(stage, "")
     hint = f"train it first: mlxchat train {stage} --run {run}{before}, or the whole pipeline: python flows/speedrun.py"
     if latest_checkpoint(stage_dir) is None:
         raise MlxchatError(f"run {run!r} has no {stage} checkpoint yet (no {stage_dir / 'latest'}); {hint}")
-    model, ck = load_trained_model(stage_dir, hint)
-    return ChatModel(model, Tokenizer.load(rdir / "tokenizer"), run, stage, ck.step)
+    loaded = load_stage(rdir, stage, hint)
+    return ChatModel(loaded.model, loaded.tokenizer, run, stage, loaded.step)
 
 
 class _TextStream:

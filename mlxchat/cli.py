@@ -115,9 +115,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def saved_train_config(run: str, stage: str, root=None) -> dict | None:
     """The stage's settings as the flow saved them in run.json, or None for a run it did not make."""
-    from mlxchat.common import read_json, run_dir
+    from mlxchat.common import read_json
+    from mlxchat.rundir import run_dir
 
-    path = run_dir(run, root) / "run.json"
+    path = run_dir(run, root).run_json
     if not path.exists():
         return None
     saved = (read_json(path, "run settings").get("preset") or {}).get(stage)

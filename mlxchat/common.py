@@ -50,23 +50,6 @@ def check_run_name(run: str) -> str:
     return run
 
 
-def run_dir(run: str, root: str | os.PathLike | None = None, must_exist: bool = False) -> Path:
-    """`<home>/runs/<run>`; with `must_exist`, a missing run is a user error."""
-    check_run_name(run)
-    path = home(root) / "runs" / run
-    if must_exist and not path.is_dir():
-        raise MlxchatError(
-            f"unknown run {run!r} (no directory {path}); train its tokenizer first: "
-            f"mlxchat tokenizer train --run {run}"
-        )
-    return path
-
-
-def data_dir(source: str, root: str | os.PathLike | None = None) -> Path:
-    """`<home>/data/<source>`: the shared shard cache of one text source."""
-    return home(root) / "data" / source
-
-
 def _current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -115,12 +98,6 @@ def sweep_temporaries(directory: str | os.PathLike, recursive: bool = False) -> 
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
-
-
-def digest_cache(root: str | os.PathLike | None = None) -> Path:
-    """`<home>/.cache/digests.json`: content digests of data files by size and mtime, so an
-    unchanged shard is not re-hashed on every run (provenance.cached_digests)."""
-    return home(root) / ".cache" / "digests.json"
 
 
 @contextmanager

@@ -34,9 +34,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlxchat.common import (
-    MlxchatError, atomic_write_json, data_dir, digest_cache, get_logger, owned_temporary, read_json, sha256_file,
+    MlxchatError, atomic_write_json, get_logger, owned_temporary, read_json, sha256_file,
     sweep_temporaries,
 )
+from mlxchat.rundir import Home
 
 log = get_logger()
 
@@ -138,7 +139,7 @@ class LocalDirSource(ShardSource):
         if any(src.glob("*.parquet")):
             self.dir, self.remedy = src, remedy or f"replace or remove it from {src}"
         else:
-            self.dir = _convert_text_dir(src, data_dir(self.name, root))
+            self.dir = _convert_text_dir(src, Home.resolve(root).data(self.name))
             self.remedy = remedy or f"delete {self.dir} to rebuild it from {src}"
         self.paths = sorted(self.dir.glob("*.parquet"))
         self.root = root
@@ -154,7 +155,7 @@ class LocalDirSource(ShardSource):
         data. Re-hashed only where a shard's size or mtime changed (provenance.cached_digests)."""
         from mlxchat.provenance import cached_digests
 
-        digests = cached_digests(self.paths, digest_cache(self.root))
+        digests = cached_digests(self.paths, Home.resolve(self.root).digests)
         return _digest([[p.name, d] for p, d in zip(self.paths, digests)])
 
 
@@ -272,7 +273,7 @@ def prepare_smoke(root=None, force: bool = False) -> Path:
     stdlib's docstrings, deduplicated and shuffled with a fixed seed, so the same Python
     version builds byte-identical shards on every machine.
     """
-    out = data_dir("smoke", root)
+    out = Home.resolve(root).data("smoke")
     if (out / "manifest.json").exists() and not force:
         damaged = _damaged_shard(out)
         if damaged is None:
@@ -300,7 +301,7 @@ def _damaged_shard(corpus: Path) -> str | None:
     paths = [corpus / s["name"] for s in shards]
     if missing := [p for p in paths if not p.exists()]:
         return f"{missing[0]} is missing"
-    for p, want, got in zip(paths, shards, cached_digests(paths, digest_cache(corpus.parent.parent))):
+    for p, want, got in zip(paths, shards, cached_digests(paths, Home(corpus.parent.parent).digests)):
         if got != want["sha256"]:
             return f"{p} does not match {corpus / 'manifest.json'}"
     return None
@@ -475,7 +476,7 @@ class HubSource(ShardSource):
     ):  # fmt: skip
         self.repo, self.revision, self.num_train = repo, revision, num_train
         self.name = repo.replace("/", "--")
-        self.dir = data_dir(self.name, root)
+        self.dir = Home.resolve(root).data(self.name)
         self.budget = cache_gb * 1e9
         self._cache = _shard_cache(self.dir)
         self._last: int | None = MAX_SHARD if repo == HUB_REPO else None
@@ -665,7 +666,7 @@ def get_source(spec: str, root=None, cache_gb: float = 8.0, num_shards: int | No
     validation shard is always the dataset's last.
     """
     if spec == "smoke":
-        smoke = data_dir("smoke", root)
+        smoke = Home.resolve(root).data("smoke")
         if not (smoke / "manifest.json").exists():
             raise MlxchatError(f"the smoke corpus is not prepared ({smoke} is missing): run mlxchat data prepare-smoke")
         return LocalDirSource(smoke, name="smoke", remedy="rebuild the corpus: mlxchat data prepare-smoke --force")

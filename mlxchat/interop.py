@@ -26,6 +26,7 @@ from mlx.utils import tree_flatten
 from mlxchat.checkpoint import require_checkpoint
 from mlxchat.common import MlxchatError, atomic_write_json, owned_temporary, owner_pid, pid_alive, read_json
 from mlxchat.gpt import GPT, ROPE_BASE, GPTConfig
+from mlxchat.rundir import RunDir
 from mlxchat.tokenizer import SPECIAL_TOKENS, Tokenizer, tokenizer_fingerprint
 
 EOS_TOKEN = "<|assistant_end|>"
@@ -63,29 +64,29 @@ CHAT_TEMPLATE = (
 PUBLISHED_MARKER = ".mlxchat-published"
 
 
-def publish(run_dir: Path, stage: str, out_dir: Path, metrics: dict | None = None) -> dict:
+def export_mlx_lm(rdir: RunDir, stage: str, out_dir: Path, metrics: dict | None = None) -> dict:
     """Write `out_dir` from the stage's latest checkpoint and the run's tokenizer.
 
     The folder is built in a temporary directory beside `out_dir` and swapped in only when
     complete, so a reader (or an upload) never sees a half-written model: it sees the old
     folder, the new one, or, for the instant between the two renames, none.
     """
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    ck = require_checkpoint(run_dir / stage, f"train it first: mlxchat train {stage} --run {run_dir.name}")
-    tok = Tokenizer.load(run_dir / "tokenizer")
+    out_dir = Path(out_dir)
+    ck = require_checkpoint(rdir.stage(stage), f"train it first: mlxchat train {stage} --run {rdir.name}")
+    tok = Tokenizer.load(rdir.tokenizer)
     cfg = GPTConfig(**ck.state["model_config"])
     weights = _checked_weights(ck.model_file, cfg)
     if tok.vocab_size > cfg.vocab_size:
         raise MlxchatError(
-            f"tokenizer in {run_dir / 'tokenizer'} has {tok.vocab_size} tokens but the {stage} model only "
+            f"tokenizer in {rdir.tokenizer} has {tok.vocab_size} tokens but the {stage} model only "
             f"{cfg.vocab_size}: the checkpoint was trained with another tokenizer"
         )
     trained_with = (ck.state.get("identity") or {}).get("tokenizer")
-    if trained_with and trained_with != tokenizer_fingerprint(run_dir / "tokenizer"):
+    if trained_with and trained_with != tokenizer_fingerprint(rdir.tokenizer):
         raise MlxchatError(f"the {stage} checkpoint {ck.path} was trained with another tokenizer than "
-                           f"{run_dir / 'tokenizer'}; retrain {stage} (rerun the flow) before publishing")
+                           f"{rdir.tokenizer}; retrain {stage} (rerun the flow) before publishing")
     n_params = sum(w.size for w in weights.values())
-    source = {"run": run_dir.name, "stage": stage, "step": ck.step, "checkpoint": str(ck.path)}
+    source = {"run": rdir.name, "stage": stage, "step": ck.step, "checkpoint": str(ck.path)}
 
     _recover(out_dir)
     if out_dir.exists() and not (out_dir / PUBLISHED_MARKER).exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

@@ -29,7 +29,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxchat import checkpoint as ckpt_lib
-from mlxchat.common import MlxchatError, atomic_path, atomic_write_json, run_dir
+from mlxchat.common import MlxchatError, atomic_path, atomic_write_json
+from mlxchat.rundir import run_dir
 from mlxchat.gpt import GPT, GPTConfig
 from mlxchat.tokenizer import PICKLE_NAME, SPECIAL_TOKENS, Tokenizer
 
@@ -212,15 +213,15 @@ def import_nanochat(source: str | os.PathLike, run: str, stage: str = "base", mo
                            f"they come from different nanochat runs")
     _check_token_bytes(tok_dir, tok)
     rdir = run_dir(run, root)
-    stage_dir = rdir / stage
+    stage_dir = rdir.stage(stage)
     if ckpt_lib.latest_checkpoint(stage_dir) is not None:
         raise MlxchatError(f"run {run!r} already has a {stage} checkpoint in {stage_dir}; import into another --run")
     pkl = (tok_dir / PICKLE_NAME).read_bytes()
-    ours = rdir / "tokenizer" / PICKLE_NAME
+    ours = rdir.tokenizer / PICKLE_NAME
     if ours.exists() and ours.read_bytes() != pkl:
         raise MlxchatError(f"run {run!r} has another tokenizer ({ours}); import into another --run")
     if not ours.exists():
-        tok.save(rdir / "tokenizer")  # token_bytes.npy; then the pickle byte for byte as nanochat wrote it
+        tok.save(rdir.tokenizer)  # token_bytes.npy; then the pickle byte for byte as nanochat wrote it
         with atomic_path(ours) as tmp:
             shutil.copyfile(tok_dir / PICKLE_NAME, tmp)
     if optim is None:  # nanochat's SFT and RL save none: moments start at zero, as a fresh optimizer's
@@ -229,7 +230,7 @@ def import_nanochat(source: str | os.PathLike, run: str, stage: str = "base", mo
     path = ckpt_lib.save_checkpoint(stage_dir, step, tree_unflatten(list(weights.items())), optim, state)
     return {"run": run, "stage": stage, "checkpoint": str(path), "step": step, "source": str(folder),
             "model_config": cfg.to_dict(), "optimizer": state["imported_from"]["optimizer"],
-            "tokenizer": str(rdir / "tokenizer")}
+            "tokenizer": str(rdir.tokenizer)}
 
 
 def _check_token_bytes(tok_dir: Path, tok: Tokenizer) -> None:
@@ -275,9 +276,9 @@ def export_nanochat(run: str, stage: str, out: str | os.PathLike, root=None) -> 
     if stage not in CHECKPOINT_DIRS:
         raise MlxchatError(f"unknown stage {stage!r}; expected one of {', '.join(CHECKPOINT_DIRS)}")
     rdir = run_dir(run, root, must_exist=True)
-    ck = ckpt_lib.require_checkpoint(rdir / stage, f"train it first: mlxchat train {stage} --run {run}")
+    ck = ckpt_lib.require_checkpoint(rdir.stage(stage), f"train it first: mlxchat train {stage} --run {run}")
     cfg = GPTConfig(**ck.state["model_config"])
-    tok = Tokenizer.load(rdir / "tokenizer")
+    tok = Tokenizer.load(rdir.tokenizer)
     try:
         weights = mx.load(str(ck.model_file))
     except (RuntimeError, ValueError, OSError) as e:
@@ -290,7 +291,7 @@ def export_nanochat(run: str, stage: str, out: str | os.PathLike, root=None) -> 
     if taken:
         raise MlxchatError(f"{taken[0]} already exists; export to another --out or move it away")
     tok_out = out / "tokenizer"
-    pkl = (rdir / "tokenizer" / PICKLE_NAME).read_bytes()
+    pkl = (rdir.tokenizer / PICKLE_NAME).read_bytes()
     if (tok_out / PICKLE_NAME).exists() and (tok_out / PICKLE_NAME).read_bytes() != pkl:
         raise MlxchatError(f"{tok_out / PICKLE_NAME} is another tokenizer; export to another --out")
     folder.mkdir(parents=True, exist_ok=True)

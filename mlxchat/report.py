@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlxchat.common import atomic_path, atomic_write_text, run_dir
+from mlxchat.common import atomic_path, atomic_write_text
+from mlxchat.rundir import CHAT_STAGES, MODEL_STAGES, RunDir, run_dir
 
 
 def _read(path: Path):
@@ -68,26 +69,26 @@ def _section(title: str, data: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _final(rdir: Path, stage: str, metric: str):
+def _final(rdir: RunDir, stage: str, metric: str):
     """A stage's last validation value, as its latest checkpoint recorded it (None if none)."""
     from mlxchat.checkpoint import latest_checkpoint
 
-    ck = latest_checkpoint(rdir / stage) if (rdir / stage).exists() else None
+    ck = latest_checkpoint(rdir.stage(stage)) if rdir.stage(stage).exists() else None
     return ck.state.get(metric) if ck else None
 
 
 CHAT_ROWS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 
 
-def summary_rows(rdir: Path) -> list[dict]:
+def summary_rows(rdir: RunDir) -> list[dict]:
     """nanochat's summary table: a row per metric, a column per stage (BASE / MID / SFT / RL).
 
     CORE comes from `eval/core.json` (named "CORE-pack (N/22)" when its data is not the
     official bundle), the chat tasks and ChatCORE from `eval/chat_<stage>.json`. A task that
     could not run says "skipped (reason)"; "-" is a cell that does not apply or has not run
     yet; never a guess."""
-    core = (_read(rdir / "eval" / "core.json") or {}).get("base", {})
-    chat = {stage: _read(rdir / "eval" / f"chat_{stage}.json") or {} for stage in ("mid", "sft", "rl")}
+    core = (_read(rdir.eval_file("core")) or {}).get("base", {})
+    chat = {stage: _read(rdir.chat_eval(stage)) or {} for stage in CHAT_STAGES}
 
     def cell(value) -> str:
         return "-" if value is None else f"{value:.4f}"
@@ -95,9 +96,9 @@ def summary_rows(rdir: Path) -> list[dict]:
     def skipped(reason: str) -> str:
         return "skipped (no eval data: mlxchat data prepare-evals)" if "prepare-evals" in reason else f"skipped ({reason[:60]})"
 
-    base_trained = (rdir / "base" / "latest").exists()
+    base_trained = (rdir.stage("base") / "latest").exists()
     core_cell = cell(core.get("core_metric")) if core else (skipped("prepare-evals") if base_trained else "-")
-    bpb = (_read(rdir / "eval" / "bpb.json") or {}).get("base", {})
+    bpb = (_read(rdir.eval_file("bpb")) or {}).get("base", {})
     rows = [{"metric": "val bpb", "BASE": cell(bpb.get("val_bpb")), "MID": cell(_final(rdir, "mid", "val_bpb")), "SFT": "-", "RL": "-"},
             {"metric": core.get("name", "CORE"), "BASE": core_cell, "MID": "-", "SFT": "-", "RL": "-"}]
     for task in CHAT_ROWS + ["ChatCORE"]:
@@ -128,8 +129,8 @@ def build_report(run: str, root=None) -> Path:
     from mlxchat.common import hardware
 
     rdir = run_dir(run, root)
-    meta = _read(rdir / "run.json") or {}
-    timings = _read(rdir / "timings.json") or {}
+    meta = _read(rdir.run_json) or {}
+    timings = _read(rdir.timings) or {}
     machine = meta.get("hardware") or hardware()
     parts = [f"# mlxchat report: {run}\n",
              f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · total wall time {duration(sum(timings.values()))} "
@@ -137,19 +138,19 @@ def build_report(run: str, root=None) -> Path:
              f"MLX on {machine.get('MLX device')}" + (f" ({machine['GPU memory']})" if machine.get("GPU memory") else "") + "\n"]
     rows = summary_rows(rdir)
     if any(v != "-" for r in rows for k, v in r.items() if k != "metric"):
-        records = [(_read(rdir / "eval" / "core.json") or {}).get("base", {})]
-        records += [_read(p) or {} for p in (rdir / "eval").glob("chat_*.json")]
+        records = [(_read(rdir.eval_file("core")) or {}).get("base", {})]
+        records += [_read(rdir.chat_eval(stage)) or {} for stage in CHAT_STAGES]
         limits = sorted({r.get("max_per_task") for r in records} - {None, -1})
         parts.append(summary_markdown(rows, f"Evaluated on at most {limits[-1]} problems per task (--max-per-task)." if limits else ""))
     if meta:
         parts.append(_section("Environment", {"git commit": meta.get("git_commit"), "code version": meta.get("code_version"),
                                              "platform": meta.get("platform"), **machine, **meta.get("versions", {})}))
-    parts.append(_section("Tokenizer training", _read(rdir / "tokenizer" / "meta.json")))
-    tok_eval = _read(rdir / "tokenizer" / "tok_eval.json")
+    parts.append(_section("Tokenizer training", _read(rdir.tokenizer_meta)))
+    tok_eval = _read(rdir.tok_eval)
     if tok_eval:
         parts.append(_section("Tokenizer evaluation (bytes per token)", {k: v["ratio"] for k, v in tok_eval.items()}))
-    for stage in ("base", "mid", "sft", "rl"):
-        ck = latest_checkpoint(rdir / stage) if (rdir / stage).exists() else None
+    for stage in MODEL_STAGES:
+        ck = latest_checkpoint(rdir.stage(stage)) if rdir.stage(stage).exists() else None
         if ck is None:
             continue
         cfg = ck.state.get("config", {})
@@ -167,19 +168,19 @@ def build_report(run: str, root=None) -> Path:
                 cfg.get("total_batch_size") if stage != "sft" else cfg.get("examples_per_step"),
             f"final {metric.replace('_', ' ')}": ck.state.get(metric),
         }))
-        png = plot_training(rdir / stage / "metrics.jsonl", rdir / "plots" / f"{stage}.png", metric)
+        png = plot_training(rdir.metrics(stage), rdir.plot(stage), metric)
         if png:
-            parts.append(f"![{stage} training](plots/{png.name})\n")
-    bpb = _read(rdir / "eval" / "bpb.json") or {}
+            parts.append(f"![{stage} training]({png.relative_to(rdir.path)})\n")
+    bpb = _read(rdir.eval_file("bpb")) or {}
     for stage, res in bpb.items():
         parts.append(_section(f"Bits per byte ({stage})", {k: res[k] for k in ("step", "val_bpb", "train_bpb", "eval_tokens")}))
     if timings:
-        parts.append(_section("Wall time per stage", {**{k: duration(v) for k, v in timings.items()},
+        parts.append(_section("Wall time per step", {**{k: duration(v) for k, v in timings.items()},
                                                       "total": duration(sum(timings.values()))}))
-    for stage in ("base", "mid", "sft"):
-        samples = rdir / "samples" / f"{stage}.md"
+    for stage in MODEL_STAGES:
+        samples = rdir.samples(stage)
         if samples.exists():
             parts.append(f"## Samples ({stage})\n\n" + samples.read_text())
-    path = rdir / "report.md"
+    path = rdir.report
     atomic_write_text(path, "\n".join(p for p in parts if p))
     return path

@@ -31,7 +31,8 @@ import numpy as np
 from mlx.utils import tree_map
 
 from mlxchat import checkpoint as ckpt_lib
-from mlxchat.common import MlxchatError, default_dtype, get_logger, run_dir
+from mlxchat.common import MlxchatError, default_dtype, get_logger
+from mlxchat.rundir import METRICS_FILE, run_dir
 from mlxchat.gpt import GPT, GPTConfig
 from mlxchat.optim import OptimConfig, build_optimizer
 
@@ -227,8 +228,8 @@ def train_rl(run: str, cfg: RLConfig, root=None, fresh: bool = False, on_progres
 
     cfg = cfg.validated()
     rdir = run_dir(run, root, must_exist=True)
-    tok = Tokenizer.load(rdir / "tokenizer")
-    start = ckpt_lib.require_checkpoint(rdir / cfg.init_from, f"train it first: mlxchat train {cfg.init_from} --run {run}")
+    tok = Tokenizer.load(rdir.tokenizer)
+    start = ckpt_lib.require_checkpoint(rdir.stage(cfg.init_from), f"train it first: mlxchat train {cfg.init_from} --run {run}")
     train_task, val_task, no_val = rl_tasks(cfg, root)
     num_steps = cfg.max_steps if cfg.max_steps > 0 else len(train_task) // cfg.examples_per_step * cfg.num_epochs
     if num_steps < 1:
@@ -237,7 +238,7 @@ def train_rl(run: str, cfg: RLConfig, root=None, fresh: bool = False, on_progres
     model_cfg = GPTConfig(**start.state["model_config"])
     model = GPT(model_cfg, compute_dtype=getattr(mx, cfg.dtype or default_dtype()))
     optimizer = build_optimizer(model, cfg.optim, num_steps)
-    stage_dir = rdir / cfg.stage
+    stage_dir = rdir.stage(cfg.stage)
     # resumed only by a run of the same settings, tokenizer, problems and SFT parent (train.py's rule)
     settings = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE}
     identity = training_identity({**settings, "num_iterations": num_steps}, rdir,
@@ -256,7 +257,7 @@ def train_rl(run: str, cfg: RLConfig, root=None, fresh: bool = False, on_progres
     start_step = resume.step if resume is not None else 0
     tool = calculator_tool(tok)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = stage_dir / "metrics.jsonl"
+    metrics_file = stage_dir / METRICS_FILE
     truncate_metrics(metrics_file, start_step)
     log.info(f"rl: from {start.path} | {len(train_task):,} training problems ({cfg.source}) | {num_steps} steps of "
              f"{cfg.examples_per_step} x {cfg.num_samples} rollouts"

@@ -18,9 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from mlxchat.common import MlxchatError, run_dir, sweep_temporaries
-
-LOCK_NAME = ".lock"
+from mlxchat.common import MlxchatError, sweep_temporaries
+from mlxchat.rundir import run_dir
 
 
 def _holder(path: Path) -> dict:
@@ -42,12 +41,12 @@ def run_lock(run: str, root=None, command: str | None = None, create: bool = Tru
     With `create=False` a run that does not exist yet is not created (the command itself then
     says the run is unknown)."""
     rdir = run_dir(run, root)
-    if not rdir.is_dir():
+    if not rdir.path.is_dir():
         if not create:
             yield
             return
-        rdir.mkdir(parents=True, exist_ok=True)
-    path = rdir / LOCK_NAME
+        rdir.path.mkdir(parents=True, exist_ok=True)
+    path = rdir.lock
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -61,7 +60,7 @@ def run_lock(run: str, root=None, command: str | None = None, create: bool = Tru
     try:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "command": command or " ".join(sys.argv)}).encode())
-        sweep_temporaries(rdir, recursive=True)
+        sweep_temporaries(rdir.path, recursive=True)
         yield
     finally:
         os.ftruncate(fd, 0)

@@ -29,7 +29,8 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from mlxchat import checkpoint as ckpt_lib
-from mlxchat.common import MlxchatError, atomic_write_text, default_dtype, get_logger, run_dir, seed_everything
+from mlxchat.common import MlxchatError, atomic_write_text, default_dtype, get_logger, seed_everything
+from mlxchat.rundir import METRICS_FILE, RunDir, run_dir
 from mlxchat.dataloader import DataLoader
 from mlxchat.distributed import RankShare, agree, sum_over_ranks, world
 from mlxchat.evaluation.bpb import evaluate_bpb, evaluate_loss
@@ -303,7 +304,7 @@ def train_base(
     from mlxchat.tokenizer import Tokenizer
 
     rdir = run_dir(run, root, must_exist=True)
-    tokenizer = Tokenizer.load(rdir / "tokenizer")
+    tokenizer = Tokenizer.load(rdir.tokenizer)
     p = plan(cfg, tokenizer.vocab_size, world().size())
     source = get_source(cfg.source, root=root)
     token_bytes = tokenizer.token_bytes()
@@ -312,7 +313,7 @@ def train_base(
         return DataLoader(source, tokenizer, cfg.device_batch_size, cfg.seq_len, split, state=state)
 
     identity = training_identity(cfg.to_dict(), rdir, data=source.fingerprint())
-    return train_loop(rdir / cfg.stage, cfg, p, loader, token_bytes, fresh=fresh, on_progress=on_progress,
+    return train_loop(rdir.stage(cfg.stage), cfg, p, loader, token_bytes, fresh=fresh, on_progress=on_progress,
                       identity=identity)
 
 
@@ -336,8 +337,8 @@ def train_chat(
         raise MlxchatError(f"unknown training stage {cfg.stage!r}; expected base, {' or '.join(CHAT_STAGES)}")
     parent = cfg.init_from or CHAT_STAGES[cfg.stage]
     rdir = run_dir(run, root, must_exist=True)
-    tokenizer = Tokenizer.load(rdir / "tokenizer")
-    start = ckpt_lib.require_checkpoint(rdir / parent, f"train it first: mlxchat train {parent} --run {run}")
+    tokenizer = Tokenizer.load(rdir.tokenizer)
+    start = ckpt_lib.require_checkpoint(rdir.stage(parent), f"train it first: mlxchat train {parent} --run {run}")
     data = {split: build_mixture(cfg.stage, split, cfg.source, root=root) for split in ("train", "val")}
     Loader = PackedConversations if cfg.stage == "mid" else PaddedConversations
     if cfg.max_steps > 0:  # an explicit horizon: rendering the whole mixture to count its tokens would be wasted
@@ -354,7 +355,7 @@ def train_chat(
 
     mixtures = {split: mixture_fingerprint(cfg.stage, split, cfg.source, root=root) for split in ("train", "val")}
     identity = training_identity(cfg.to_dict(), rdir, data=mixtures, parent=start.fingerprint)
-    return train_loop(rdir / cfg.stage, cfg, p, loader, tokenizer.token_bytes(), fresh=fresh, init_from=start.path,
+    return train_loop(rdir.stage(cfg.stage), cfg, p, loader, tokenizer.token_bytes(), fresh=fresh, init_from=start.path,
                       on_progress=on_progress, identity=identity)
 
 
@@ -363,14 +364,14 @@ def train_chat(
 NOT_IN_IDENTITY = ("checkpoint_every", "keep_checkpoints", "peak_flops")
 
 
-def training_identity(settings: dict, rdir: Path, data, parent: str | None = None) -> dict:
+def training_identity(settings: dict, rdir: RunDir, data, parent: str | None = None) -> dict:
     """What a stage's checkpoints are made from: its settings, the tokenizer's and the data's
     content fingerprints and (mid, SFT) the parent checkpoint's. Stored in every checkpoint's
     state.json; a checkpoint is resumed only by a run with the same identity."""
     from mlxchat.tokenizer import tokenizer_fingerprint
 
     config = {k: v for k, v in settings.items() if k not in NOT_IN_IDENTITY}
-    identity = {"settings": config, "tokenizer": tokenizer_fingerprint(rdir / "tokenizer"), "data": data,
+    identity = {"settings": config, "tokenizer": tokenizer_fingerprint(rdir.tokenizer), "data": data,
                 "parent": parent}
     return json.loads(json.dumps(identity, sort_keys=True, default=str))  # as state.json will hold it
 
@@ -432,7 +433,7 @@ def train_loop(
     peak = peak_flops(cfg)
     eval_steps = cfg.eval_steps or max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.seq_len))  # global batches
     metric = cfg.metric
-    metrics_file = stage_dir / "metrics.jsonl"
+    metrics_file = stage_dir / METRICS_FILE
     if is_main:
         stage_dir.mkdir(parents=True, exist_ok=True)
         truncate_metrics(metrics_file, start_step)
@@ -636,13 +637,3 @@ def truncate_metrics(path: Path, step: int) -> None:
     rewrite is atomic, so a kill during it leaves the old log, never an empty one."""
     if path.exists():
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= step))
-
-
-def load_trained_model(stage_dir: Path, hint: str) -> tuple[GPT, ckpt_lib.Checkpoint]:
-    """The model of a stage's `latest` checkpoint, in inference mode."""
-    ck = ckpt_lib.require_checkpoint(stage_dir, hint)
-    dtype = ck.state["config"].get("dtype")  # any stage's config (TrainConfig, RLConfig) has one
-    model = GPT(GPTConfig(**ck.state["model_config"]), compute_dtype=getattr(mx, dtype or default_dtype()))
-    ckpt_lib.load_model_weights(model, ck)
-    return model, ck
-

@@ -152,3 +152,14 @@ class LiveTraining:
         from prefect.client.schemas.actions import ArtifactUpdate
 
         self.client.update_artifact(artifact_id=artifact_id, artifact=ArtifactUpdate(data=markdown))
+
+
+def publish_report(run: str, record: dict) -> None:
+    """The report card as a markdown artifact, its plots inline, and where the file is. Apart
+    from the (cached) report task, so that a rerun that is all cache hits still shows the report
+    card on its own flow-run page."""
+    path = Path(record["path"])
+    create_markdown_artifact(key=artifact_key(run, "report"), markdown=inline_images(path.read_text(), path.parent),
+                             description=f"Report card for run {run}")
+    publish_location(artifact_key(run, "report-file"), "report card (markdown, plots in plots/)", path,
+                     {"read it": f"less {path}"})

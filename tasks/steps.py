@@ -1,4 +1,4 @@
-"""One Prefect task per stage. Each calls `mlxchat.pipeline` and adds observability: logs through
+"""One Prefect task per pipeline step (named by `mlxchat.pipeline.STEPS`). Each calls `mlxchat.pipeline` and adds observability: logs through
 the run logger, a live view while training, a metrics table, where the outputs are (tasks/artifacts.py).
 
 Training and evaluation tasks take `ranks` (`mlxchat.launch.Ranks` as a dict): with more than
@@ -24,18 +24,23 @@ from tasks.caching import stage_cache_key
 CACHED = dict(cache_key_fn=stage_cache_key, persist_result=True)
 
 
+def step_task(name: str):
+    """The Prefect task of pipeline step `name` (a name the step table does not have fails at import)."""
+    return task(name=pipeline.step(name).name, **CACHED)
+
+
 def _table(key: str, metrics: dict, description: str) -> None:
     create_table_artifact(key=key, table=metric_rows(metrics), description=description)
 
 
-@task(name="prepare-data", **CACHED)
+@step_task("prepare-data")
 def prepare_data(source: str, num_shards: int | None, root: str) -> dict:
     result = pipeline.prepare_data(source, num_shards, root=root)
     get_run_logger().info(f"data source {source}: {result['num_shards']} shards ({result['path']})")
     return result
 
 
-@task(name="tokenizer-train", **CACHED)
+@step_task("tokenizer-train")
 def tokenizer_train(run: str, vocab_size: int, source: str, max_chars: int, data_fingerprint: str, root: str) -> dict:
     result = pipeline.train_tokenizer(run, vocab_size, source, max_chars, root=root)
     get_run_logger().info(f"tokenizer: vocab {result['vocab_size']} in {result['train_time_s']:.1f}s")
@@ -43,7 +48,7 @@ def tokenizer_train(run: str, vocab_size: int, source: str, max_chars: int, data
     return result
 
 
-@task(name="tokenizer-eval", **CACHED)
+@step_task("tokenizer-eval")
 def tokenizer_eval(run: str, source: str, tokenizer_fingerprint: str, root: str) -> dict:
     result = pipeline.eval_tokenizer(run, source, root=root)
     rows = [{"text": name, **{k: rounded(v) for k, v in vals.items()}} for name, vals in result.items()]
@@ -80,10 +85,10 @@ def _train(run: str, stage: str, config: dict, inputs: dict, root: str, fresh: b
     return result
 
 
-base_train, mid_train, sft_train = (task(name=f"{stage}-train", **CACHED)(_train) for stage in ("base", "mid", "sft"))
+base_train, mid_train, sft_train = (step_task(f"{stage}-train")(_train) for stage in ("base", "mid", "sft"))
 
 
-@task(name="rl-train", **CACHED)
+@step_task("rl-train")
 def rl_train(run: str, config: dict, inputs: dict, root: str, fresh: bool = False) -> dict:
     """RL from the SFT model; `inputs` (tokenizer, SFT checkpoint, eval data) is only there for the cache key."""
     live = LiveTraining(run, "rl", "reward", get_run_logger())
@@ -98,7 +103,7 @@ def rl_train(run: str, config: dict, inputs: dict, root: str, fresh: bool = Fals
     return result
 
 
-@task(name="prepare-evals", **CACHED)
+@step_task("prepare-evals")
 def prepare_evals(source: str, root: str) -> dict:
     result = pipeline.prepare_evals(source, root=root)
     logger = get_run_logger()
@@ -111,16 +116,17 @@ def prepare_evals(source: str, root: str) -> dict:
     return result
 
 
-@task(name="base-eval", **CACHED)
+@step_task("base-eval")
 def base_eval(run: str, eval_tokens: int, max_per_task: int, checkpoint_fingerprint: str, evals_fingerprint: str,
-              root: str, ranks: dict | None = None) -> dict:
-    """Bits per byte, then CORE when there is evaluation data."""
+              with_core: bool, root: str, ranks: dict | None = None) -> dict:
+    """Bits per byte, then CORE `with_core` (when there is evaluation data); the fingerprints
+    are only there for the cache key."""
     logger = get_run_logger()
     result = _in_ranks(ranks, root, ["eval", "bpb", "--run", run, "--stage", "base", "--eval-tokens", str(eval_tokens)],
                        lambda: pipeline.eval_bpb(run, "base", eval_tokens, root=root))
     logger.info(f"base val bpb {result['val_bpb']:.4f}, train bpb {result['train_bpb']:.4f}")
     _table(_artifact_key(run, "base-eval"), result, "Base model bits per byte")
-    if not evals_fingerprint:
+    if not with_core:
         why = "no evaluation data (see prepare-evals; run: mlxchat data prepare-evals)"
         logger.warning(f"CORE skipped: {why}")
         create_markdown_artifact(key=_artifact_key(run, "core"), markdown=f"CORE skipped: {why}\n",
@@ -138,7 +144,7 @@ def base_eval(run: str, eval_tokens: int, max_per_task: int, checkpoint_fingerpr
     return {**result, "core_metric": core["core_metric"], "fingerprint": f"{result['fingerprint']}-{core['fingerprint']}"}
 
 
-@task(name="chat-eval", **CACHED)
+@step_task("chat-eval")
 def chat_eval(run: str, checkpoints: dict, max_per_task: int, max_new_tokens: int, evals_fingerprint: str,
               root: str, ranks: dict | None = None) -> dict:
     """ChatCORE of each chat stage (`checkpoints`: stage -> checkpoint fingerprint)."""
@@ -162,7 +168,7 @@ def chat_eval(run: str, checkpoints: dict, max_per_task: int, max_new_tokens: in
     return {"stages": records, "fingerprint": "-".join(r["fingerprint"] for r in records.values())}
 
 
-@task(name="sample", **CACHED)
+@step_task("sample")
 def sample(run: str, checkpoints: dict, max_tokens: int, root: str) -> dict:
     """Greedy samples of every trained stage (`checkpoints`: stage -> checkpoint fingerprint)."""
     logger, records = get_run_logger(), {}
@@ -176,7 +182,7 @@ def sample(run: str, checkpoints: dict, max_tokens: int, root: str) -> dict:
     return {"stages": records, "fingerprint": "-".join(r["fingerprint"] for r in records.values())}
 
 
-@task(name="publish", **CACHED)
+@step_task("publish")
 def publish(run: str, stage: str, checkpoint_fingerprint: str, eval_fingerprint: str, root: str) -> dict:
     result = pipeline.publish(run, stage, root=root)
     get_run_logger().info(f"published {stage} model to {result['out_dir']}")
@@ -184,3 +190,16 @@ def publish(run: str, stage: str, checkpoint_fingerprint: str, eval_fingerprint:
                      result["out_dir"], {"generate with mlx-lm": f"python -m mlx_lm generate --model {result['out_dir']} --prompt \"The\"",
                                          "chat with it": f"mlxchat --home {root} chat --run {run} --stage {stage}"})
     return result
+
+
+@step_task("report")
+def report(run: str, inputs: dict, root: str) -> dict:
+    """The report card; `inputs` (every step's fingerprint) is only there for the cache key."""
+    return pipeline.report(run, root=root)
+
+
+TASKS = {"prepare-data": prepare_data, "tokenizer-train": tokenizer_train, "tokenizer-eval": tokenizer_eval,
+         "prepare-evals": prepare_evals, "base-train": base_train, "base-eval": base_eval, "mid-train": mid_train,
+         "sft-train": sft_train, "rl-train": rl_train, "chat-eval": chat_eval, "sample": sample, "publish": publish,
+         "report": report}
+assert list(TASKS) == pipeline.STEP_NAMES, "one task per pipeline step, in the table's order"

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from mlxchat.rundir import run_dir
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["prepare-data", "tokenizer-train", "tokenizer-eval", "prepare-evals", "base-train", "base-eval", "mid-train",
           "sft-train", "chat-eval", "sample", "publish", "report"]
@@ -55,7 +57,7 @@ def _run(home) -> Path:
 
 
 def _record_fingerprints(home) -> dict[str, str]:
-    return {s: json.loads((_run(home) / ".stages" / f"{s}.json").read_text())["fingerprint"] for s in STEPS}
+    return {s: json.loads(run_dir("tiny", home).step_record(s).read_text())["fingerprint"] for s in STEPS}
 
 
 def assert_trained_from_their_parents(home):

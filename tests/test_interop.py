@@ -12,7 +12,8 @@ from pydoc_data.topics import topics
 from mlxchat.checkpoint import save_checkpoint
 from mlxchat.common import MlxchatError
 from mlxchat.gpt import GPT, GPTConfig
-from mlxchat.interop import load_published, publish
+from mlxchat.interop import export_mlx_lm as publish, load_published
+from mlxchat.rundir import Home
 from mlxchat.tokenizer import Tokenizer
 
 TEXT = (
@@ -27,9 +28,9 @@ TEXT = (
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A run with a real (small) tokenizer and a 2-layer `base` checkpoint with non-trivial weights."""
-    run_dir = tmp_path_factory.mktemp("home") / "runs" / "tiny"
+    run_dir = Home(tmp_path_factory.mktemp("home")).run("tiny")
     tok = Tokenizer.train_from_iterator(iter(list(topics.values())), 512)
-    tok.save(run_dir / "tokenizer")
+    tok.save(run_dir.tokenizer)
     cfg = GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
     model = GPT(cfg)
     model.init_weights(seed=1)
@@ -39,8 +40,8 @@ def run(tmp_path_factory):
         for i, (k, v) in enumerate(tree_flatten(model.parameters()))
     }
     model.load_weights(list(noisy.items()))
-    save_checkpoint(run_dir / "base", 1, model.parameters(), None, {"model_config": cfg.to_dict(), "config": {}})
-    out = run_dir.parent.parent / "published" / "tiny-base"
+    save_checkpoint(run_dir.stage("base"), 1, model.parameters(), None, {"model_config": cfg.to_dict(), "config": {}})
+    out = run_dir.published("base")
     publish(run_dir, "base", out, {"val_bpb": 1.2345})
     return run_dir, out, model, tok
 

