@@ -30,6 +30,8 @@ DEFAULT_CRON = "0 3 * * *"
 def build_flow():
     from prefect import flow
 
+    from mlxchat.evaluation.published import latest_published
+    from mlxchat.rundir import Home
     from tasks import nightly as T
     from tasks.artifacts import label_flow_run
 
@@ -40,7 +42,7 @@ def build_flow():
         """`model` None picks the newest published model when the run starts, so a scheduled
         run always scores whatever the last speedrun published."""
         root = str(home(root))
-        model_dir = model or str(T.latest_published(Path(root)))
+        model_dir = model or str(latest_published(Home(Path(root))))
         label_flow_run(f"nightly {Path(model_dir).name}", ["mlxchat", "nightly", f"model:{Path(model_dir).name}"])
         result = T.evaluate_published(model_dir, source, batch_size, seq_len, eval_tokens, max_tokens, root,
                                       max_per_task, chat_max_new_tokens)
@@ -82,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     runtime.prepare(root)
     try:
         if not args.serve:  # a scheduled run looks for the model when it starts, not now
-            from tasks.nightly import latest_published
+            from mlxchat.evaluation.published import latest_published
+            from mlxchat.rundir import Home
+
             if args.model and not (Path(args.model) / "model.safetensors").exists():
                 raise MlxchatError(f"no published model in {args.model} (model.safetensors is missing)")
-            params["model"] = args.model or str(latest_published(root))
+            params["model"] = args.model or str(latest_published(Home(root)))
         nightly_eval = build_flow()
         runtime.wait_until_ready()
         if args.serve:

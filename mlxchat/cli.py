@@ -16,6 +16,7 @@ import sys
 from contextlib import nullcontext
 
 from mlxchat.common import HOME_ENV, MlxchatError
+from mlxchat.rundir import CHAT_MODEL_STAGE, CHAT_STAGES, LOOP_STAGES, MODEL_STAGES
 from mlxchat.launch import BACKENDS, EVENTS_ENV, PEER_LOST, Ranks, emit, launched_rank, run_mlxchat
 
 
@@ -84,7 +85,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     from mlxchat.presets import stage_defaults
     from mlxchat.rl import RLConfig
 
-    defaults = {stage: stage_defaults(stage) for stage in ("base", "mid", "sft")}
+    defaults = {stage: stage_defaults(stage) for stage in LOOP_STAGES}
 
     def shown(flag: str) -> str:
         values = {s: getattr(c.optim if flag in OPTIM_FLAGS else c, flag) for s, c in defaults.items()}
@@ -92,7 +93,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         same = len(set(text.values())) == 1
         return text["base"] if same else ", ".join(f"{s} {t}" for s, t in text.items())
 
-    p.add_argument("stage", choices=["base", "mid", "sft", "rl"], help="base: pretraining; mid: mid-training (from base); "
+    p.add_argument("stage", choices=MODEL_STAGES, help="base: pretraining; mid: mid-training (from base); "
                    "sft: supervised fine-tuning (from mid); rl: nanochat's chat_rl (from sft)")
     p.add_argument("--run", required=True, help="run name (its directory: <home>/runs/RUN)")
     for flag in TRAIN_FLAGS + OPTIM_FLAGS:
@@ -222,14 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train_args(sub.add_parser("train", help="train a stage (resumes from its latest checkpoint)"))
 
-    ev = sub.add_parser("eval", help="evaluate a stage's latest checkpoint")
-    ev.add_argument("metric", choices=["bpb", "core", "chat"],
-                    help="bpb: bits per byte; core: CORE (or CORE-pack); chat: ChatCORE's six tasks")
-    ev.add_argument("--run", required=True)
+    ev = sub.add_parser("eval", help="evaluate a stage's latest checkpoint, or a published model (the nightly evaluation)")
+    ev.add_argument("metric", choices=["bpb", "core", "chat", "published"],
+                    help="bpb: bits per byte; core: CORE (or CORE-pack); chat: ChatCORE's six tasks; published: every "
+                         "evaluation that has data on a published model, appended to <home>/eval_history.parquet")
+    ev.add_argument("--run", help="the run (bpb, core, chat)")
+    ev.add_argument("--model", help="published: the model folder (default: the newest under <home>/published/)")
+    ev.add_argument("--source", default="smoke", help="published: text source of the validation split")
+    ev.add_argument("--batch-size", type=int, default=4, help="published: rows per bpb forward")
+    ev.add_argument("--seq-len", type=int, default=256, help="published: tokens per bpb row")
+    ev.add_argument("--max-tokens", type=int, default=16, help="published: tokens per greedy sample")
     ev.add_argument("--stage", help="default: base for bpb and core, sft for chat")
-    ev.add_argument("--eval-tokens", type=int, help="bpb: validation tokens")
+    ev.add_argument("--eval-tokens", type=int, help="bpb, published: validation tokens (published: 16384 by default)")
     ev.add_argument("--max-per-task", type=int, default=-1, help="at most this many problems per task (-1: all)")
-    ev.add_argument("--max-new-tokens", type=int, default=512, help="chat: generation budget per answer")
+    ev.add_argument("--max-new-tokens", type=int, default=512, help="chat, published: generation budget per answer")
     _add_launch_args(ev)
     sm = sub.add_parser("sample", help="complete nanochat's sample prompts with a stage's checkpoint")
     sm.add_argument("--run", required=True)
@@ -241,14 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ch = sub.add_parser("chat", help="talk to a chat stage's model in the terminal (streams the replies)")
     ch.add_argument("--run", required=True)
-    ch.add_argument("--stage", default="sft", choices=["sft", "mid", "rl"])
+    ch.add_argument("--stage", default=CHAT_MODEL_STAGE, choices=CHAT_STAGES)
     ch.add_argument("-p", "--prompt", help="answer this one message and exit (default: a conversation on stdin)")
     _add_sampling_args(ch)
     ch.add_argument("--seed", type=int, help="sampling seed (default: a fresh one each time)")
 
     srv = sub.add_parser("serve", help="web chat UI and nanochat's streaming chat API for a chat stage")
     srv.add_argument("--run", required=True)
-    srv.add_argument("--stage", default="sft", choices=["sft", "mid", "rl"])
+    srv.add_argument("--stage", default=CHAT_MODEL_STAGE, choices=CHAT_STAGES)
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
@@ -269,13 +276,13 @@ def _add_nanochat_args(sub) -> None:
     imp.add_argument("format", choices=["nanochat"])
     imp.add_argument("source", help="nanochat base dir (NANOCHAT_BASE_DIR) or a folder holding model_<step>.pt")
     imp.add_argument("--run", required=True)
-    imp.add_argument("--stage", default="base", choices=["base", "mid", "sft", "rl"])
+    imp.add_argument("--stage", default="base", choices=MODEL_STAGES)
     imp.add_argument("--model-tag", help="checkpoint folder under <stage>_checkpoints (default: the deepest d<N>)")
     imp.add_argument("--step", type=int, help="default: the last step")
     exp = sub.add_parser("export", help="a stage as a nanochat base dir its checkpoint_manager loads (needs torch)")
     exp.add_argument("format", choices=["nanochat"])
     exp.add_argument("--run", required=True)
-    exp.add_argument("--stage", default="sft", choices=["base", "mid", "sft", "rl"])
+    exp.add_argument("--stage", default="sft", choices=MODEL_STAGES)
     exp.add_argument("--out", required=True, help="nanochat base dir to write into")
 
 
@@ -328,6 +335,13 @@ def run_command(args: argparse.Namespace) -> dict | list | None:
         if args.command == "import":
             return nanochat_io.import_nanochat(args.source, args.run, args.stage, args.model_tag, args.step, root=root)
         return nanochat_io.export_nanochat(args.run, args.stage, args.out, root=root)
+    if args.command == "eval" and args.metric == "published":
+        from mlxchat.evaluation.published import evaluate_and_record
+
+        return evaluate_and_record(args.model, root=root, source=args.source, batch_size=args.batch_size,
+                                   seq_len=args.seq_len, eval_tokens=args.eval_tokens or 16384,
+                                   max_tokens=args.max_tokens, max_per_task=args.max_per_task,
+                                   chat_max_new_tokens=args.max_new_tokens)
     if args.command == "eval":
         if args.metric == "core":
             return pipeline.eval_core(args.run, args.stage or "base", args.max_per_task, root=root)
@@ -341,6 +355,10 @@ def _run_lock(args: argparse.Namespace, argv: list[str] | None):
     """The run's lock for the commands that write a run (see runlock.py); chat and serve only read."""
     if args.command not in ("tokenizer", "train", "eval", "sample", "publish"):
         return nullcontext()
+    if args.command == "eval" and args.metric == "published":  # reads a published folder, writes the home's history
+        return nullcontext()
+    if args.command == "eval" and not args.run:
+        raise MlxchatError(f"mlxchat eval {args.metric} needs --run RUN (the run whose stage to evaluate)")
     from mlxchat.runlock import run_lock
 
     command = "mlxchat " + " ".join(sys.argv[1:] if argv is None else argv)

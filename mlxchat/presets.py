@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass, replace
 
 from mlxchat.common import MlxchatError
 from mlxchat.optim import OptimConfig
-from mlxchat.tokenizer import MIN_VOCAB_SIZE
 from mlxchat.rl import RLConfig
+from mlxchat.rundir import LOOP_STAGES
+from mlxchat.tokenizer import MIN_VOCAB_SIZE
 from mlxchat.train import TrainConfig
 
 
@@ -55,40 +56,44 @@ def _sft(**kw) -> TrainConfig:
 
 PRESETS = {
     # Seconds on a CPU: what the test-suite runs.
-    "tiny": RunPreset("tiny", "smoke", None, 512, 300_000,
-                      _base(depth=2, seq_len=64, device_batch_size=4, total_batch_size=256, max_steps=12,
-                            eval_every=6, eval_tokens=2048, checkpoint_every=4, dtype="float32"),
-                      2048, 8,
-                      _mid(depth=2, seq_len=64, device_batch_size=4, total_batch_size=256, max_steps=6, eval_every=3,
-                           eval_tokens=1024, checkpoint_every=2, dtype="float32"),
-                      _sft(depth=2, seq_len=64, device_batch_size=2, examples_per_step=4, max_steps=6, eval_every=3,
-                           eval_steps=2, checkpoint_every=2, dtype="float32"),
-                      evals="existing", max_per_task=2, chat_max_new_tokens=16,
-                      rl=RLConfig(examples_per_step=1, num_samples=2, device_batch_size=2, max_new_tokens=8, max_steps=2,
-                                  train_size=64, eval_every=2, eval_examples=2, checkpoint_every=1, dtype="float32")),
+    "tiny": RunPreset(
+        name="tiny", source="smoke", num_shards=None, vocab_size=512, tokenizer_max_chars=300_000,
+        base=_base(depth=2, seq_len=64, device_batch_size=4, total_batch_size=256, max_steps=12, eval_every=6,
+                   eval_tokens=2048, checkpoint_every=4, dtype="float32"),
+        bpb_eval_tokens=2048, sample_max_tokens=8,
+        mid=_mid(depth=2, seq_len=64, device_batch_size=4, total_batch_size=256, max_steps=6, eval_every=3,
+                 eval_tokens=1024, checkpoint_every=2, dtype="float32"),
+        sft=_sft(depth=2, seq_len=64, device_batch_size=2, examples_per_step=4, max_steps=6, eval_every=3,
+                 eval_steps=2, checkpoint_every=2, dtype="float32"),
+        evals="existing", max_per_task=2, chat_max_new_tokens=16,
+        rl=RLConfig(examples_per_step=1, num_samples=2, device_batch_size=2, max_new_tokens=8, max_steps=2,
+                    train_size=64, eval_every=2, eval_examples=2, checkpoint_every=1, dtype="float32")),
     # Minutes on a 2-core CPU, offline: the whole pipeline on Python's own documentation.
-    "smoke": RunPreset("smoke", "smoke", None, 4096, 2_000_000,
-                       _base(depth=4, seq_len=256, device_batch_size=8, total_batch_size=2048, max_steps=120,
-                             eval_every=40, eval_tokens=16384, checkpoint_every=20),
-                       16384, 16,
-                       _mid(depth=4, seq_len=256, device_batch_size=8, total_batch_size=2048, max_steps=40, eval_every=20,
-                            eval_tokens=8192, checkpoint_every=20),
-                       _sft(depth=4, seq_len=256, device_batch_size=8, examples_per_step=16, eval_every=10,
-                            eval_steps=8, checkpoint_every=20),
-                       evals="pypi", max_per_task=16, chat_max_new_tokens=64,
-                       rl=RLConfig(examples_per_step=4, num_samples=4, device_batch_size=4, max_new_tokens=64, max_steps=6,
-                                   train_size=1000, eval_every=6, eval_examples=8, checkpoint_every=2)),
+    "smoke": RunPreset(
+        name="smoke", source="smoke", num_shards=None, vocab_size=4096, tokenizer_max_chars=2_000_000,
+        base=_base(depth=4, seq_len=256, device_batch_size=8, total_batch_size=2048, max_steps=120, eval_every=40,
+                   eval_tokens=16384, checkpoint_every=20),
+        bpb_eval_tokens=16384, sample_max_tokens=16,
+        mid=_mid(depth=4, seq_len=256, device_batch_size=8, total_batch_size=2048, max_steps=40, eval_every=20,
+                 eval_tokens=8192, checkpoint_every=20),
+        sft=_sft(depth=4, seq_len=256, device_batch_size=8, examples_per_step=16, eval_every=10, eval_steps=8,
+                 checkpoint_every=20),
+        evals="pypi", max_per_task=16, chat_max_new_tokens=64,
+        rl=RLConfig(examples_per_step=4, num_samples=4, device_batch_size=4, max_new_tokens=64, max_steps=6,
+                    train_size=1000, eval_every=6, eval_examples=8, checkpoint_every=2)),
     # nanochat's hyperparameters on FineWeb-edu (Chinchilla horizon, 524,288-token batches).
-    "d12": RunPreset("d12", "hub", 80, 65536, 2_000_000_000,
-                     _base(depth=12, device_batch_size=32, source="hub"), 20 * 524288, 16,
-                     _mid(depth=12, device_batch_size=32, eval_every=150, source="hub"),
-                     _sft(depth=12, device_batch_size=4, examples_per_step=32, eval_every=100, eval_steps=100, source="hub"),
-                     evals="bundle", rl=RLConfig(source="hub")),
-    "d20": RunPreset("d20", "hub", 240, 65536, 2_000_000_000,
-                     _base(depth=20, device_batch_size=32, source="hub"), 20 * 524288, 16,
-                     _mid(depth=20, device_batch_size=32, eval_every=150, source="hub"),
-                     _sft(depth=20, device_batch_size=4, examples_per_step=32, eval_every=100, eval_steps=100, source="hub"),
-                     evals="bundle", rl=RLConfig(source="hub")),
+    "d12": RunPreset(
+        name="d12", source="hub", num_shards=80, vocab_size=65536, tokenizer_max_chars=2_000_000_000,
+        base=_base(depth=12, device_batch_size=32, source="hub"), bpb_eval_tokens=20 * 524288, sample_max_tokens=16,
+        mid=_mid(depth=12, device_batch_size=32, eval_every=150, source="hub"),
+        sft=_sft(depth=12, device_batch_size=4, examples_per_step=32, eval_every=100, eval_steps=100, source="hub"),
+        evals="bundle", rl=RLConfig(source="hub")),
+    "d20": RunPreset(
+        name="d20", source="hub", num_shards=240, vocab_size=65536, tokenizer_max_chars=2_000_000_000,
+        base=_base(depth=20, device_batch_size=32, source="hub"), bpb_eval_tokens=20 * 524288, sample_max_tokens=16,
+        mid=_mid(depth=20, device_batch_size=32, eval_every=150, source="hub"),
+        sft=_sft(depth=20, device_batch_size=4, examples_per_step=32, eval_every=100, eval_steps=100, source="hub"),
+        evals="bundle", rl=RLConfig(source="hub")),
 }
 
 
@@ -131,6 +136,6 @@ def resolve(preset: str, depth: int | None = None, max_steps: int | None = None,
     if max_steps is not None:
         base = replace(base, max_steps=max_steps)
     chat = {name: replace(getattr(p, name), source=p.source if p.source in ("smoke", "hub") else "smoke",
-                          depth=base.depth) for name in ("mid", "sft")}
+                          depth=base.depth) for name in LOOP_STAGES[1:]}
     rl = replace(p.rl, source=p.source if p.source in ("smoke", "hub") else "smoke")
     return replace(p, base=base, rl=rl, **chat)

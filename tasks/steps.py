@@ -18,6 +18,7 @@ from prefect.states import Cancelled
 
 from mlxchat import pipeline
 from mlxchat.launch import Ranks, run_mlxchat
+from mlxchat.rundir import LOOP_STAGES
 from tasks.artifacts import LiveTraining, artifact_key as _artifact_key, metric_rows, publish_location, rounded
 from tasks.caching import stage_cache_key
 
@@ -85,7 +86,7 @@ def _train(run: str, stage: str, config: dict, inputs: dict, root: str, fresh: b
     return result
 
 
-base_train, mid_train, sft_train = (step_task(f"{stage}-train")(_train) for stage in ("base", "mid", "sft"))
+base_train, mid_train, sft_train = (step_task(f"{stage}-train")(_train) for stage in LOOP_STAGES)
 
 
 @step_task("rl-train")

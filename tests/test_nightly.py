@@ -116,3 +116,28 @@ def test_missing_published_model_is_a_one_line_error(tmp_path):
     assert out.returncode == 2
     assert out.stderr == (f"error: no published model under {tmp_path / 'published'}; "
                           "run python flows/speedrun.py first\n")
+
+
+def test_mlxchat_eval_published_runs_the_nightly_evaluation_without_prefect(home, tmp_path, monkeypatch, capsys):
+    """The same evaluation from the command line: a base model gets bpb, samples and CORE (no
+    ChatCORE: it is not a chat stage), one history row and the trend plot."""
+    import json
+
+    from mlxchat.cli import main
+
+    copy = tmp_path / "home"
+    shutil.copytree(home, copy, ignore=shutil.ignore_patterns("eval_history.parquet", "eval_trend.png", ".prefect"))
+    monkeypatch.setenv("MLXCHAT_HOME", str(copy))  # main() sets it from --home; restored afterwards
+    model = copy / "published" / "nightly-base"
+    assert main(["--home", str(copy), "eval", "published", "--model", str(model), "--seq-len", "64",
+                 "--eval-tokens", "1024", "--max-tokens", "4", "--max-per-task", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["run"], out["stage"], out["step"], out["rows"]) == ("nightly", "base", 4, 1)
+    assert math.isfinite(out["val_bpb"]) and out["core_name"] == "CORE-pack (14/22)" and out["chatcore"] is None
+    history = pd.read_parquet(copy / "eval_history.parquet")
+    assert len(history) == 1 and history.iloc[0]["model_dir"] == str(model)
+    assert (copy / "eval_trend.png").stat().st_size > 1000
+    assert main(["--home", str(copy), "eval", "published", "--model", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"error: no published model in {tmp_path / 'nowhere'} (model.safetensors is missing)\n"
+    assert main(["--home", str(copy), "eval", "bpb"]) == 2
+    assert "needs --run RUN" in capsys.readouterr().err

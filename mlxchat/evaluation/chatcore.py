@@ -28,6 +28,7 @@ open-ended ones.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -243,3 +244,49 @@ def humaneval_program(problem: dict, completion: str) -> str:
 def humaneval_passes(problem: dict, completion: str, timeout_s: float = 5.0) -> bool:
     """Whether the completion passes the problem's tests, run in the sandbox."""
     return run_program(humaneval_program(problem, completion), timeout_s=timeout_s).passed
+
+
+# -- ChatCORE's tasks, read from the eval pack, scored on a model ---------------------------------
+
+
+def chat_tasks(root=None) -> tuple[dict, dict]:
+    """ChatCORE's six tasks as nanochat's chat_eval builds them, read from the eval pack
+    (`<home>/evals/chat/`); a task whose data is missing is skipped with the reason."""
+    from mlxchat.conversations import ARC, GSM8K, MMLU, HumanEval, SpellingBee
+
+    builders = {
+        "ARC-Easy": lambda: ARC.from_pack(root, "ARC-Easy"),
+        "ARC-Challenge": lambda: ARC.from_pack(root, "ARC-Challenge"),
+        "MMLU": lambda: MMLU.from_pack(root),
+        "GSM8K": lambda: GSM8K.from_pack(root),
+        "HumanEval": lambda: HumanEval.from_pack(root),
+        "SpellingBee": lambda: SpellingBee(size=256, split="test"),
+    }
+    tasks, skipped = {}, {}
+    for name, build in builders.items():
+        try:
+            tasks[name] = build()
+        except MlxchatError as e:
+            skipped[name] = str(e)
+    return tasks, skipped
+
+
+def score_chat(model, tok, max_per_task: int = -1, max_new_tokens: int = 512, batch_size: int | None = None,
+               root=None) -> dict:
+    """ChatCORE's tasks on a model (nanochat's chat_eval: greedy, top-k 50, one sample, the
+    calculator on); ChatCORE itself only when all six tasks ran."""
+    from mlxchat.calculator import calculator_tool
+    from mlxchat.evaluation import eval_batching
+
+    tasks, skipped = chat_tasks(root)
+    batch_size = batch_size or eval_batching()[1]
+    t0 = time.time()
+    limit = max_per_task if max_per_task > 0 else None
+    outcome = evaluate_chat(tasks, model, tok, batch_size, max_problems=limit, max_new_tokens=max_new_tokens,
+                            tool=calculator_tool(tok))
+    results = {name: r.accuracy for name, r in outcome.items()}
+    return {
+        "max_per_task": max_per_task, "results": results, "problems": {name: r.total for name, r in outcome.items()},
+        "centered": {name: centered_accuracy(name, acc) for name, acc in results.items()},
+        "chatcore": chatcore(results) if not skipped else None, "skipped": skipped, "eval_time_s": time.time() - t0,
+    }

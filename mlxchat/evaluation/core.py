@@ -25,10 +25,10 @@ import yaml
 
 from mlxchat.common import MlxchatError, get_logger, read_json
 from mlxchat.distributed import my_share, sum_over_ranks
+from mlxchat.evaluation.pack import CORE_TASKS
 
 log = get_logger(__name__)
 
-NUM_CORE_TASKS = 22
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
 
@@ -200,13 +200,11 @@ def evaluate_core(model, tokenizer, bundle_dir: str | Path, max_per_task: int = 
         results[label] = acc
         centered_results[label] = centered(acc, baselines[label])
         log.info("%s: accuracy %.4f centered %.4f (%d examples)", label, acc, centered_results[label], len(data))
-    from mlxchat.evaluation.pack import CORE_TASKS
-
     listed = {t["label"] for t in tasks}
     for label in CORE_TASKS:  # the official tasks this bundle lacks are named, not silently dropped
         if label not in listed:
             skipped[label] = "skipped (no data: not in this bundle; the PyPI pack has no source for it)"
     core = sum(centered_results.values()) / len(centered_results) if centered_results else float("nan")
-    if name == "CORE" and len(results) < NUM_CORE_TASKS:
-        name = f"CORE-pack ({len(results)}/{NUM_CORE_TASKS})"
+    if name == "CORE" and len(results) < len(CORE_TASKS):
+        name = f"CORE-pack ({len(results)}/{len(CORE_TASKS)})"
     return {"name": name, "results": results, "centered": centered_results, "core_metric": core, "skipped": skipped}
