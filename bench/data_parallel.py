@@ -109,7 +109,7 @@ def main() -> None:
                   "--allreduce-vocab", str(args.allreduce_vocab), "--repeats", str(args.repeats)]
         out = subprocess.run(launch_command(worker, Ranks(np=2, backend="ring")), capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
-        line = next((l for l in out.stdout.splitlines() if l.startswith("@bench ")), None)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("@bench ")), None)
         if line is None:
             raise SystemExit(f"the all-reduce ranks printed no result:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
         allreduce = json.loads(line[len("@bench "):])

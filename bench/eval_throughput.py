@@ -40,10 +40,10 @@ def main() -> None:
     import mlx.core as mx
 
     from mlxchat import dataset
+    from mlxchat.conversations import ARC
     from mlxchat.evaluation import core
     from mlxchat.evaluation.chatcore import run_categorical_eval
     from mlxchat.gpt import GPT, GPTConfig
-    from mlxchat.conversations import ARC
     from mlxchat.tokenizer import Tokenizer
 
     home = Path(args.home)

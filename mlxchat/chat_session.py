@@ -23,8 +23,8 @@ from typing import Iterator
 from mlxchat.calculator import calculator_tool
 from mlxchat.checkpoint import latest_checkpoint
 from mlxchat.common import MlxchatError
-from mlxchat.rundir import run_dir
 from mlxchat.engine import generate, generate_batch
+from mlxchat.rundir import run_dir
 
 # Questions for the chat stages (mid, SFT): facts, identity, the calculator and spelling, the
 # skills their mixtures teach.

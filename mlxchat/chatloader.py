@@ -16,9 +16,8 @@ the next one, so a checkpoint resumes the exact stream.
 
 from __future__ import annotations
 
-import numpy as np
-
 import mlx.core as mx
+import numpy as np
 
 from mlxchat.common import MlxchatError
 

@@ -16,9 +16,8 @@ import sys
 from contextlib import nullcontext
 
 from mlxchat.common import HOME_ENV, MlxchatError
-from mlxchat.rundir import CHAT_MODEL_STAGE, CHAT_STAGES, LOOP_STAGES, MODEL_STAGES
 from mlxchat.launch import BACKENDS, EVENTS_ENV, PEER_LOST, Ranks, emit, launched_rank, run_mlxchat
-
+from mlxchat.rundir import CHAT_MODEL_STAGE, CHAT_STAGES, LOOP_STAGES, MODEL_STAGES
 
 # `mlxchat train` flags that map onto TrainConfig / OptimConfig fields; unset flags keep the
 # stage's nanochat defaults (presets.stage_defaults).

@@ -34,7 +34,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlxchat.common import (
-    MlxchatError, atomic_write_json, get_logger, owned_temporary, read_json, sha256_file,
+    MlxchatError,
+    atomic_write_json,
+    get_logger,
+    owned_temporary,
+    read_json,
+    sha256_file,
     sweep_temporaries,
 )
 from mlxchat.rundir import Home
@@ -574,7 +579,10 @@ class HubSource(ShardSource):
     def _download(self, i: int, path: Path) -> None:
         """Download with retries and exponential backoff, resuming the partial file each time."""
         from huggingface_hub.errors import (
-            EntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
+            EntryNotFoundError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
         )  # fmt: skip
 
         partial = path.with_name(f".{path.name}.incomplete")

@@ -30,8 +30,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxchat import checkpoint as ckpt_lib
 from mlxchat.common import MlxchatError, atomic_path, atomic_write_json
-from mlxchat.rundir import run_dir
 from mlxchat.gpt import GPT, GPTConfig
+from mlxchat.rundir import run_dir
 from mlxchat.tokenizer import PICKLE_NAME, SPECIAL_TOKENS, Tokenizer
 
 # mlxchat model stage -> nanochat's checkpoint folder under its base dir (checkpoint_manager.load_model)

@@ -124,7 +124,8 @@ def eval_tokenizer(run: str, source: str = "smoke", max_chars: int = 1_000_000, 
 @timed("{stage}-eval")
 def eval_bpb(run: str, stage: str = "base", eval_tokens: int | None = None, root=None) -> dict:
     """Bits per byte of a stage's latest checkpoint on the validation (and training) split."""
-    from mlxchat import checkpoint as ckpt_lib, dataset
+    from mlxchat import checkpoint as ckpt_lib
+    from mlxchat import dataset
     from mlxchat.dataloader import DataLoader
     from mlxchat.evaluation.bpb import evaluate_bpb
     from mlxchat.inference import load_stage
@@ -198,7 +199,8 @@ def train(run: str, stage: str, config: dict, root=None, fresh: bool = False, on
 @timed("rl-train")
 def train_rl(run: str, config: dict, root=None, fresh: bool = False, on_progress=None) -> dict:
     """RL on GSM8K (or, offline, the generated arithmetic problems) from the SFT model."""
-    from mlxchat.rl import RLConfig, train_rl as train
+    from mlxchat.rl import RLConfig
+    from mlxchat.rl import train_rl as train
 
     result = train(run, RLConfig.from_dict(config), root=root, fresh=fresh, on_progress=on_progress)
     return {**result.to_dict(), "fingerprint": fingerprint_files([result.checkpoint / "model.safetensors"])}

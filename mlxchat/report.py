@@ -122,10 +122,9 @@ def summary_markdown(rows: list[dict], note: str = "") -> str:
 
 def build_report(run: str, root=None) -> Path:
     """Write `runs/<run>/report.md` (and `plots/<stage>.png`) from the run directory."""
-    from mlxchat.checkpoint import latest_checkpoint
-
     from datetime import datetime, timezone
 
+    from mlxchat.checkpoint import latest_checkpoint
     from mlxchat.common import hardware
 
     rdir = run_dir(run, root)

@@ -32,9 +32,9 @@ from mlx.utils import tree_map
 
 from mlxchat import checkpoint as ckpt_lib
 from mlxchat.common import MlxchatError, default_dtype, get_logger
-from mlxchat.rundir import METRICS_FILE, run_dir
 from mlxchat.gpt import GPT, GPTConfig
 from mlxchat.optim import OptimConfig, build_optimizer
+from mlxchat.rundir import METRICS_FILE, run_dir
 
 log = get_logger()
 
@@ -223,8 +223,7 @@ def train_rl(run: str, cfg: RLConfig, root=None, fresh: bool = False, on_progres
 
     from mlxchat.calculator import calculator_tool
     from mlxchat.tokenizer import Tokenizer
-    from mlxchat.train import (StopRequested, TrainResult, append_metrics, resumable_checkpoint, training_identity,
-                               truncate_metrics)
+    from mlxchat.train import StopRequested, TrainResult, append_metrics, resumable_checkpoint, training_identity, truncate_metrics
 
     cfg = cfg.validated()
     rdir = run_dir(run, root, must_exist=True)

@@ -30,13 +30,13 @@ from mlx.utils import tree_map
 
 from mlxchat import checkpoint as ckpt_lib
 from mlxchat.common import MlxchatError, atomic_write_text, default_dtype, get_logger, seed_everything
-from mlxchat.rundir import METRICS_FILE, RunDir, run_dir
 from mlxchat.dataloader import DataLoader
 from mlxchat.distributed import RankShare, agree, sum_over_ranks, world
 from mlxchat.evaluation.bpb import evaluate_bpb, evaluate_loss
 from mlxchat.gpt import GPT, GPTConfig
 from mlxchat.optim import OptimConfig, build_optimizer, clip_gradients
 from mlxchat.prefetch import Prefetched
+from mlxchat.rundir import METRICS_FILE, RunDir, run_dir
 
 log = get_logger()
 

@@ -19,7 +19,8 @@ from prefect.states import Cancelled
 from mlxchat import pipeline
 from mlxchat.launch import Ranks, run_mlxchat
 from mlxchat.rundir import LOOP_STAGES
-from tasks.artifacts import LiveTraining, artifact_key as _artifact_key, metric_rows, publish_location, rounded
+from tasks.artifacts import LiveTraining, metric_rows, publish_location, rounded
+from tasks.artifacts import artifact_key as _artifact_key
 from tasks.caching import stage_cache_key
 
 CACHED = dict(cache_key_fn=stage_cache_key, persist_result=True)

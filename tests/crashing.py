@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlxchat import checkpoint as ck  # noqa: E402
-from mlxchat import common, provenance, train  # noqa: E402
+from mlxchat import common, train  # noqa: E402
 
 
 def _in_child(fn, kill_at: int | None, files: set[str], where: Path) -> bool:

@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from chatrun import RUN, make_chat_run
 from liveserver import LiveServer
+
 from mlxchat.chat_session import load_chat_model, stream_reply
 from mlxchat.web import GenerationWorker, Sampling, create_app
 

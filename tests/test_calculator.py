@@ -4,8 +4,8 @@ and its engine hook, whose answer is forced into the row right after `<|python_e
 import threading
 
 import pytest
-
 from chatrun import TEXT, ScriptedModel
+
 from mlxchat.calculator import MAX_EXPRESSION_CHARS, calculate, calculator_tool
 from mlxchat.engine import generate_batch
 from mlxchat.gpt import GPTConfig

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from chatrun import RUN, ScriptedModel, make_chat_run
+
 from mlxchat import cli
 from mlxchat.calculator import calculator_tool
-from mlxchat.chat_session import (TOOL_MARKS, ChatModel, chat_repl, load_chat_model, render_prompt,
-                          stream_reply)
+from mlxchat.chat_session import TOOL_MARKS, ChatModel, chat_repl, load_chat_model, render_prompt, stream_reply
 from mlxchat.common import MlxchatError
 from mlxchat.engine import generate_batch
 from mlxchat.gpt import GPTConfig

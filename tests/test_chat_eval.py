@@ -137,7 +137,7 @@ def test_categorical_picks_the_letter_with_the_highest_logit(tokenizer):
         expected.append(conv["letters"][int(np.argmax(logits[ids]))])
     assert len(set(expected)) > 1, "the probe should not pick the same letter everywhere"
     # make the answer key agree with the expected letter on the even problems only
-    answers = [e if i % 2 == 0 else next(l for l in probe[i]["letters"] if l != e) for i, e in enumerate(expected)]
+    answers = [e if i % 2 == 0 else next(c for c in probe[i]["letters"] if c != e) for i, e in enumerate(expected)]
     task = ChoiceTask(answers)
     result = run_categorical_eval(task, fake, tokenizer, batch_size=4)
     assert [a[0] for a in result.answers] == expected

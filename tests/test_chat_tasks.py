@@ -7,17 +7,31 @@ import os
 import re
 import socket
 import sys
+from pydoc_data.topics import topics
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pydoc_data.topics import topics
 
 from mlxchat.common import MlxchatError
 from mlxchat.conversations import (
-    ARC, GSM8K, MMLU, Arithmetic, CustomJSON, HumanEval, SimpleSpelling, SmolTalk, SpellingBee, Task, TaskMixture,
-    TaskSequence, build_mixture, identity_path, mixture_fingerprint, render_mc,
+    ARC,
+    GSM8K,
+    MMLU,
+    Arithmetic,
+    CustomJSON,
+    HumanEval,
+    SimpleSpelling,
+    SmolTalk,
+    SpellingBee,
+    Task,
+    TaskMixture,
+    TaskSequence,
+    build_mixture,
+    identity_path,
+    mixture_fingerprint,
+    render_mc,
 )  # fmt: skip
 from mlxchat.conversations.gsm8k import solution_parts
 from mlxchat.conversations.mixtures import IDENTITY_VAL

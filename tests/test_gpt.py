@@ -78,7 +78,10 @@ def test_attention_equals_naive_causal_softmax_reference():
     xn = np.array(x, dtype=np.float64)
     w = {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(attn.parameters())}
     H, KV, D = TINY.n_head, TINY.n_kv_head, TINY.head_dim
-    split = lambda t, h: t.reshape(2, 7, h, D).transpose(0, 2, 1, 3)
+
+    def split(t, h):
+        return t.reshape(2, 7, h, D).transpose(0, 2, 1, 3)
+
     q = _rms(_nanochat_rope(split(xn @ w["c_q.weight"].T, H)))
     k = _rms(_nanochat_rope(split(xn @ w["c_k.weight"].T, KV)))
     v = split(xn @ w["c_v.weight"].T, KV)

@@ -2,17 +2,18 @@
 tokenizer that mlxchat trained, token for token and logit for logit."""
 
 import json
+from pydoc_data.topics import topics
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from pydoc_data.topics import topics
 
 from mlxchat.checkpoint import save_checkpoint
 from mlxchat.common import MlxchatError
 from mlxchat.gpt import GPT, GPTConfig
-from mlxchat.interop import export_mlx_lm as publish, load_published
+from mlxchat.interop import export_mlx_lm as publish
+from mlxchat.interop import load_published
 from mlxchat.rundir import Home
 from mlxchat.tokenizer import Tokenizer
 

@@ -5,19 +5,19 @@ nanochat directory is one line and exit 2."""
 import json
 import pickle
 import sys
+from pydoc_data.topics import topics
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
-from pydoc_data.topics import topics
 
 from mlxchat.checkpoint import latest_checkpoint, save_checkpoint
 from mlxchat.cli import main
 from mlxchat.gpt import GPT, GPTConfig
+from mlxchat.inference import load_model as load_trained_model
 from mlxchat.optim import OptimConfig, build_optimizer
 from mlxchat.tokenizer import SPECIAL_TOKENS, Tokenizer
-from mlxchat.inference import load_model as load_trained_model
 from mlxchat.train import TrainConfig
 
 torch = pytest.importorskip("torch")  # the `torch` extra; the `test` extra installs it, so CI runs these

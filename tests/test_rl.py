@@ -5,16 +5,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
-from pydoc_data.topics import topics
-
 from killing import kill_after_checkpoint
+from mlx.utils import tree_flatten
 from rlrun import SayE
+
 from mlxchat.calculator import calculator_tool
 from mlxchat.checkpoint import latest_checkpoint, save_checkpoint
 from mlxchat.gpt import GPT, GPTConfig

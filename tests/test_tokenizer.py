@@ -5,12 +5,12 @@ import json
 import os
 import pickle
 import re
+from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
 import rustbpe
 import tiktoken
-from pydoc_data.topics import topics
 
 from mlxchat.common import MlxchatError
 from mlxchat.tokenizer import (

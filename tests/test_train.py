@@ -12,13 +12,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from killing import kill_after_checkpoint
 
 from mlxchat import pipeline
 from mlxchat.checkpoint import latest_checkpoint
 from mlxchat.common import MlxchatError
 from mlxchat.train import TrainConfig, train_base
-
-from killing import kill_after_checkpoint
 
 TINY = dict(depth=2, seq_len=64, device_batch_size=4, total_batch_size=256, eval_tokens=4096, dtype="float32")
 TINY_ARGS = ["--depth", "2", "--seq-len", "64", "--device-batch-size", "4", "--total-batch-size", "256",

@@ -8,13 +8,12 @@ from dataclasses import replace
 
 import mlx.core as mx
 import pytest
+from killing import kill_after_checkpoint
 
 from mlxchat import pipeline
 from mlxchat.checkpoint import latest_checkpoint
 from mlxchat.common import MlxchatError
 from mlxchat.presets import resolve
-
-from killing import kill_after_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ import threading
 
 import httpx
 import pytest
-
 from chatrun import RUN, make_chat_run
 from liveserver import LiveServer
+
 from mlxchat.chat_session import load_chat_model, stream_reply
 from mlxchat.common import MlxchatError
 from mlxchat.web import MAX_BODY_BYTES, MAX_MESSAGE_LENGTH, GenerationWorker, RequestError, Sampling, create_app, parse_request

@@ -8,7 +8,6 @@ timeout tests use a stand-in generation that never ends on its own, so what ends
 server's limit, not the model."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,9 +16,9 @@ import time
 
 import httpx
 import pytest
-
 from chatrun import RUN, make_chat_run
 from liveserver import LiveServer
+
 from mlxchat import web
 from mlxchat.chat_session import load_chat_model
 from mlxchat.common import MlxchatError

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mlxchat.common import MlxchatError
 from mlxchat.conversations.base import Task, render_mc
-from mlxchat.conversations.hub import Rows, SHUFFLE_SEED, load_rows, pack_dir, read_jsonl
+from mlxchat.conversations.hub import SHUFFLE_SEED, Rows, load_rows, pack_dir, read_jsonl
 
 REPO = "allenai/ai2_arc"
 SUBSETS = {"ARC-Easy": "arc_easy.jsonl", "ARC-Challenge": "arc_challenge.jsonl"}

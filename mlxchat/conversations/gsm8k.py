@@ -13,7 +13,7 @@ import re
 
 from mlxchat.common import MlxchatError
 from mlxchat.conversations.base import Task, evaluate_final_number
-from mlxchat.conversations.hub import Rows, SHUFFLE_SEED, load_rows, pack_dir, read_jsonl
+from mlxchat.conversations.hub import SHUFFLE_SEED, Rows, load_rows, pack_dir, read_jsonl
 
 REPO = "openai/gsm8k"
 _CALL = re.compile(r"(<<[^>]+>>)")

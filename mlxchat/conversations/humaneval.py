@@ -8,7 +8,7 @@ tests. nanochat's tasks/humaneval.py; generative.
 from __future__ import annotations
 
 from mlxchat.conversations.base import Task
-from mlxchat.conversations.hub import Rows, SHUFFLE_SEED, load_rows, pack_dir, read_jsonl
+from mlxchat.conversations.hub import SHUFFLE_SEED, Rows, load_rows, pack_dir, read_jsonl
 
 REPO = "openai/openai_humaneval"
 

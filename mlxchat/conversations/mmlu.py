@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from mlxchat.common import MlxchatError
 from mlxchat.conversations.base import Task, render_mc
-from mlxchat.conversations.hub import Rows, SHUFFLE_SEED, load_rows, pack_dir, read_jsonl
+from mlxchat.conversations.hub import SHUFFLE_SEED, Rows, load_rows, pack_dir, read_jsonl
 
 REPO = "cais/mmlu"
 LETTERS = ("A", "B", "C", "D")

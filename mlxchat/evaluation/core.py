@@ -13,10 +13,9 @@ and a causal model's losses at the real positions do not depend on the padding.
 """
 from __future__ import annotations
 
-import math
-
 import csv
 import json
+import math
 import random
 from pathlib import Path
 
