@@ -90,7 +90,7 @@ def main() -> None:
         return allreduce_worker(depths, args.allreduce_vocab, args.repeats)
 
     from mlxchat import pipeline
-    from mlxchat.dataset import prepare_smoke
+    from mlxchat.corpus import prepare_smoke
     from mlxchat.launch import Ranks, launch_command
 
     home = Path(tempfile.mkdtemp(prefix="bench_dist_"))

@@ -299,15 +299,15 @@ def run_command(args: argparse.Namespace) -> dict | list | None:
         return serve(args.run, args.stage, args.host, args.port, root=root, defaults=Sampling(**_sampling(args)),
                      allow_origins=tuple(args.allow_origin))
     if args.command == "data":
-        from mlxchat import dataset
+        from mlxchat import corpus, hub_shards
 
         if args.action == "prepare-evals":
             from mlxchat.evaluation.pack import prepare_evals
 
             return prepare_evals(args.source, root=root, with_bigbench=args.with_bigbench, force=args.force)
         if args.action == "prepare-smoke":
-            return {"path": str(dataset.prepare_smoke(root=root, force=args.force))}
-        return {"shards": [str(p) for p in dataset.download(args.shards, root=root)]}
+            return {"path": str(corpus.prepare_smoke(root=root, force=args.force))}
+        return {"shards": [str(p) for p in hub_shards.download(args.shards, root=root)]}
     if args.command == "tokenizer":
         if args.action == "train":
             return pipeline.train_tokenizer(args.run, args.vocab_size, args.source, args.max_chars, root=root)

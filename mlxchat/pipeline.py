@@ -62,12 +62,12 @@ def timed(name: str):
 
 def prepare_data(source: str = "smoke", num_shards: int | None = None, root=None) -> dict:
     """Make a text source ready: build the smoke corpus, or download hub shards (train + val)."""
-    from mlxchat import dataset
+    from mlxchat import corpus, dataset, hub_shards
 
     if source == "smoke":
-        path = dataset.prepare_smoke(root=root)
+        path = corpus.prepare_smoke(root=root)
     elif source.startswith("hub"):
-        path = dataset.download(num_shards or 1, root=root)[0].parent
+        path = hub_shards.download(num_shards or 1, root=root)[0].parent
     else:
         path = None
     src = dataset.get_source(source, root=root, num_shards=num_shards)

@@ -28,7 +28,7 @@ def fake_hub(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def smoke_root(tmp_path_factory):
     """A home directory holding the prepared smoke corpus (built once per session, ~1 s)."""
-    from mlxchat.dataset import prepare_smoke
+    from mlxchat.corpus import prepare_smoke
 
     root = tmp_path_factory.mktemp("smoke_home")
     prepare_smoke(root=root)
