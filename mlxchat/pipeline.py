@@ -121,6 +121,14 @@ def eval_tokenizer(run: str, source: str = "smoke", max_chars: int = 1_000_000, 
     return result
 
 
+def _record_by_stage(path: Path, stage: str, result: dict, what: str) -> dict:
+    """`result` written under `stage` in a results file that keeps every stage's (bpb.json,
+    core.json); returns it with the file's fingerprint."""
+    existing = read_json(path, what) if path.exists() else {}
+    atomic_write_json(path, {**existing, stage: result})
+    return {**result, "fingerprint": fingerprint_files([path])}
+
+
 @timed("{stage}-eval")
 def eval_bpb(run: str, stage: str = "base", eval_tokens: int | None = None, root=None) -> dict:
     """Bits per byte of a stage's latest checkpoint on the validation (and training) split."""
@@ -149,10 +157,7 @@ def eval_bpb(run: str, stage: str = "base", eval_tokens: int | None = None, root
     result["eval_time_s"] = time.time() - t0
     if not is_main():
         return result
-    path = rdir.eval_file("bpb")
-    existing = read_json(path, "bpb results") if path.exists() else {}
-    atomic_write_json(path, {**existing, stage: result})
-    return {**result, "fingerprint": fingerprint_files([path])}
+    return _record_by_stage(rdir.eval_file("bpb"), stage, result, "bpb results")
 
 
 @timed("{stage}-core")
@@ -174,10 +179,7 @@ def eval_core(run: str, stage: str = "base", max_per_task: int = -1, root=None) 
                    "eval_time_s": time.time() - t0})
     if not is_main():
         return result
-    path = rdir.eval_file("core")
-    existing = read_json(path, "CORE results") if path.exists() else {}
-    atomic_write_json(path, {**existing, stage: result})
-    return {**result, "fingerprint": fingerprint_files([path])}
+    return _record_by_stage(rdir.eval_file("core"), stage, result, "CORE results")
 
 
 @timed("{stage}-train")
