@@ -250,14 +250,14 @@ def _check_token_bytes(tok_dir: Path, tok: Tokenizer) -> None:
 def imported_state(stage: str, cfg: GPTConfig, step: int, meta: dict, origin: dict) -> dict:
     """state.json of an imported checkpoint: a finished stage of `step` steps, trained with the
     settings nanochat's meta records (what the next stage and the report read)."""
-    from mlxchat.train import TrainConfig
+    from mlxchat.train import TrainConfig, stage_validation
 
     user = meta.get("user_config", {}) if isinstance(meta.get("user_config"), dict) else {}
     known = {"device_batch_size": meta.get("device_batch_size", user.get("device_batch_size")),
              "total_batch_size": user.get("total_batch_size")}
     train_cfg = TrainConfig(stage=stage, depth=cfg.n_layer, seq_len=cfg.sequence_len, max_steps=max(step, 1),
                             **{k: v for k, v in known.items() if isinstance(v, int)})
-    metric = train_cfg.metric
+    metric = stage_validation(stage).metric
     value = meta.get(metric)
     return {"config": train_cfg.to_dict(), "model_config": cfg.to_dict(), "num_iterations": step, "loader": None,
             "rng_seed": step, "history": [], metric: value if isinstance(value, (int, float)) else None,

@@ -71,11 +71,6 @@ class TrainConfig:
     checkpoint_blocks: bool = False  # recompute block activations in the backward (less memory, slower)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
-    @property
-    def metric(self) -> str:
-        """What evaluations report: bits per byte, except SFT's masked validation loss (as nanochat)."""
-        return "val_loss" if self.stage == "sft" else "val_bpb"
-
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -292,6 +287,85 @@ class TrainResult:
         return {**asdict(self), "stage_dir": str(self.stage_dir), "checkpoint": str(self.checkpoint)}
 
 
+@dataclass(frozen=True)
+class Validation:
+    """What the loop's evaluations report: a metric's name and how to measure it on `steps`
+    validation batches. Each stage passes its own in (as mlx-lm's trainer takes its loss), so the
+    loop never asks which stage it trains."""
+
+    metric: str
+    measure: Callable[[GPT, object, int], float]
+
+
+def bits_per_byte(token_bytes) -> Validation:
+    """Base and mid-training: validation bits per byte (nanochat's val_bpb)."""
+    return Validation("val_bpb", lambda model, batches, steps: evaluate_bpb(model, batches, steps, token_bytes))
+
+
+VALIDATION_LOSS = Validation("val_loss", evaluate_loss)  # SFT: the masked loss, as nanochat's chat_sft
+
+
+def stage_validation(stage: str, token_bytes=None) -> Validation:
+    """A training stage's validation, as nanochat: SFT's masked loss, bits per byte otherwise
+    (`token_bytes` is only read when it measures)."""
+    return VALIDATION_LOSS if stage == "sft" else bits_per_byte(token_bytes)
+
+
+@dataclass
+class LoopContext:
+    """What evaluating and checkpointing need from a running loop (the loop owns it)."""
+
+    stage_dir: Path
+    cfg: TrainConfig
+    p: Plan
+    model: GPT
+    optimizer: object
+    identity: dict
+    validation: Validation
+    is_main: bool
+    history: list = field(default_factory=list)
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.stage_dir / METRICS_FILE
+
+    def last_metric(self):
+        return self.history[-1][self.validation.metric] if self.history else None
+
+
+def evaluate(ctx: LoopContext, make_loader: Callable[..., DataLoader], step: int) -> float:
+    """Measure the validation metric on a fresh validation loader; log and keep it."""
+    steps = ctx.cfg.eval_steps or max(1, ctx.cfg.eval_tokens // (ctx.cfg.device_batch_size * ctx.cfg.seq_len))
+    metric = ctx.validation.metric
+    value = ctx.validation.measure(ctx.model, make_loader("val"), steps)  # global batches
+    ctx.history.append({"step": step, metric: value})
+    append_metrics(ctx.metrics_file, {"step": step, metric: value}, ctx.is_main)
+    log.info(f"step {step:05d} | validation {metric[4:]} {value:.4f}")
+    return value
+
+
+def save(ctx: LoopContext, step: int, loader_state: dict) -> Path:
+    """Checkpoint the model, the optimizer and everything that makes resuming exact."""
+    # MLX's generator state cannot be restored, so every checkpoint reseeds it from
+    # (seed, step): the uninterrupted and the resumed run then draw the same numbers.
+    rng_seed = ctx.cfg.seed * 1_000_003 + step
+    mx.random.seed(rng_seed)
+    state = {
+        "loader": loader_state,
+        "rng_seed": rng_seed,
+        "config": ctx.cfg.to_dict(),
+        "model_config": ctx.p.model.to_dict(),
+        "num_iterations": ctx.p.num_iterations,
+        "identity": ctx.identity,
+        "history": ctx.history,
+        ctx.validation.metric: ctx.last_metric(),
+    }
+    if not ctx.is_main:
+        return ctx.stage_dir / ckpt_lib.step_dir_name(step)
+    return ckpt_lib.save_checkpoint(ctx.stage_dir, step, ctx.model.parameters(), ctx.optimizer.state, state,
+                                    keep=ctx.cfg.keep_checkpoints)
+
+
 def train_base(
     run: str,
     cfg: TrainConfig,
@@ -307,14 +381,13 @@ def train_base(
     tokenizer = Tokenizer.load(rdir.tokenizer)
     p = plan(cfg, tokenizer.vocab_size, world().size())
     source = get_source(cfg.source, root=root)
-    token_bytes = tokenizer.token_bytes()
 
     def loader(split: str, state: dict | None = None) -> DataLoader:
         return DataLoader(source, tokenizer, cfg.device_batch_size, cfg.seq_len, split, state=state)
 
     identity = training_identity(cfg.to_dict(), rdir, data=source.fingerprint())
-    return train_loop(rdir.stage(cfg.stage), cfg, p, loader, token_bytes, fresh=fresh, on_progress=on_progress,
-                      identity=identity)
+    return train_loop(rdir.stage(cfg.stage), cfg, p, loader, stage_validation(cfg.stage, tokenizer.token_bytes()), fresh=fresh,
+                      on_progress=on_progress, identity=identity)
 
 
 CHAT_STAGES = {"mid": "base", "sft": "mid"}  # stage -> the stage it continues
@@ -355,7 +428,8 @@ def train_chat(
 
     mixtures = {split: mixture_fingerprint(cfg.stage, split, cfg.source, root=root) for split in ("train", "val")}
     identity = training_identity(cfg.to_dict(), rdir, data=mixtures, parent=start.fingerprint)
-    return train_loop(rdir.stage(cfg.stage), cfg, p, loader, tokenizer.token_bytes(), fresh=fresh, init_from=start.path,
+    validation = stage_validation(cfg.stage, tokenizer.token_bytes())
+    return train_loop(rdir.stage(cfg.stage), cfg, p, loader, validation, fresh=fresh, init_from=start.path,
                       on_progress=on_progress, identity=identity)
 
 
@@ -387,7 +461,7 @@ def train_loop(
     cfg: TrainConfig,
     p: Plan,
     make_loader: Callable[..., DataLoader],
-    token_bytes,
+    validation: Validation,
     fresh: bool = False,
     init_from: Path | None = None,
     on_progress: Callable[[dict], None] | None = None,
@@ -397,7 +471,7 @@ def train_loop(
     from the same `identity` (see training_identity); otherwise from scratch.
 
     `init_from` (a checkpoint directory) seeds the weights of a fresh run (mid/SFT start from
-    the previous stage).
+    the previous stage); `validation` is what its evaluations measure.
 
     Data-parallel (under `mlx.launch`): `make_loader` gives the global stream and each rank
     trains on its `RankShare`; every rank resumes from the same `latest`, and rank 0 alone
@@ -431,43 +505,11 @@ def train_loop(
 
     step_fn = TrainStep(model, optimizer, p.grad_accum_steps, cfg.optim.grad_clip, p.world_size)
     peak = peak_flops(cfg)
-    eval_steps = cfg.eval_steps or max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.seq_len))  # global batches
-    metric = cfg.metric
-    metrics_file = stage_dir / METRICS_FILE
+    ctx = LoopContext(stage_dir, cfg, p, model, optimizer, identity, validation, is_main, history)
+    metric, metrics_file = validation.metric, ctx.metrics_file
     if is_main:
         stage_dir.mkdir(parents=True, exist_ok=True)
         truncate_metrics(metrics_file, start_step)
-
-    def evaluate(step: int) -> float:
-        if metric == "val_loss":
-            value = evaluate_loss(model, make_loader("val"), eval_steps)
-        else:
-            value = evaluate_bpb(model, make_loader("val"), eval_steps, token_bytes)
-        history.append({"step": step, metric: value})
-        append_metrics(metrics_file, {"step": step, metric: value}, is_main)
-        log.info(f"step {step:05d} | validation {metric[4:]} {value:.4f}")
-        return value
-
-    def save(step: int) -> Path:
-        # MLX's generator state cannot be restored, so every checkpoint reseeds it from
-        # (seed, step): the uninterrupted and the resumed run then draw the same numbers.
-        rng_seed = cfg.seed * 1_000_003 + step
-        mx.random.seed(rng_seed)
-        state = {
-            "loader": train_batches.state_dict(),
-            "rng_seed": rng_seed,
-            "config": cfg.to_dict(),
-            "model_config": p.model.to_dict(),
-            "num_iterations": p.num_iterations,
-            "identity": identity,
-            "history": history,
-            metric: history[-1][metric] if history else None,
-        }
-        if not is_main:
-            return stage_dir / ckpt_lib.step_dir_name(step)
-        return ckpt_lib.save_checkpoint(
-            stage_dir, step, model.parameters(), optimizer.state, state, keep=cfg.keep_checkpoints
-        )
 
     from tqdm.auto import tqdm
 
@@ -477,7 +519,7 @@ def train_loop(
     step, interrupted, last_ckpt = start_step, False, None
     t_train = 0.0
     if start_step == 0 and resume is None and cfg.eval_every > 0:
-        evaluate(0)
+        evaluate(ctx, make_loader, 0)
 
     def must_settle(after: int) -> bool:
         """Whether the loop needs the state right after step `after` (to evaluate, checkpoint or
@@ -522,17 +564,16 @@ def train_loop(
             bar.set_postfix(loss=f"{debiased:.4f}", tok_s=f"{tok_s:,.0f}", **({"mfu": f"{mfu:.1f}%"} if mfu else {}))
             if on_progress is not None and is_main:
                 eta = (p.num_iterations - step) * (t_train / (step - start_step))
-                on_progress({**row, "num_iterations": p.num_iterations, "eta_s": eta,
-                             metric: history[-1][metric] if history else None})
+                on_progress({**row, "num_iterations": p.num_iterations, "eta_s": eta, metric: ctx.last_metric()})
             if p.world_size == 1:
                 stopping = stop.requested and queued is None  # a queued step finishes first
             else:  # Ctrl-C reaches the ranks at different moments: they stop at the first step any saw it
                 stopping = sum_over_ranks([stop.requested])[0] > 0
             last_step = step == p.num_iterations
             if cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0):
-                evaluate(step)
+                evaluate(ctx, make_loader, step)
             if last_step or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or stopping:
-                last_ckpt = save(step)
+                last_ckpt = save(ctx, step, train_batches.state_dict())
             if stopping:
                 interrupted = True
                 break
@@ -548,8 +589,8 @@ def train_loop(
         "flops_per_token": p.flops_per_token,
         "tokens": tokens_seen,
         "train_time_s": t_train,
-        metric: history[-1][metric] if history else None,
-        f"min_{metric}": min((h[metric] for h in history), default=None),
+        metric: ctx.last_metric(),
+        f"min_{metric}": min((h[metric] for h in ctx.history), default=None),
     }
     if interrupted:
         log.warning(f"stopped at step {step}; rerun the same command to resume from {last_ckpt}")

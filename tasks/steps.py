@@ -19,6 +19,7 @@ from prefect.states import Cancelled
 from mlxchat import pipeline
 from mlxchat.launch import Ranks, run_mlxchat
 from mlxchat.rundir import LOOP_STAGES
+from mlxchat.train import stage_validation
 from tasks.artifacts import LiveTraining, metric_rows, publish_location, rounded
 from tasks.artifacts import artifact_key as _artifact_key
 from tasks.caching import stage_cache_key
@@ -73,7 +74,7 @@ def _train(run: str, stage: str, config: dict, inputs: dict, root: str, fresh: b
            ranks: dict | None = None) -> dict:
     """Train one stage; `inputs` (fingerprints of the tokenizer, data and starting checkpoint)
     is only there for the cache key."""
-    live = LiveTraining(run, stage, "val_loss" if stage == "sft" else "val_bpb", get_run_logger())
+    live = LiveTraining(run, stage, stage_validation(stage).metric, get_run_logger())
     args = ["train", stage, "--run", run, "--config", json.dumps(config), *(["--fresh"] if fresh else [])]
     result = _in_ranks(ranks, root, args, lambda: pipeline.train(run, stage, config, root=root, fresh=fresh,
                                                                 on_progress=live), on_progress=live)
