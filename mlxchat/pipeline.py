@@ -30,8 +30,9 @@ def code_version() -> str:
 
 
 def timed(name: str):
-    """Record a run stage's wall time in `runs/<run>/timings.json`, under `name` formatted with
-    the call's arguments (e.g. "{stage}-eval").
+    """Record a call's wall time in `runs/<run>/timings.json`, under `name` formatted with the
+    call's arguments: a step of `STEPS` ("{stage}-train") or one part of a step ("chat-eval/{stage}",
+    a step run once per model stage), which `timings_by_step` sums back into the step.
 
     The report shows it, and bench/pipeline_overhead.py subtracts the stages' own time from a
     flow's wall time, which measures orchestration overhead inside one process instead of
@@ -160,7 +161,7 @@ def eval_bpb(run: str, stage: str = "base", eval_tokens: int | None = None, root
     return _record_by_stage(rdir.eval_file("bpb"), stage, result, "bpb results")
 
 
-@timed("{stage}-core")
+@timed("{stage}-eval/core")
 def eval_core(run: str, stage: str = "base", max_per_task: int = -1, root=None) -> dict:
     """CORE (or CORE-pack, named by what the bundle holds) of a stage's latest checkpoint."""
     from mlxchat.evaluation import eval_batching
@@ -208,7 +209,7 @@ def train_rl(run: str, config: dict, root=None, fresh: bool = False, on_progress
     return {**result.to_dict(), "fingerprint": fingerprint_files([result.checkpoint / "model.safetensors"])}
 
 
-@timed("{stage}-chat-eval")
+@timed("chat-eval/{stage}")
 def eval_chat(run: str, stage: str = "sft", max_per_task: int = -1, max_new_tokens: int = 512, batch_size: int | None = None,
               root=None) -> dict:
     """ChatCORE of a chat stage's latest checkpoint, into `eval/chat_<stage>.json`."""
@@ -227,7 +228,7 @@ def eval_chat(run: str, stage: str = "sft", max_per_task: int = -1, max_new_toke
     return {**record, "path": str(path), "fingerprint": fingerprint_files([path])}
 
 
-@timed("sample-{stage}")
+@timed("sample/{stage}")
 def sample(run: str, stage: str = "base", prompts: list[str] | None = None, max_tokens: int = 16,
            temperature: float = 0.0, top_k: int | None = None, root=None) -> dict:
     """nanochat's sample prompts through a stage's latest checkpoint (completions for base,
@@ -251,7 +252,7 @@ def sample(run: str, stage: str = "base", prompts: list[str] | None = None, max_
     return {"path": str(path), "step": ck.step, "samples": samples, "fingerprint": fingerprint_files([path])}
 
 
-@timed("publish-{stage}")
+@timed("publish/{stage}")
 def publish(run: str, stage: str = "base", out: str | None = None, root=None) -> dict:
     """An mlx-lm loadable folder (`published/<run>-<stage>/` by default) from a stage's checkpoint."""
     from mlxchat import interop
@@ -298,6 +299,18 @@ class Step:
     trains: str | None = None
     shared: bool = False
     optional: bool = False  # run only when asked (rl-train: --rl)
+
+
+def timings_by_step(timings: dict[str, float]) -> dict[str, float]:
+    """`timings.json` summed per pipeline step in the table's order (a step's key and its parts,
+    "step/part"); keys of no step (a command run alone, e.g. `mlxchat eval bpb --stage mid`
+    records "mid-eval") follow as they are."""
+    left, out = dict(timings), {}
+    for step in STEPS:
+        mine = [k for k in left if k == step.name or k.startswith(step.name + "/")]
+        if mine:
+            out[step.name] = sum(left.pop(k) for k in mine)
+    return {**out, **left}
 
 
 STEPS = (

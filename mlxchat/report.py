@@ -129,11 +129,13 @@ def build_report(run: str, root=None) -> Path:
 
     rdir = run_dir(run, root)
     meta = _read(rdir.run_json) or {}
-    timings = _read(rdir.timings) or {}
+    from mlxchat.pipeline import timings_by_step
+
+    timings = timings_by_step(_read(rdir.timings) or {})
     machine = meta.get("hardware") or hardware()
     parts = [f"# mlxchat report: {run}\n",
              f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · total wall time {duration(sum(timings.values()))} "
-             f"(the stages' own, {len(timings)} stages) · {machine.get('chip')}, {machine.get('memory')} memory, "
+             f"(the steps' own, {len(timings)} steps) · {machine.get('chip')}, {machine.get('memory')} memory, "
              f"MLX on {machine.get('MLX device')}" + (f" ({machine['GPU memory']})" if machine.get("GPU memory") else "") + "\n"]
     rows = summary_rows(rdir)
     if any(v != "-" for r in rows for k, v in r.items() if k != "metric"):

@@ -91,6 +91,10 @@ def test_flow_runs_every_stage_then_reruns_from_cache(home):
     assert (home / "published" / "tiny-sft" / "model.safetensors").exists()
     assert (home / "published" / "tiny-sft" / "config.json").read_text().count('"nanochat"') == 1
     assert_trained_from_their_parents(home)
+    from mlxchat.pipeline import timings_by_step
+
+    timed_steps = list(timings_by_step(json.loads((run / "timings.json").read_text())))
+    assert timed_steps == [s for s in STEPS if s in timed_steps] and len(timed_steps) >= 9  # every key is a step's
 
     report = (run / "report.md").read_text()
     assert "| CORE-pack (14/22) | " in report and "| ChatCORE | - | " in report

@@ -45,14 +45,20 @@ def test_report_card_says_when_where_how_long_and_the_validation_bpb(tmp_path):
     run = Home(tmp_path).run("r")
     _write(run.run_json, {"run": "r", "hardware": {"chip": "Apple M3 Pro", "memory": "36.0 GiB", "MLX device": "gpu",
                                                         "GPU memory": "27.0 GiB"}})
-    _write(run.timings, {"tokenizer-train": 3.14159, "base-train": 187.6, "report": 0.5})
+    _write(run.timings, {"report": 0.5, "chat-eval/sft": 2.0, "mid-eval": 1.0, "tokenizer-train": 3.14159, "base-train": 187.6,
+                         "chat-eval/mid": 3.0})
     _write(run.eval_file("bpb"), {"base": {"step": 120, "val_bpb": 1.234567, "train_bpb": 1.2, "eval_tokens": 16384}})
     report = build_report("r", root=tmp_path).read_text()
     header = next(line for line in report.splitlines() if line.startswith("Generated"))
-    assert re.match(r"Generated \d{4}-\d\d-\d\d \d\d:\d\d UTC · total wall time 3m11s ", header), header
+    assert re.match(r"Generated \d{4}-\d\d-\d\d \d\d:\d\d UTC · total wall time 3m17s \(the steps' own, 5 steps\)",
+                    header), header
     assert "Apple M3 Pro, 36.0 GiB memory, MLX on gpu (27.0 GiB)" in header
     assert "| val bpb | 1.2346 | - | - |" in report
     assert "| tokenizer-train | 3.1 s |" in report and "| base-train | 3m08s |" in report
+    steps = [line.split("|")[1].strip() for line in report.split("Wall time per step", 1)[1].splitlines()
+             if line.startswith("| ") and "---" not in line][1:]  # the table's rows, header dropped
+    assert steps == ["tokenizer-train", "base-train", "chat-eval", "report", "mid-eval", "total"]  # the table's order
+    assert "| chat-eval | 5.0 s |" in report  # its parts (one per model stage) summed
     assert "| eval_tokens | 16,384 |" in report
 
 
