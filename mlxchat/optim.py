@@ -16,7 +16,7 @@ nanochat's `muon.py` / `gpt.setup_optimizers`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import mlx.core as mx
@@ -37,6 +37,18 @@ class OptimConfig:
     final_lr_frac: float = 0.0
     momentum_warmup_steps: int = 300  # Muon momentum 0.85 -> 0.95; 0 = constant 0.95 (SFT)
     init_lr_frac: float = 1.0  # every LR scaled by this (SFT fine-tunes at 2% of the base LRs)
+
+
+class WithOptim:
+    """`to_dict` / `from_dict` for a dataclass of training settings holding an `optim: OptimConfig`:
+    checkpoints and run.json keep them as plain dicts, and the nested config comes back typed."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**{**d, "optim": OptimConfig(**d.get("optim", {}))})
 
 
 def param_group(name: str) -> str:

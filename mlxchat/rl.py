@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +33,7 @@ from mlx.utils import tree_map
 from mlxchat import checkpoint as ckpt_lib
 from mlxchat.common import MlxchatError, default_dtype, get_logger
 from mlxchat.gpt import GPT, GPTConfig
-from mlxchat.optim import OptimConfig, build_optimizer
+from mlxchat.optim import OptimConfig, WithOptim, build_optimizer
 from mlxchat.rundir import METRICS_FILE, run_dir
 
 log = get_logger()
@@ -47,7 +47,7 @@ def _rl_optim() -> OptimConfig:
 
 
 @dataclass(frozen=True)
-class RLConfig:
+class RLConfig(WithOptim):
     stage: str = RL_STAGE
     init_from: str = "sft"  # the stage whose latest checkpoint RL starts from
     source: str = "smoke"  # smoke: generated arithmetic problems; hub: GSM8K train
@@ -68,12 +68,6 @@ class RLConfig:
     dtype: str = ""  # "" = bfloat16 on GPU, float32 on CPU
     optim: OptimConfig = field(default_factory=_rl_optim)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RLConfig":
-        return cls(**{**d, "optim": OptimConfig(**d.get("optim", {}))})
 
     def validated(self) -> "RLConfig":
         for name in ("examples_per_step", "num_samples", "device_batch_size", "max_new_tokens", "num_epochs", "train_size"):

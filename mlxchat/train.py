@@ -34,7 +34,7 @@ from mlxchat.dataloader import DataLoader
 from mlxchat.distributed import RankShare, agree, sum_over_ranks, world
 from mlxchat.evaluation.bpb import evaluate_bpb, evaluate_loss
 from mlxchat.gpt import GPT, GPTConfig
-from mlxchat.optim import OptimConfig, build_optimizer, clip_gradients
+from mlxchat.optim import OptimConfig, WithOptim, build_optimizer, clip_gradients
 from mlxchat.prefetch import Prefetched
 from mlxchat.rundir import METRICS_FILE, RunDir, run_dir
 
@@ -49,7 +49,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(WithOptim):
     stage: str = "base"
     depth: int = 20
     seq_len: int = 2048
@@ -71,12 +71,6 @@ class TrainConfig:
     checkpoint_blocks: bool = False  # recompute block activations in the backward (less memory, slower)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        return cls(**{**d, "optim": OptimConfig(**d.get("optim", {}))})
 
 
 @dataclass(frozen=True)
