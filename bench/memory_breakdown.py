@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args()
 
-    from mlxchat.gpt import GPT, LOSS_ENV, GPTConfig, chunked_cross_entropy, loss_kernel
+    from mlxchat.gpt import GPT, LOSS_ENV, GPTConfig, chunked_cross_entropy, chunked_loss_sum, loss_kernel
 
     forced_kernel = os.environ.get(LOSS_ENV)
     from mlxchat.optim import OptimConfig, build_optimizer
@@ -108,10 +108,14 @@ def main() -> None:
         trunk_vg = nn.value_and_grad(model, lambda m, a: (m.hidden(a) * r).astype(mx.float32).sum())
         measure(f"trunk fwd+bwd ({args.depth} layers)", lambda: trunk_vg(model, x))
     if "head" in parts:
-        head_vg = nn.value_and_grad(model, lambda m, hh: chunked_cross_entropy(m, hh, y).mean())
+        heads = {  # the training loss (gradient formed in the forward) and RL's per-token losses
+            "training": nn.value_and_grad(model, lambda m, hh: chunked_loss_sum(m, hh, y) / y.size),
+            "per-token": nn.value_and_grad(model, lambda m, hh: chunked_cross_entropy(m, hh, y).mean()),
+        }
         for kernel in ("portable", "fused"):  # MLXCHAT_LOSS is read at every call
             os.environ[LOSS_ENV] = kernel
-            measure(f"head+loss fwd+bwd ({kernel}, chunked)", lambda: head_vg(model, h_fixed))
+            for use, head_vg in heads.items():
+                measure(f"head+loss fwd+bwd ({kernel}, {use})", lambda head_vg=head_vg: head_vg(model, h_fixed))
         os.environ.pop(LOSS_ENV)
         if forced_kernel:
             os.environ[LOSS_ENV] = forced_kernel

@@ -76,6 +76,29 @@ def norm(x: mx.array) -> mx.array:
     return mx.fast.rms_norm(x, None, NORM_EPS)
 
 
+def block_norm(cache: Any):
+    """The norm a block applies: without a KV cache (training, evaluation) the one whose backward
+    keeps its output (`_rms_norm`); decoding skips its extra row-scale pass."""
+    return norm if cache is not None else lambda x: _rms_norm(x)[0]
+
+
+@mx.custom_function
+def _rms_norm(x: mx.array) -> tuple[mx.array, mx.array]:
+    """(RMSNorm of x, its per-row scale 1/rms): a backward that keeps the output, not the input.
+
+    Every norm's output is kept anyway (by the matmuls or the attention that read it), so taking
+    the gradient from it, dx = r·(dy − y·mean(dy·y)), keeps one row scale more instead of the
+    input: the residual stream twice per block, and q and k before their norm."""
+    r = mx.rsqrt(mx.mean(mx.square(x.astype(mx.float32)), axis=-1, keepdims=True) + NORM_EPS)
+    return mx.fast.rms_norm(x, None, NORM_EPS), r
+
+
+@_rms_norm.vjp
+def _rms_norm_vjp(primals, cotangents, outputs):
+    dy, y, r = cotangents[0].astype(mx.float32), outputs[0].astype(mx.float32), outputs[1]
+    return (r * (dy - y * mx.mean(dy * y, axis=-1, keepdims=True))).astype(primals[0].dtype)
+
+
 class CastLinear(nn.Linear):
     """A bias-free Linear that computes in its input's dtype.
 
@@ -109,7 +132,8 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim).transpose(0, 2, 1, 3)
         offset = 0 if cache is None else cache.offset
         rope = dict(dims=self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
-        q, k = norm(mx.fast.rope(q, **rope)), norm(mx.fast.rope(k, **rope))  # rotary, then QK norm
+        qk_norm = block_norm(cache)
+        q, k = qk_norm(mx.fast.rope(q, **rope)), qk_norm(mx.fast.rope(k, **rope))  # rotary, then QK norm
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # "causal" is aligned bottom-right, so a prefill chunk also sees the cached prefix.
@@ -156,8 +180,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
-        x = x + self.attn(norm(x), cache)
-        return x + self.mlp(norm(x))
+        n = block_norm(cache)
+        x = x + self.attn(n(x), cache)
+        return x + self.mlp(n(x))
 
 
 class Transformer(nn.Module):
@@ -209,13 +234,14 @@ class GPT(nn.Module):
 
     def hidden(self, idx: mx.array, cache: list | None = None) -> mx.array:
         """The trunk: final normalised hidden states (B, T, C) in the compute dtype."""
-        x = norm(self.transformer.wte(idx).astype(self.compute_dtype))
+        n = block_norm(cache)
+        x = n(self.transformer.wte(idx).astype(self.compute_dtype))
         for i, block in enumerate(self.transformer.h):
             if cache is None and self.checkpoint_blocks:
                 x = nn.utils.checkpoint(block)(x)
             else:
                 x = block(x, None if cache is None else cache[i])
-        return norm(x)
+        return n(x)
 
     def logits(self, h: mx.array) -> mx.array:
         """lm_head + softcap, in fp32."""
@@ -225,15 +251,15 @@ class GPT(nn.Module):
         self, idx: mx.array, targets: mx.array | None = None, cache: list | None = None, reduction: str = "mean"
     ) -> mx.array:
         """Logits (B, T, V) without targets; with targets the loss (targets < 0 are ignored):
-        'mean' over valid tokens, or 'none' for per-token losses (B, T)."""
+        'mean' over valid tokens — the training loss, whose head gradient is formed in the same
+        pass (`chunked_loss_sum`) — or 'none' for per-token losses (B, T), which evaluations use."""
         h = self.hidden(idx, cache)
         if targets is None:
             return self.logits(h)
-        per_token = chunked_cross_entropy(self, h, targets)
         if reduction == "none":
-            return per_token
+            return chunked_cross_entropy(self, h, targets)
         valid = (targets >= 0).sum()
-        return per_token.sum() / mx.maximum(valid, 1)
+        return chunked_loss_sum(self, h, targets) / mx.maximum(valid, 1)
 
 
 def loss_kernel() -> str:
@@ -253,6 +279,11 @@ def loss_kernel() -> str:
     return "fused" if hasattr(mx.fast, "cross_entropy") and mx.default_device() == mx.gpu else "portable"
 
 
+def _chunk_rows(model: "GPT", rows: int, kernel: str) -> int:
+    budget = FUSED_LOSS_CHUNK_ELEMENTS if kernel == "fused" else LOSS_CHUNK_ELEMENTS
+    return max(1, min(rows, budget // model.config.vocab_size))
+
+
 def chunked_cross_entropy(model: "GPT", h: mx.array, targets: mx.array) -> mx.array:
     """Per-token losses (B, T), computing lm_head → softcap → cross-entropy a block of rows at a
     time so the full (B·T × vocab) fp32 logits never exist: at B32×2048×65536 they have more
@@ -265,8 +296,7 @@ def chunked_cross_entropy(model: "GPT", h: mx.array, targets: mx.array) -> mx.ar
     rows = B * T
     h2, t2 = h.reshape(rows, C), targets.reshape(rows)
     kernel = loss_kernel()
-    budget = FUSED_LOSS_CHUNK_ELEMENTS if kernel == "fused" else LOSS_CHUNK_ELEMENTS
-    chunk = max(1, min(rows, budget // model.config.vocab_size))
+    chunk = _chunk_rows(model, rows, kernel)
     head = model.lm_head
     if kernel == "portable" and chunk >= rows:
         return _token_losses(head, h2, t2).reshape(B, T)
@@ -277,22 +307,60 @@ def chunked_cross_entropy(model: "GPT", h: mx.array, targets: mx.array) -> mx.ar
     return _sequential_chunk_losses(chunk, kernel)(h2, t2, head.weight).reshape(B, T)
 
 
+def chunked_loss_sum(model: "GPT", h: mx.array, targets: mx.array) -> mx.array:
+    """The sum of the per-token losses (targets < 0 ignored), with the head's gradient formed
+    chunk by chunk in the same pass (`_loss_sum_with_gradient`): the training loss.
+
+    Against `chunked_cross_entropy` under autodiff this computes each chunk's logits once instead
+    of twice (3 head GEMMs, not 4) and frees them before the next chunk, so only one chunk's
+    logits exist at any time; the price is that a forward-only call pays for the gradient too,
+    which is why evaluations take reduction='none'."""
+    if not isinstance(model.lm_head, CastLinear):
+        return chunked_cross_entropy(model, h, targets).sum()
+    B, T, C = h.shape
+    kernel = loss_kernel()
+    fn = _loss_sum_with_gradient(_chunk_rows(model, B * T, kernel), kernel)
+    return fn(h.reshape(B * T, C), targets.reshape(B * T), model.lm_head.weight)[0]
+
+
+def _head_gradients(h: mx.array, weight: mx.array, chunk: int, dlogits) -> tuple[mx.array, mx.array]:
+    """(d h, d weight) of `h @ weight.T` a chunk of rows at a time, given `dlogits(z, start)`, the
+    gradient at one chunk's logits `z`.
+
+    Why `mx.depends`: MLX evaluates a graph breadth-first, so independent chunks would all run
+    side by side with every chunk's (chunk × vocab) temporaries alive at once — chunking would save
+    nothing (measured: d12 B8×2048 on an H100 peaked at 32 GiB, more than the unchunked port).
+    Each chunk's logits wait for the previous chunk's d h *and* the running d weight: the two
+    consumers of its logit gradient, which is freed only once both have run."""
+    w = weight.astype(h.dtype)
+    dh_parts, dw = [], None
+    for s in range(0, h.shape[0], chunk):
+        hh = h[s : s + chunk]
+        if dw is not None:
+            hh = mx.depends(hh, [dw, dh_parts[-1]])
+        dz = dlogits(hh @ w.T, s)
+        dh_parts.append(dz @ w)
+        dwi = (dz.T @ hh).astype(mx.float32)
+        dw = dwi if dw is None else dw + dwi
+    return mx.concatenate(dh_parts), dw.astype(weight.dtype)
+
+
+def _kernels(kernel: str):
+    """(chunk losses, chunk logit gradient) of the kernel `loss_kernel` picked."""
+    return (_fused_losses, _fused_dlogits) if kernel == "fused" else (_portable_losses, _portable_dlogits)
+
+
 @functools.lru_cache(maxsize=None)
 def _sequential_chunk_losses(chunk: int, kernel: str):
     """Per-row losses of `h @ weight.T` (softcapped) against targets, `chunk` rows at a time, with
-    a hand-written backward; `kernel` ('fused' or 'portable', see `loss_kernel`) picks how a
-    chunk's loss and logit gradient are computed.
+    a hand-written backward that recomputes each chunk's logits; `kernel` ('fused' or 'portable',
+    see `loss_kernel`) picks how a chunk's loss and logit gradient are computed.
 
-    Why not autodiff over checkpointed chunks: MLX evaluates a graph breadth-first, so the
-    independent chunks all run side by side and every chunk's (chunk × vocab) fp32 temporaries
-    are alive at once — chunking then saves nothing (measured: d12 B8×2048 on an H100 peaked at
-    32 GiB, more than the unchunked port). Here `mx.depends` chains each chunk after the previous
-    one, in the forward (on its losses) and in the backward (on the running weight gradient), so
-    only one chunk's temporaries exist at a time. The backward also reuses tanh for the softcap's
-    derivative and forms softmax − onehot directly, instead of differentiating through them.
-    """
-    chunk_losses = _fused_losses if kernel == "fused" else _portable_losses
-    chunk_dlogits = _fused_dlogits if kernel == "fused" else _portable_dlogits
+    The forward chains each chunk after the previous one's losses, the backward as
+    `_head_gradients`, so only one chunk's temporaries exist at a time. The backward reuses tanh
+    for the softcap's derivative and forms softmax − onehot directly, instead of differentiating
+    through them."""
+    chunk_losses, chunk_dlogits = _kernels(kernel)
 
     @mx.custom_function
     def losses(h, targets, weight):
@@ -308,19 +376,45 @@ def _sequential_chunk_losses(chunk: int, kernel: str):
     @losses.vjp
     def losses_vjp(primals, cotangent, output):
         h, targets, weight = primals
-        w = weight.astype(h.dtype)
-        dh_parts, dw = [], None
-        for s in range(0, h.shape[0], chunk):
-            hh, tt = h[s : s + chunk], targets[s : s + chunk]
-            if dw is not None:
-                hh = mx.depends(hh, dw)
-            dz = chunk_dlogits(hh @ w.T, tt, cotangent[s : s + chunk], output[s : s + chunk])
-            dh_parts.append(dz @ w)
-            dwi = (dz.T @ hh).astype(mx.float32)
-            dw = dwi if dw is None else dw + dwi
-        return mx.concatenate(dh_parts), mx.zeros_like(targets), dw.astype(weight.dtype)
+
+        def dlogits(z, s):
+            e = s + chunk
+            return chunk_dlogits(z, targets[s:e], cotangent[s:e], output[s:e])
+
+        dh, dw = _head_gradients(h, weight, chunk, dlogits)
+        return dh, mx.zeros_like(targets), dw
 
     return losses
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_sum_with_gradient(chunk: int, kernel: str):
+    """(sum of the per-row losses, d sum / d h, d sum / d weight) of `h @ weight.T` (softcapped)
+    against targets, `chunk` rows at a time, the gradient formed right after each chunk's losses
+    while its logits are at hand (as Liger-Kernel's fused linear cross-entropy); the vjp only
+    scales the two gradients by the incoming cotangent, a scalar."""
+    chunk_losses, chunk_dlogits = _kernels(kernel)
+
+    @mx.custom_function
+    def loss_sum(h, targets, weight):
+        sums = []
+
+        def dlogits(z, s):
+            tt = targets[s : s + chunk]
+            losses = chunk_losses(z, tt)
+            sums.append(losses.sum())
+            return chunk_dlogits(z, tt, mx.ones_like(losses), losses)
+
+        dh, dw = _head_gradients(h, weight, chunk, dlogits)
+        return functools.reduce(mx.add, sums), dh, dw
+
+    @loss_sum.vjp
+    def loss_sum_vjp(primals, cotangents, outputs):
+        h, targets, weight = primals
+        g = cotangents[0]
+        return (outputs[1].astype(mx.float32) * g).astype(h.dtype), mx.zeros_like(targets), (outputs[2] * g).astype(weight.dtype)
+
+    return loss_sum
 
 
 def _portable_losses(z: mx.array, targets: mx.array) -> mx.array:
