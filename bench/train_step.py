@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.compile nanochat's model, as scripts/base_train.py does (default on)")
     p.add_argument("--mlx-cache-limit", type=int, default=None,
                    help="mx.set_cache_limit(BYTES) before building any MLX variant (ours raises it on CPU itself)")
+    p.add_argument("--mlx-memory-limit-gib", type=float, default=None,
+                   help="mx.set_memory_limit: past it MLX's scheduler waits for queued GPU work to finish")
     p.add_argument("--loss-chunk-log2", type=int, default=0,
                    help="logits per loss chunk as a power of two (0: mlxchat.gpt's defaults)")
     p.add_argument("--peak-flops", type=float, default=0.0, help="override the MFU denominator (FLOP/s)")
@@ -158,6 +160,8 @@ def run_mlx(args, variant: str) -> dict:
     mx = mlx_setup(args)
     if args.mlx_cache_limit is not None:
         mx.set_cache_limit(args.mlx_cache_limit)
+    if args.mlx_memory_limit_gib is not None:
+        mx.set_memory_limit(int(args.mlx_memory_limit_gib * 2**30))
     import mlx.nn as nn
     import mlx.optimizers as optim
 
