@@ -583,6 +583,7 @@ def train_loop(
         "flops_per_token": p.flops_per_token,
         "tokens": tokens_seen,
         "train_time_s": t_train,
+        "peak_memory_gib": mx.get_peak_memory() / 2**30,  # this process's, as nanochat's "Peak memory usage"
         metric: ctx.last_metric(),
         f"min_{metric}": min((h[metric] for h in ctx.history), default=None),
     }

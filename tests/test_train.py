@@ -47,6 +47,7 @@ def test_training_on_smoke_corpus_lowers_validation_bpb(home):
     assert history[0]["step"] == 0 and history[-1]["step"] == 60
     assert last < 0.8 * first, (first, last)
     assert result.metrics["val_bpb"] == last
+    assert 0 < result.metrics["peak_memory_gib"] < 8  # the tiny model's, not a byte count
     assert (home / "runs" / run / "base" / "metrics.jsonl").read_text().count('"loss"') == 60
 
 
