@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"), help="'' = bfloat16 on GPU, float32 on CPU")
     p.add_argument("--steps", type=int, default=12, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed first steps")
-    p.add_argument("--stages", default="base", help="comma list of base, mid")
+    p.add_argument("--stages", default="base", help="comma list of base, mid, sft (in that order: each continues the last)")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
