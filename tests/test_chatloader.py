@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxchat.chatloader import PAD_MULTIPLE, PackedConversations, PaddedConversations, epoch_tokens
+from mlxchat.chatloader import PackedConversations, PaddedConversations, epoch_tokens, padded_width
 from mlxchat.common import MlxchatError
 from mlxchat.tokenizer import Tokenizer
 
@@ -49,10 +49,19 @@ def test_packed_loader_resumes_exactly_from_its_state(tok):
         assert mx.array_equal(xa, xb) and mx.array_equal(ya, yb)
 
 
-def test_padded_rows_train_only_assistant_tokens_and_pad_to_a_multiple(tok):
+def test_padded_widths_are_few_and_at_most_half_again_the_longest_row():
+    widths = {padded_width(n, 2048) for n in range(1, 2049)}
+    assert sorted(widths) == [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+    for n in range(1, 2049):
+        assert n <= padded_width(n, 2048) <= max(64, 1.5 * n)
+    assert padded_width(300, 256) == 256  # never past seq_len
+
+
+def test_padded_rows_train_only_assistant_tokens_and_pad_to_a_bucket_width(tok):
     loader = PaddedConversations(CONVERSATIONS, tok, batch_size=3, seq_len=256)
     x, y = next(loader)
-    assert x.shape[1] % PAD_MULTIPLE == 0 and x.shape == y.shape
+    longest = max(len(tok.render_conversation(c)[0]) for c in CONVERSATIONS[:3]) - 1
+    assert x.shape[1] == padded_width(longest, 256) and x.shape == y.shape
     pad = tok.encode_special("<|assistant_end|>")
     for row, conversation in enumerate(CONVERSATIONS[:3]):
         ids, mask = tok.render_conversation(conversation)
