@@ -79,8 +79,13 @@ def norm(x: mx.array) -> mx.array:
 
 def block_norm(cache: Any):
     """The norm a block applies: without a KV cache (training, evaluation) the one whose backward
-    keeps its output (`_rms_norm`); decoding skips its extra row-scale pass."""
-    return norm if cache is not None else lambda x: _rms_norm(x)[0]
+    keeps its output (`norm_keeping_output`); decoding skips its extra row-scale pass."""
+    return norm if cache is not None else norm_keeping_output
+
+
+def norm_keeping_output(x: mx.array) -> mx.array:
+    """`norm` whose backward keeps its output and row scale instead of its input (`_rms_norm`)."""
+    return _rms_norm(x)[0]
 
 
 @mx.custom_function

@@ -72,7 +72,6 @@ class TrainConfig(WithOptim):
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
-
 @dataclass(frozen=True)
 class Plan:
     """Everything derived from a TrainConfig, the tokenizer and the world size."""
