@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 from benchjson import write_json
+from kernel_profile import print_profile, profile_kernels
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN_VARIANTS = ("ours", "mlx-naive")
@@ -81,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="logits per loss chunk as a power of two (0: mlxchat.gpt's defaults)")
     p.add_argument("--peak-flops", type=float, default=0.0, help="override the MFU denominator (FLOP/s)")
     p.add_argument("--timeout", type=int, default=1200, help="seconds per variant")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after the timed steps, run this many more under torch's profiler (CUDA): GPU time by kernel")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -254,9 +257,11 @@ def run_mlx(args, variant: str) -> dict:
         t0 = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
+    peak = mx.get_peak_memory()
     return {
         **summarize(times, args.batch * args.seq_len),
-        "peak_memory_bytes": mx.get_peak_memory(),
+        **({"kernel_profile": profile_kernels(step, args.profile_steps)} if args.profile_steps else {}),
+        "peak_memory_bytes": peak,
         "memory_source": "mx.get_peak_memory",
         "max_rss_bytes": max_rss_bytes(),
         "losses": warm + losses,
@@ -372,6 +377,8 @@ def run_torch(args) -> dict:
         t0 = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if cuda else max_rss_bytes()
+    profiled = {"kernel_profile": profile_kernels(step, args.profile_steps)} if args.profile_steps else {}
     try:
         commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
@@ -380,7 +387,8 @@ def run_torch(args) -> dict:
         commit = (src / "COMMIT").read_text().strip()
     return {
         **summarize(times, args.batch * args.seq_len),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else max_rss_bytes(),
+        **profiled,
+        "peak_memory_bytes": peak,
         "memory_source": "torch.cuda.max_memory_allocated" if cuda else "max RSS of the process",
         "max_rss_bytes": max_rss_bytes(),
         "losses": warm + losses,
@@ -494,6 +502,9 @@ def main(argv=None) -> dict:
         print(f"{v:<15} {r['tok_per_s']:>10,.0f} {r['tok_per_s_median']:>10,.0f} {mfu:>7} {mem:>14} "
               f"{'' if ratio is None else f'{ratio:.2f}':>8}  {loss:<17} {r['framework']}")
     print(f"('ours ×' = ours tok/s ÷ that row's; MFU against {peak / 1e12:.3f} TFLOP/s: {peak_src})")
+    for v, r in results.items():
+        if "kernel_profile" in r:
+            print_profile(v, r["kernel_profile"])
 
     report = {
         "config": {k: getattr(args, k) for k in ("depth", "batch", "seq_len", "vocab", "steps", "warmup", "seed",

@@ -20,6 +20,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxchat import cuda_kernels
 from mlxchat.common import MlxchatError
 
 SOFTCAP = 15.0
@@ -33,6 +34,7 @@ LOSS_CHUNK_ELEMENTS = 1 << 28
 # at the same speed (bench/README.md).
 FUSED_LOSS_CHUNK_ELEMENTS = 1 << 28
 LOSS_ENV = "MLXCHAT_LOSS"
+LOSS_KERNELS = ("cuda", "fused", "portable")
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ def _rms_norm(x: mx.array) -> tuple[mx.array, mx.array]:
     scale kept instead of the input, i.e. the residual stream twice per block and q and k before
     their norm. (The closed form dx = r·(dy − y·mean(dy·y)) keeps the same but measured 5% slower
     on an H200: it is several unfused kernels.)"""
+    if _cuda_norm(x):  # one pass for both outputs (`cuda_kernels.rms_norm`)
+        return cuda_kernels.rms_norm(x, NORM_EPS)
     r = mx.rsqrt(mx.mean(mx.square(x.astype(mx.float32)), axis=-1, keepdims=True) + NORM_EPS)
     return mx.fast.rms_norm(x, None, NORM_EPS), r
 
@@ -104,8 +108,14 @@ def _rms_norm(x: mx.array) -> tuple[mx.array, mx.array]:
 @_rms_norm.vjp
 def _rms_norm_vjp(primals, cotangents, outputs):
     y, r = outputs
+    if _cuda_norm(y):
+        return cuda_kernels.rms_norm_vjp(y, r, cotangents[0])
     x = (y.astype(mx.float32) / r).astype(y.dtype)  # the input back, for the fused RMSNorm backward
     return mx.vjp(norm, [x], [cotangents[0]])[1][0]
+
+
+def _cuda_norm(x: mx.array) -> bool:
+    return cuda_kernels.available() and cuda_kernels.norm_fits(x)
 
 
 class CastLinear(nn.Linear):
@@ -136,19 +146,38 @@ class CausalSelfAttention(nn.Module):
 
     def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
         B, T, _ = x.shape
-        q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim).transpose(0, 2, 1, 3)
+        q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim).transpose(0, 2, 1, 3)
-        offset = 0 if cache is None else cache.offset
-        rope = dict(dims=self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
-        qk_norm = block_norm(cache)
-        q, k = qk_norm(mx.fast.rope(q, **rope)), qk_norm(mx.fast.rope(k, **rope))  # rotary, then QK norm
+        q, k = self._rope_norm(q, cache), self._rope_norm(k, cache)  # rotary, then QK norm
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # "causal" is aligned bottom-right, so a prefill chunk also sees the cached prefix.
         mask = "causal" if T > 1 else None
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
         return self.c_proj(y.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+    def _rope_norm(self, x: mx.array, cache: Any) -> mx.array:
+        """Rotary embedding then QK norm of a projection (B, T, heads, head_dim), returned as
+        (B, heads, T, head_dim): one CUDA kernel each way in training (`_cuda_rope_norm`)."""
+        if cache is None and cuda_kernels.available() and cuda_kernels.rope_norm_fits(x):
+            return _cuda_rope_norm(x, mx.reciprocal(self._freqs))[0]
+        offset = 0 if cache is None else cache.offset
+        rope = dict(dims=self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+        return block_norm(cache)(mx.fast.rope(x.transpose(0, 2, 1, 3), **rope))
+
+
+@mx.custom_function
+def _cuda_rope_norm(x: mx.array, inv_freq: mx.array) -> tuple[mx.array, mx.array]:
+    """`cuda_kernels.rope_norm`, whose backward keeps its output and row scale, as `_rms_norm`."""
+    return cuda_kernels.rope_norm(x, inv_freq, NORM_EPS)
+
+
+@_cuda_rope_norm.vjp
+def _cuda_rope_norm_vjp(primals, cotangents, outputs):
+    y, r = outputs
+    inv_freq = primals[1]
+    return cuda_kernels.rope_norm_vjp(y, r, cotangents[0], inv_freq), mx.zeros_like(inv_freq)
 
 
 class MLP(nn.Module):
@@ -276,22 +305,29 @@ class GPT(nn.Module):
 def loss_kernel() -> str:
     """Which per-chunk loss the training forward/backward uses, chosen at run time.
 
+    'cuda': on MLX's CUDA backend, `cuda_kernels.softcap_cross_entropy`: a chunk's losses and
+    logit gradient in one kernel, two reads of the bf16 logits and one write (the training loss;
+    per-token losses under autodiff take it for their gradient only).
     'fused': `mx.fast.cross_entropy` (one kernel, fp32 accumulation, on Metal and CUDA) on the
     softcapped logits, and a backward that is one elementwise pass over the logits (the
     log-sum-exp comes from the forward's loss, so no softmax reduction is recomputed).
     'portable': MLX ops only (logsumexp; softmax in the backward), which is what the CPU runs:
     there `mx.fast.cross_entropy` falls back to the same unfused ops.
-    `MLXCHAT_LOSS=fused|portable` overrides the choice (benchmarks, tests)."""
+    `MLXCHAT_LOSS=cuda|fused|portable` overrides the choice (benchmarks, tests)."""
     forced = os.environ.get(LOSS_ENV, "")
     if forced:
-        if forced not in ("fused", "portable"):
-            raise MlxchatError(f"{LOSS_ENV}={forced!r}: expected fused or portable (or unset)")
+        if forced not in LOSS_KERNELS:
+            raise MlxchatError(f"{LOSS_ENV}={forced!r}: expected one of {', '.join(LOSS_KERNELS)} (or unset)")
+        if forced == "cuda" and not cuda_kernels.available():
+            raise MlxchatError(f"{LOSS_ENV}=cuda needs MLX's CUDA backend on the default GPU: unset it or pick fused")
         return forced
+    if cuda_kernels.available():
+        return "cuda"
     return "fused" if hasattr(mx.fast, "cross_entropy") and mx.default_device() == mx.gpu else "portable"
 
 
 def _chunk_rows(model: "GPT", rows: int, kernel: str) -> int:
-    budget = FUSED_LOSS_CHUNK_ELEMENTS if kernel == "fused" else LOSS_CHUNK_ELEMENTS
+    budget = LOSS_CHUNK_ELEMENTS if kernel == "portable" else FUSED_LOSS_CHUNK_ELEMENTS
     return max(1, min(rows, budget // model.config.vocab_size))
 
 
@@ -358,6 +394,8 @@ def _head_gradients(h: mx.array, weight: mx.array, chunk: int, dlogits) -> tuple
 
 def _kernels(kernel: str):
     """(chunk losses, chunk logit gradient) of the kernel `loss_kernel` picked."""
+    if kernel == "cuda":
+        return _fused_losses, _cuda_dlogits
     return (_fused_losses, _fused_dlogits) if kernel == "fused" else (_portable_losses, _portable_dlogits)
 
 
@@ -412,6 +450,10 @@ def _loss_sum_with_gradient(chunk: int, kernel: str):
 
         def dlogits(z, s):
             tt = targets[s : s + chunk]
+            if kernel == "cuda" and cuda_kernels.loss_fits(z):
+                losses, dz = cuda_kernels.softcap_cross_entropy(z, tt, mx.ones(tt.shape, mx.float32), SOFTCAP)
+                sums.append(losses.sum())
+                return dz
             losses = chunk_losses(z, tt)
             sums.append(losses.sum())
             return chunk_dlogits(z, tt, mx.ones_like(losses), losses)
@@ -464,6 +506,13 @@ def _fused_dlogits(z: mx.array, targets: mx.array, cotangent: mx.array, losses: 
     onehot = mx.arange(z.shape[-1])[None, :] == safe[:, None]
     g = mx.where(valid, cotangent, 0.0).astype(mx.float32)
     return ((p - onehot) * g[:, None] * (1 - t * t)).astype(z.dtype)
+
+
+def _cuda_dlogits(z: mx.array, targets: mx.array, cotangent: mx.array, losses: mx.array) -> mx.array:
+    """`_fused_dlogits` as one CUDA kernel (`cuda_kernels.softcap_cross_entropy`), where z fits it."""
+    if not cuda_kernels.loss_fits(z):
+        return _fused_dlogits(z, targets, cotangent, losses)
+    return cuda_kernels.softcap_cross_entropy(z, targets, cotangent, SOFTCAP)[1]
 
 
 def _softcap(logits: mx.array) -> mx.array:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlxchat import gpt
+from mlxchat import cuda_kernels, gpt
 from mlxchat.common import MlxchatError
 from mlxchat.gpt import GPT, GPTConfig
 
@@ -121,7 +121,9 @@ def test_chunked_loss_and_gradients_equal_unchunked(monkeypatch):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("kernel", ["fused", "portable"])
+@pytest.mark.parametrize("kernel", [
+    pytest.param("cuda", marks=pytest.mark.skipif(not cuda_kernels.available(), reason="needs MLX's CUDA backend")),
+    "fused", "portable"])
 @pytest.mark.parametrize("rows_per_chunk", [32, 5])  # one chunk; chunks of 5 rows, uneven split of 32
 @pytest.mark.parametrize("objective", ["mean", "weighted"])
 def test_chunked_losses_and_gradients_equal_the_reference(monkeypatch, kernel, rows_per_chunk, objective):
@@ -161,7 +163,7 @@ def test_chunked_losses_and_gradients_equal_the_reference(monkeypatch, kernel, r
 
 def test_unknown_loss_kernel_is_named(monkeypatch):
     monkeypatch.setenv(gpt.LOSS_ENV, "fast")
-    with pytest.raises(MlxchatError, match="MLXCHAT_LOSS='fast': expected fused or portable"):
+    with pytest.raises(MlxchatError, match="MLXCHAT_LOSS='fast': expected one of cuda, fused, portable"):
         _random_model()(mx.zeros((1, 4), mx.int32), mx.zeros((1, 4), mx.int32))
 
 

@@ -1,0 +1,324 @@
+"""Fused CUDA kernels for the training step's elementwise work, through `mx.fast.cuda_kernel`.
+
+Why: on an H200 the d12 step's GEMMs and attention take as long as torch's, but the passes
+between them did not (bench/README.md, kernel profile): the softcap and cross-entropy over 2^32
+logits took ~38 ms a step in five MLX kernels, and each norm read its input twice (MLX's RMSNorm,
+then the row scale its backward keeps). Each kernel here is one pass over its rows, in registers.
+
+Every kernel has a portable equivalent in `mlxchat.gpt`, which Metal and the CPU run; `available()`
+says whether these can be used (the CUDA backend, on the default GPU device, unless
+MLXCHAT_CUDA_KERNELS=0). `tests/test_cuda_kernels.py` checks them against the portable path where
+a CUDA GPU is present: CI has none, so its run on the H200 is recorded in bench/README.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import mlx.core as mx
+
+ENV = "MLXCHAT_CUDA_KERNELS"  # "0" turns them off: the portable kernels run instead
+
+WARP = 32
+LOSS_THREADS = 512  # one block per row of logits
+NORM_ROWS_PER_BLOCK = 8  # one warp per row
+
+_HEADER = """
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack { T v[N]; };
+
+__device__ __forceinline__ float warp_sum(float x) {
+  #pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
+  return x;
+}
+"""
+
+# Rows of logits z (R × V) against targets: per row the loss lse(c) − c[target] of the softcapped
+# logits c = CAP·tanh(z/CAP), and d loss/d z = (softmax(c) − onehot)·(1 − tanh²)·g[row]. The
+# softcap bounds c to ±CAP, so exp(c) cannot overflow and the sum needs no running maximum.
+# Rows whose target is negative (ignored) get loss 0 and a zero gradient.
+_LOSS_SOURCE = """
+  constexpr int N = 16 / sizeof(T);
+  const int row = blockIdx.x;
+  const int tid = threadIdx.x;
+  const T* zr = z + (size_t)row * V;
+  T* dr = dz + (size_t)row * V;
+  const int target = targets[row];
+  __shared__ float partial[BLOCK / 32];
+  __shared__ float row_lse;
+  if (target < 0) {
+    Pack<T, N> zero;
+    #pragma unroll
+    for (int j = 0; j < N; ++j) zero.v[j] = static_cast<T>(0.0f);
+    for (int i = tid * N; i < V; i += BLOCK * N) *reinterpret_cast<Pack<T, N>*>(dr + i) = zero;
+    if (tid == 0) losses[row] = 0.0f;
+    return;
+  }
+  float s = 0.0f;
+  for (int i = tid * N; i < V; i += BLOCK * N) {
+    Pack<T, N> x = *reinterpret_cast<const Pack<T, N>*>(zr + i);
+    #pragma unroll
+    for (int j = 0; j < N; ++j) s += __expf(CAP * tanhf(static_cast<float>(x.v[j]) / CAP));
+  }
+  s = warp_sum(s);
+  if (tid % 32 == 0) partial[tid / 32] = s;
+  __syncthreads();
+  if (tid < 32) {
+    float t = tid < BLOCK / 32 ? partial[tid] : 0.0f;
+    t = warp_sum(t);
+    if (tid == 0) {
+      const float lse = logf(t);
+      row_lse = lse;
+      losses[row] = lse - CAP * tanhf(static_cast<float>(zr[target]) / CAP);
+    }
+  }
+  __syncthreads();
+  const float lse = row_lse;
+  const float g = weights[row];
+  for (int i = tid * N; i < V; i += BLOCK * N) {
+    Pack<T, N> x = *reinterpret_cast<const Pack<T, N>*>(zr + i);
+    Pack<T, N> out;
+    #pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const float t = tanhf(static_cast<float>(x.v[j]) / CAP);
+      const float p = __expf(CAP * t - lse) - (i + j == target ? 1.0f : 0.0f);
+      out.v[j] = static_cast<T>(p * g * (1.0f - t * t));
+    }
+    *reinterpret_cast<Pack<T, N>*>(dr + i) = out;
+  }
+"""
+
+# RMSNorm of rows x (R × D), one warp per row held in registers: y = x·r and the row scale
+# r = 1/sqrt(mean(x²) + EPS) that the backward keeps instead of x.
+_NORM_SOURCE = """
+  constexpr int N = 4;
+  constexpr int PER_LANE = D / (32 * N);
+  int rows = 1;
+  for (int a = 0; a < x_ndim - 1; ++a) rows *= x_shape[a];
+  const int row = blockIdx.x * (BLOCK / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const T* xr = x + (size_t)row * D;
+  T* yr = y + (size_t)row * D;
+  Pack<T, N> v[PER_LANE];
+  float ss = 0.0f;
+  #pragma unroll
+  for (int k = 0; k < PER_LANE; ++k) {
+    v[k] = *reinterpret_cast<const Pack<T, N>*>(xr + (k * 32 + lane) * N);
+    #pragma unroll
+    for (int j = 0; j < N; ++j) { const float f = static_cast<float>(v[k].v[j]); ss += f * f; }
+  }
+  const float rs = rsqrtf(warp_sum(ss) / D + EPS);
+  #pragma unroll
+  for (int k = 0; k < PER_LANE; ++k) {
+    Pack<T, N> o;
+    #pragma unroll
+    for (int j = 0; j < N; ++j) o.v[j] = static_cast<T>(static_cast<float>(v[k].v[j]) * rs);
+    *reinterpret_cast<Pack<T, N>*>(yr + (k * 32 + lane) * N) = o;
+  }
+  if (lane == 0) r[row] = rs;
+"""
+
+# The RMSNorm backward from its output: dx = r·(dy − y·mean(dy·y)), one warp per row.
+_NORM_VJP_SOURCE = """
+  constexpr int N = 4;
+  constexpr int PER_LANE = D / (32 * N);
+  int rows = 1;
+  for (int a = 0; a < y_ndim - 1; ++a) rows *= y_shape[a];
+  const int row = blockIdx.x * (BLOCK / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const size_t base = (size_t)row * D;
+  Pack<T, N> yv[PER_LANE], gv[PER_LANE];
+  float dot = 0.0f;
+  #pragma unroll
+  for (int k = 0; k < PER_LANE; ++k) {
+    const size_t at = base + (k * 32 + lane) * N;
+    yv[k] = *reinterpret_cast<const Pack<T, N>*>(y + at);
+    gv[k] = *reinterpret_cast<const Pack<T, N>*>(dy + at);
+    #pragma unroll
+    for (int j = 0; j < N; ++j) dot += static_cast<float>(yv[k].v[j]) * static_cast<float>(gv[k].v[j]);
+  }
+  const float mean = warp_sum(dot) / D;
+  const float rs = r[row];
+  #pragma unroll
+  for (int k = 0; k < PER_LANE; ++k) {
+    Pack<T, N> o;
+    #pragma unroll
+    for (int j = 0; j < N; ++j)
+      o.v[j] = static_cast<T>(rs * (static_cast<float>(gv[k].v[j]) - static_cast<float>(yv[k].v[j]) * mean));
+    *reinterpret_cast<Pack<T, N>*>(dx + base + (k * 32 + lane) * N) = o;
+  }
+"""
+
+# Rotary embedding then RMSNorm of q or k straight from its projection: rows x (B × T × H × D) in,
+# y (B × H × T × D), the layout attention reads, and the row scale r out, so neither the rotated
+# copy nor the transposed copy is written. As mx.fast.rope (non-traditional) at positions 0…T−1:
+# θ = t·inv_freq[i], (x1, x2) of a pair (i, i + D/2) → (x1·cos θ − x2·sin θ, x1·sin θ + x2·cos θ).
+# One warp per row; each lane holds P consecutive pairs.
+_ROPE_NORM_SOURCE = """
+  constexpr int P = D / 64;
+  const int B = x_shape[0], T = x_shape[1], H = x_shape[2];
+  const int row = blockIdx.x * (BLOCK / 32) + threadIdx.x / 32;  // (b, t, h), x's order
+  const int lane = threadIdx.x % 32;
+  if (row >= B * T * H) return;
+  const int h = row % H, t = (row / H) % T, b = row / (H * T);
+  const size_t out_row = ((size_t)b * H + h) * T + t;
+  const int i0 = lane * P;
+  const Pack<T_, P> a = *reinterpret_cast<const Pack<T_, P>*>(x + (size_t)row * D + i0);
+  const Pack<T_, P> c = *reinterpret_cast<const Pack<T_, P>*>(x + (size_t)row * D + D / 2 + i0);
+  float r1[P], r2[P];
+  float ss = 0.0f;
+  #pragma unroll
+  for (int j = 0; j < P; ++j) {
+    float sn, cs;
+    sincosf(static_cast<float>(t) * inv_freq[i0 + j], &sn, &cs);
+    const float x1 = static_cast<float>(a.v[j]), x2 = static_cast<float>(c.v[j]);
+    r1[j] = x1 * cs - x2 * sn;
+    r2[j] = x1 * sn + x2 * cs;
+    ss += r1[j] * r1[j] + r2[j] * r2[j];
+  }
+  const float rs = rsqrtf(warp_sum(ss) / D + EPS);
+  Pack<T_, P> o1, o2;
+  #pragma unroll
+  for (int j = 0; j < P; ++j) { o1.v[j] = static_cast<T_>(r1[j] * rs); o2.v[j] = static_cast<T_>(r2[j] * rs); }
+  *reinterpret_cast<Pack<T_, P>*>(y + out_row * D + i0) = o1;
+  *reinterpret_cast<Pack<T_, P>*>(y + out_row * D + D / 2 + i0) = o2;
+  if (lane == 0) r[out_row] = rs;
+"""
+
+# Its backward: the norm's, dn = r·(dy − y·mean(dy·y)), then the inverse rotation, written back in
+# the projection's layout (B × T × H × D).
+_ROPE_NORM_VJP_SOURCE = """
+  constexpr int P = D / 64;
+  const int B = y_shape[0], H = y_shape[1], T = y_shape[2];
+  const int row = blockIdx.x * (BLOCK / 32) + threadIdx.x / 32;  // (b, t, h), dx's order
+  const int lane = threadIdx.x % 32;
+  if (row >= B * T * H) return;
+  const int h = row % H, t = (row / H) % T, b = row / (H * T);
+  const size_t in_row = ((size_t)b * H + h) * T + t;
+  const int i0 = lane * P;
+  const Pack<T_, P> y1 = *reinterpret_cast<const Pack<T_, P>*>(y + in_row * D + i0);
+  const Pack<T_, P> y2 = *reinterpret_cast<const Pack<T_, P>*>(y + in_row * D + D / 2 + i0);
+  const Pack<T_, P> g1 = *reinterpret_cast<const Pack<T_, P>*>(dy + in_row * D + i0);
+  const Pack<T_, P> g2 = *reinterpret_cast<const Pack<T_, P>*>(dy + in_row * D + D / 2 + i0);
+  float dot = 0.0f;
+  #pragma unroll
+  for (int j = 0; j < P; ++j)
+    dot += static_cast<float>(y1.v[j]) * static_cast<float>(g1.v[j]) + static_cast<float>(y2.v[j]) * static_cast<float>(g2.v[j]);
+  const float mean = warp_sum(dot) / D;
+  const float rs = r[in_row];
+  Pack<T_, P> o1, o2;
+  #pragma unroll
+  for (int j = 0; j < P; ++j) {
+    float sn, cs;
+    sincosf(static_cast<float>(t) * inv_freq[i0 + j], &sn, &cs);
+    const float n1 = rs * (static_cast<float>(g1.v[j]) - static_cast<float>(y1.v[j]) * mean);
+    const float n2 = rs * (static_cast<float>(g2.v[j]) - static_cast<float>(y2.v[j]) * mean);
+    o1.v[j] = static_cast<T_>(n1 * cs + n2 * sn);
+    o2.v[j] = static_cast<T_>(n2 * cs - n1 * sn);
+  }
+  *reinterpret_cast<Pack<T_, P>*>(dx + (size_t)row * D + i0) = o1;
+  *reinterpret_cast<Pack<T_, P>*>(dx + (size_t)row * D + D / 2 + i0) = o2;
+"""
+
+FLOAT_TYPES = (mx.bfloat16, mx.float16, mx.float32)
+
+
+def available() -> bool:
+    """True where these kernels run: MLX's CUDA backend with the GPU as the default device."""
+    return os.environ.get(ENV, "1") != "0" and mx.cuda.is_available() and mx.default_device() == mx.gpu
+
+
+def loss_fits(z: mx.array) -> bool:
+    """Whether `softcap_cross_entropy` takes these logits: 16-byte rows of a float type."""
+    return z.ndim == 2 and z.dtype in FLOAT_TYPES and (z.shape[1] * z.dtype.size) % 16 == 0
+
+
+def norm_fits(x: mx.array) -> bool:
+    """Whether `rms_norm` takes these rows: a width that splits into 32 lanes × 4 (≤ 64 per lane)."""
+    d = x.shape[-1]
+    return x.dtype in FLOAT_TYPES and d % (WARP * 4) == 0 and d <= WARP * 4 * 16
+
+
+def rope_norm_fits(x: mx.array) -> bool:
+    """Whether `rope_norm` takes this projection (B × T × H × D): D a multiple of 64, ≤ 512."""
+    return x.ndim == 4 and x.dtype in FLOAT_TYPES and x.shape[-1] % 64 == 0 and x.shape[-1] <= 512
+
+
+@functools.cache
+def _kernel(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], source: str, **constants: float):
+    """The compiled kernel; float constants go into its source (template arguments are ints,
+    bools and dtypes only), so each value is its own kernel."""
+    consts = "".join(f"  constexpr float {k} = {float(v)!r}f;\n" for k, v in constants.items())
+    return mx.fast.cuda_kernel(name=name, input_names=list(inputs), output_names=list(outputs),
+                               source=consts + source, header=_HEADER)
+
+
+def softcap_cross_entropy(z: mx.array, targets: mx.array, weights: mx.array, cap: float) -> tuple[mx.array, mx.array]:
+    """(per-row losses fp32, d Σ weights·losses / d z in z's dtype) of softcapped logits z (R × V)."""
+    rows, vocab = z.shape
+    kernel = _kernel("mlxchat_softcap_xent", ("z", "targets", "weights"), ("losses", "dz"), _LOSS_SOURCE, CAP=cap)
+    losses, dz = kernel(
+        inputs=[z, targets.astype(mx.int32), weights.astype(mx.float32)],
+        template=[("T", z.dtype), ("V", vocab), ("BLOCK", LOSS_THREADS)],
+        grid=(rows * LOSS_THREADS, 1, 1), threadgroup=(LOSS_THREADS, 1, 1),
+        output_shapes=[(rows,), z.shape], output_dtypes=[mx.float32, z.dtype])
+    return losses, dz
+
+
+def rms_norm(x: mx.array, eps: float) -> tuple[mx.array, mx.array]:
+    """(RMSNorm of x over its last axis, the fp32 row scale 1/rms with a trailing axis of 1)."""
+    d = x.shape[-1]
+    rows = x.size // d
+    kernel = _kernel("mlxchat_rms_norm", ("x",), ("y", "r"), _NORM_SOURCE, EPS=eps)
+    y, r = kernel(
+        inputs=[x], template=_norm_template(x.dtype, d),
+        grid=(rows * WARP, 1, 1), threadgroup=(NORM_ROWS_PER_BLOCK * WARP, 1, 1),
+        output_shapes=[x.shape, (*x.shape[:-1], 1)], output_dtypes=[x.dtype, mx.float32])
+    return y, r
+
+
+def rms_norm_vjp(y: mx.array, r: mx.array, dy: mx.array) -> mx.array:
+    """d x of `rms_norm` from its output y, its row scale r and the cotangent dy."""
+    d = y.shape[-1]
+    rows = y.size // d
+    kernel = _kernel("mlxchat_rms_norm_vjp", ("y", "r", "dy"), ("dx",), _NORM_VJP_SOURCE)
+    (dx,) = kernel(
+        inputs=[y, r, dy.astype(y.dtype)], template=_norm_template(y.dtype, d),
+        grid=(rows * WARP, 1, 1), threadgroup=(NORM_ROWS_PER_BLOCK * WARP, 1, 1),
+        output_shapes=[y.shape], output_dtypes=[y.dtype])
+    return dx
+
+
+def _norm_template(dtype: mx.Dtype, d: int) -> list:
+    return [("T", dtype), ("D", d), ("BLOCK", NORM_ROWS_PER_BLOCK * WARP)]
+
+
+def rope_norm(x: mx.array, inv_freq: mx.array, eps: float) -> tuple[mx.array, mx.array]:
+    """(RMSNorm(rope(x)) in the layout B × H × T × D, its fp32 row scale) of x (B × T × H × D),
+    at positions 0…T−1 with the rotation of `mx.fast.rope(…, freqs=1/inv_freq)`."""
+    B, T, H, D = x.shape
+    kernel = _kernel("mlxchat_rope_norm", ("x", "inv_freq"), ("y", "r"), _ROPE_NORM_SOURCE, EPS=eps)
+    y, r = kernel(
+        inputs=[x, inv_freq.astype(mx.float32)], template=_rope_template(x.dtype, D),
+        grid=(B * T * H * WARP, 1, 1), threadgroup=(NORM_ROWS_PER_BLOCK * WARP, 1, 1),
+        output_shapes=[(B, H, T, D), (B, H, T, 1)], output_dtypes=[x.dtype, mx.float32])
+    return y, r
+
+
+def rope_norm_vjp(y: mx.array, r: mx.array, dy: mx.array, inv_freq: mx.array) -> mx.array:
+    """d x (B × T × H × D) of `rope_norm` from its output y, its row scale r and the cotangent dy."""
+    B, H, T, D = y.shape
+    kernel = _kernel("mlxchat_rope_norm_vjp", ("y", "r", "dy", "inv_freq"), ("dx",), _ROPE_NORM_VJP_SOURCE)
+    (dx,) = kernel(
+        inputs=[y, r, dy.astype(y.dtype), inv_freq.astype(mx.float32)], template=_rope_template(y.dtype, D),
+        grid=(B * T * H * WARP, 1, 1), threadgroup=(NORM_ROWS_PER_BLOCK * WARP, 1, 1),
+        output_shapes=[(B, T, H, D)], output_dtypes=[y.dtype])
+    return dx
+
+
+def _rope_template(dtype: mx.Dtype, d: int) -> list:
+    return [("T_", dtype), ("D", d), ("BLOCK", NORM_ROWS_PER_BLOCK * WARP)]

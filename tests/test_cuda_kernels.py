@@ -1,0 +1,131 @@
+"""The CUDA kernels (`mlxchat.cuda_kernels`) against the portable path they replace.
+
+The kernels need MLX's CUDA backend: on a machine without one (CI) only the choice of path is
+checked here; the rest runs on a CUDA GPU (bench/README.md records its run on the H200).
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlxchat import cuda_kernels, gpt
+from mlxchat.common import MlxchatError
+
+needs_cuda = pytest.mark.skipif(not cuda_kernels.available(), reason="needs MLX's CUDA backend on a GPU")
+
+
+def test_kernels_are_chosen_only_on_cuda(monkeypatch):
+    assert cuda_kernels.available() == (mx.cuda.is_available() and mx.default_device() == mx.gpu)
+    monkeypatch.setenv(cuda_kernels.ENV, "0")
+    assert not cuda_kernels.available()
+    assert gpt.loss_kernel() != "cuda"
+
+
+@pytest.mark.skipif(cuda_kernels.available(), reason="this machine has the CUDA backend")
+def test_forcing_the_cuda_loss_without_cuda_is_one_line(monkeypatch):
+    monkeypatch.setenv(gpt.LOSS_ENV, "cuda")
+    with pytest.raises(MlxchatError, match="MLXCHAT_LOSS=cuda needs MLX's CUDA backend"):
+        gpt.loss_kernel()
+
+
+def test_shapes_the_kernels_take():
+    assert cuda_kernels.loss_fits(mx.zeros((4, 65536), mx.bfloat16))
+    assert not cuda_kernels.loss_fits(mx.zeros((4, 65537), mx.bfloat16))
+    assert cuda_kernels.loss_fits(mx.zeros((4, 12), mx.float32))  # 48-byte rows
+    assert not cuda_kernels.loss_fits(mx.zeros((4, 8), mx.int32))
+    assert cuda_kernels.norm_fits(mx.zeros((2, 3, 768), mx.bfloat16))
+    assert cuda_kernels.norm_fits(mx.zeros((2, 6, 5, 128), mx.float32))
+    assert not cuda_kernels.norm_fits(mx.zeros((2, 64), mx.bfloat16))  # the small test models: portable
+    assert not cuda_kernels.norm_fits(mx.zeros((2, 4096), mx.bfloat16))
+    assert cuda_kernels.rope_norm_fits(mx.zeros((2, 5, 6, 128), mx.bfloat16))
+    assert not cuda_kernels.rope_norm_fits(mx.zeros((2, 5, 6, 32), mx.bfloat16))
+    assert not cuda_kernels.rope_norm_fits(mx.zeros((2, 6, 128), mx.bfloat16))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("vocab", [512, 65536])
+def test_softcap_cross_entropy_equals_the_portable_loss(dtype, vocab):
+    rows = 67
+    z = (mx.random.normal((rows, vocab), key=mx.random.key(1)) * 20).astype(dtype)  # beyond the softcap
+    targets = mx.random.randint(0, vocab, (rows,), key=mx.random.key(2))
+    targets[3] = -1  # ignored rows
+    targets[40] = -1
+    weights = mx.random.normal((rows,), key=mx.random.key(3))
+    losses, dz = cuda_kernels.softcap_cross_entropy(z, targets, weights, gpt.SOFTCAP)
+    z32 = z.astype(mx.float32)
+    ref_losses = gpt._portable_losses(z32, targets)
+    ref_dz = gpt._portable_dlogits(z32, targets, weights, ref_losses)
+    assert losses.dtype == mx.float32 and dz.dtype == dtype
+    np.testing.assert_allclose(np.array(losses), np.array(ref_losses), rtol=1e-5, atol=1e-4)
+    tol = 1e-6 if dtype == mx.float32 else 1e-2
+    scale = float(mx.abs(ref_dz).max())
+    np.testing.assert_allclose(np.array(dz.astype(mx.float32)), np.array(ref_dz), atol=tol * scale, rtol=tol)
+    assert float(mx.abs(dz[3]).max()) == 0.0 and losses[40].item() == 0.0
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("width", [128, 768])
+def test_norm_kernels_equal_mlx_rms_norm_and_its_autodiff(dtype, width):
+    x = (mx.random.normal((3, 37, width), key=mx.random.key(4)) * mx.array([0.01, 1.0, 300.0])[:, None, None]).astype(dtype)
+    dy = mx.random.normal(x.shape, key=mx.random.key(5)).astype(dtype)
+    y, r = cuda_kernels.rms_norm(x, gpt.NORM_EPS)
+    ref_y, (ref_dx,) = mx.vjp(lambda a: mx.fast.rms_norm(a, None, gpt.NORM_EPS), [x], [dy])
+    ref_r = mx.rsqrt(mx.mean(mx.square(x.astype(mx.float32)), axis=-1, keepdims=True) + gpt.NORM_EPS)
+    dx = cuda_kernels.rms_norm_vjp(y, r, dy)
+    tol = 1e-5 if dtype == mx.float32 else 2e-2
+    np.testing.assert_allclose(np.array(r), np.array(ref_r), rtol=1e-5)
+    for a, b in ((ref_y[0], y), (ref_dx, dx)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        scale = float(mx.abs(a.astype(mx.float32)).max())
+        np.testing.assert_allclose(np.array(b.astype(mx.float32)), np.array(a.astype(mx.float32)), atol=tol * scale, rtol=tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_rope_norm_kernels_equal_mlx_rope_then_norm_and_their_autodiff(dtype, heads):
+    B, T, D = 2, 37, 128
+    attn = gpt.CausalSelfAttention(gpt.GPTConfig(sequence_len=T, vocab_size=64, n_layer=1, n_head=heads,
+                                                 n_kv_head=heads, n_embd=heads * D))
+    x = (mx.random.normal((B, T, heads, D), key=mx.random.key(9)) * 3).astype(dtype)
+    dy = mx.random.normal((B, heads, T, D), key=mx.random.key(10)).astype(dtype)
+    rope = dict(dims=D, traditional=False, base=None, scale=1.0, offset=0, freqs=attn._freqs)
+
+    def reference(a):
+        return mx.fast.rms_norm(mx.fast.rope(a.transpose(0, 2, 1, 3), **rope), None, gpt.NORM_EPS)
+
+    ref_y, (ref_dx,) = mx.vjp(reference, [x], [dy])
+    y, (dx,) = mx.vjp(lambda a: attn._rope_norm(a, None), [x], [dy])
+    tol = 1e-5 if dtype == mx.float32 else 2e-2
+    for a, b in ((ref_y[0], y[0]), (ref_dx, dx)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        scale = float(mx.abs(a.astype(mx.float32)).max())
+        np.testing.assert_allclose(np.array(b.astype(mx.float32)), np.array(a.astype(mx.float32)), atol=tol * scale, rtol=tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_training_loss_and_gradients_equal_the_portable_kernels(monkeypatch, dtype):
+    """A model whose norms, rotary embeddings and head take the kernels (width 128, vocab 512): the
+    training loss and every gradient with the kernels on and off."""
+    cfg = gpt.GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=1, n_kv_head=1, n_embd=128)
+    m = gpt.GPT(cfg, compute_dtype=dtype)
+    m.init_weights(0)
+    m.update(nn.utils.tree_map(lambda p: p + 0.02 * mx.random.normal(p.shape, key=mx.random.key(6)), m.parameters()))
+    idx = mx.random.randint(0, 512, (2, 64), key=mx.random.key(7))
+    tgt = mx.random.randint(0, 512, (2, 64), key=mx.random.key(8))
+    tgt[0, :5] = -1
+    loss_grad = nn.value_and_grad(m, lambda mm: mm(idx, tgt))
+    assert gpt.loss_kernel() == "cuda"
+    loss, grads = loss_grad(m)
+    monkeypatch.setenv(cuda_kernels.ENV, "0")
+    ref_loss, ref_grads = loss_grad(m)
+    tol = 1e-4 if dtype == mx.float32 else 3e-2
+    assert abs(loss.item() - ref_loss.item()) < tol * max(1.0, abs(ref_loss.item()))
+    for (name, a), (_, b) in zip(tree_flatten(ref_grads), tree_flatten(grads)):
+        scale = float(mx.abs(a).max()) or 1.0
+        np.testing.assert_allclose(np.array(b), np.array(a), atol=tol * scale, rtol=tol, err_msg=name)
