@@ -7,6 +7,11 @@ from pathlib import Path
 import pytest
 from hubserver import FakeHub
 
+# MLX's CUDA backend runs float32 matmuls as TF32 unless told otherwise; the fp32 references the
+# tests compare against (plain autodiff, naive attention) need real fp32. Read once, at MLX's first
+# matmul, so it is set before any test runs. CPU and Metal ignore it.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
 
 def pytest_report_header(config):
     """Say so up front when the suite would train on MLX's slow reference BLAS (pytest cannot
