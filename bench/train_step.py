@@ -18,8 +18,8 @@ as such and its allocations never count against the next):
 Diagnostic variants (name them in --variants): ours-fwdbwd (compiled forward+backward only, no
 optimizer), ours-adamw (compiled step with plain AdamW in place of Muon), ours-nocompile (the
 same computation as `ours`, eager), ours-fused-loss / ours-portable-loss (`ours` with the loss
-kernel forced: `MLXCHAT_LOSS`; plain `ours` takes the fused one on GPUs, the portable one on
-CPU), ours-ckpt (`ours` with `mx.checkpoint` per block, `--checkpoint-blocks`).
+kernel forced: `MLXCHAT_LOSS`; plain `ours` takes the cuda one on MLX's CUDA backend, the fused
+one on Metal, the portable one on CPU), ours-ckpt (`ours` with `mx.checkpoint` per block, `--checkpoint-blocks`).
 
 MFU = FLOPs/token (nanochat's estimate, 6·N + attention) × tok/s / peak. On CUDA the peak is
 the device's dense bf16 rate (H100/H200: 989 TFLOP/s, nanochat's figure). On CPU it is measured
@@ -28,6 +28,9 @@ GEMM reaches on this machine". Peak memory is `mx.get_peak_memory()` (MLX) or
 `torch.cuda.max_memory_allocated()` (torch on CUDA), reset after the warm-up steps, so it is the
 steady-state peak of a training step including weights and optimizer state. torch on CPU has no
 allocator statistics: its column shows the process's max RSS, marked "(rss)".
+
+`--profile-steps K` runs K more steps under torch's profiler (CUDA only) and prints where their GPU
+time went, kernel by kernel (`kernel_profile.py`), for ours and torch alike.
 
 This is a benchmark, never a test: nothing here asserts.
 """

@@ -23,10 +23,23 @@ ENV = "MLXCHAT_CUDA_KERNELS"  # "0" turns them off: the portable kernels run ins
 WARP = 32
 LOSS_THREADS = 512  # one block per row of logits
 NORM_ROWS_PER_BLOCK = 8  # one warp per row
+ROPE_ROWS_PER_WARP = 4
 
 _HEADER = """
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack { T v[N]; };
+
+// tanh through one fast exp (tanh x = 1 − 2/(e^{2x} + 1)): absolute error ~1e-6, far below a 16-bit
+// float's rounding, where the accurate tanhf made the loss kernel compute-bound. fp32 keeps tanhf.
+template <typename T>
+__device__ __forceinline__ float softcap_tanh(float x) {
+  if constexpr (sizeof(T) == 4) {
+    return tanhf(x);
+  } else {
+    const float e = __expf(2.0f * fminf(fmaxf(x, -10.0f), 10.0f));
+    return 1.0f - __fdividef(2.0f, e + 1.0f);
+  }
+}
 
 __device__ __forceinline__ float warp_sum(float x) {
   #pragma unroll
@@ -60,7 +73,7 @@ _LOSS_SOURCE = """
   for (int i = tid * N; i < V; i += BLOCK * N) {
     Pack<T, N> x = *reinterpret_cast<const Pack<T, N>*>(zr + i);
     #pragma unroll
-    for (int j = 0; j < N; ++j) s += __expf(CAP * tanhf(static_cast<float>(x.v[j]) / CAP));
+    for (int j = 0; j < N; ++j) s += __expf(CAP * softcap_tanh<T>(static_cast<float>(x.v[j]) / CAP));
   }
   s = warp_sum(s);
   if (tid % 32 == 0) partial[tid / 32] = s;
@@ -71,7 +84,7 @@ _LOSS_SOURCE = """
     if (tid == 0) {
       const float lse = logf(t);
       row_lse = lse;
-      losses[row] = lse - CAP * tanhf(static_cast<float>(zr[target]) / CAP);
+      losses[row] = lse - CAP * softcap_tanh<T>(static_cast<float>(zr[target]) / CAP);
     }
   }
   __syncthreads();
@@ -82,7 +95,7 @@ _LOSS_SOURCE = """
     Pack<T, N> out;
     #pragma unroll
     for (int j = 0; j < N; ++j) {
-      const float t = tanhf(static_cast<float>(x.v[j]) / CAP);
+      const float t = softcap_tanh<T>(static_cast<float>(x.v[j]) / CAP);
       const float p = __expf(CAP * t - lse) - (i + j == target ? 1.0f : 0.0f);
       out.v[j] = static_cast<T>(p * g * (1.0f - t * t));
     }
@@ -157,36 +170,47 @@ _NORM_VJP_SOURCE = """
 # y (B × H × T × D), the layout attention reads, and the row scale r out, so neither the rotated
 # copy nor the transposed copy is written. As mx.fast.rope (non-traditional) at positions 0…T−1:
 # θ = t·inv_freq[i], (x1, x2) of a pair (i, i + D/2) → (x1·cos θ − x2·sin θ, x1·sin θ + x2·cos θ).
-# One warp per row; each lane holds P consecutive pairs.
+# One warp per RPW rows, loaded before any is computed (one row's 512 bytes alone left the loads
+# latency-bound: 1.7 TB/s); each lane holds P consecutive pairs of a row.
 _ROPE_NORM_SOURCE = """
   constexpr int P = D / 64;
   const int B = x_shape[0], T = x_shape[1], H = x_shape[2];
-  const int row = blockIdx.x * (BLOCK / 32) + threadIdx.x / 32;  // (b, t, h), x's order
+  const int first = (blockIdx.x * (BLOCK / 32) + threadIdx.x / 32) * RPW;  // rows (b, t, h), x's order
   const int lane = threadIdx.x % 32;
-  if (row >= B * T * H) return;
-  const int h = row % H, t = (row / H) % T, b = row / (H * T);
-  const size_t out_row = ((size_t)b * H + h) * T + t;
   const int i0 = lane * P;
-  const Pack<T_, P> a = *reinterpret_cast<const Pack<T_, P>*>(x + (size_t)row * D + i0);
-  const Pack<T_, P> c = *reinterpret_cast<const Pack<T_, P>*>(x + (size_t)row * D + D / 2 + i0);
-  float r1[P], r2[P];
-  float ss = 0.0f;
+  Pack<T_, P> a[RPW], c[RPW];
   #pragma unroll
-  for (int j = 0; j < P; ++j) {
-    float sn, cs;
-    sincosf(static_cast<float>(t) * inv_freq[i0 + j], &sn, &cs);
-    const float x1 = static_cast<float>(a.v[j]), x2 = static_cast<float>(c.v[j]);
-    r1[j] = x1 * cs - x2 * sn;
-    r2[j] = x1 * sn + x2 * cs;
-    ss += r1[j] * r1[j] + r2[j] * r2[j];
+  for (int k = 0; k < RPW; ++k) {  // all loads first: RPW rows' worth in flight per lane
+    if (first + k < B * T * H) {
+      a[k] = *reinterpret_cast<const Pack<T_, P>*>(x + (size_t)(first + k) * D + i0);
+      c[k] = *reinterpret_cast<const Pack<T_, P>*>(x + (size_t)(first + k) * D + D / 2 + i0);
+    }
   }
-  const float rs = rsqrtf(warp_sum(ss) / D + EPS);
-  Pack<T_, P> o1, o2;
   #pragma unroll
-  for (int j = 0; j < P; ++j) { o1.v[j] = static_cast<T_>(r1[j] * rs); o2.v[j] = static_cast<T_>(r2[j] * rs); }
-  *reinterpret_cast<Pack<T_, P>*>(y + out_row * D + i0) = o1;
-  *reinterpret_cast<Pack<T_, P>*>(y + out_row * D + D / 2 + i0) = o2;
-  if (lane == 0) r[out_row] = rs;
+  for (int k = 0; k < RPW; ++k) {
+    const int row = first + k;
+    if (row >= B * T * H) break;
+    const int h = row % H, t = (row / H) % T, b = row / (H * T);
+    const size_t out_row = ((size_t)b * H + h) * T + t;
+    float r1[P], r2[P];
+    float ss = 0.0f;
+    #pragma unroll
+    for (int j = 0; j < P; ++j) {
+      float sn, cs;
+      sincosf(static_cast<float>(t) * inv_freq[i0 + j], &sn, &cs);
+      const float x1 = static_cast<float>(a[k].v[j]), x2 = static_cast<float>(c[k].v[j]);
+      r1[j] = x1 * cs - x2 * sn;
+      r2[j] = x1 * sn + x2 * cs;
+      ss += r1[j] * r1[j] + r2[j] * r2[j];
+    }
+    const float rs = rsqrtf(warp_sum(ss) / D + EPS);
+    Pack<T_, P> o1, o2;
+    #pragma unroll
+    for (int j = 0; j < P; ++j) { o1.v[j] = static_cast<T_>(r1[j] * rs); o2.v[j] = static_cast<T_>(r2[j] * rs); }
+    *reinterpret_cast<Pack<T_, P>*>(y + out_row * D + i0) = o1;
+    *reinterpret_cast<Pack<T_, P>*>(y + out_row * D + D / 2 + i0) = o2;
+    if (lane == 0) r[out_row] = rs;
+  }
 """
 
 # Its backward: the norm's, dn = r·(dy − y·mean(dy·y)), then the inverse rotation, written back in
@@ -194,34 +218,47 @@ _ROPE_NORM_SOURCE = """
 _ROPE_NORM_VJP_SOURCE = """
   constexpr int P = D / 64;
   const int B = y_shape[0], H = y_shape[1], T = y_shape[2];
-  const int row = blockIdx.x * (BLOCK / 32) + threadIdx.x / 32;  // (b, t, h), dx's order
+  const int first = (blockIdx.x * (BLOCK / 32) + threadIdx.x / 32) * RPW;  // rows (b, t, h), dx's order
   const int lane = threadIdx.x % 32;
-  if (row >= B * T * H) return;
-  const int h = row % H, t = (row / H) % T, b = row / (H * T);
-  const size_t in_row = ((size_t)b * H + h) * T + t;
   const int i0 = lane * P;
-  const Pack<T_, P> y1 = *reinterpret_cast<const Pack<T_, P>*>(y + in_row * D + i0);
-  const Pack<T_, P> y2 = *reinterpret_cast<const Pack<T_, P>*>(y + in_row * D + D / 2 + i0);
-  const Pack<T_, P> g1 = *reinterpret_cast<const Pack<T_, P>*>(dy + in_row * D + i0);
-  const Pack<T_, P> g2 = *reinterpret_cast<const Pack<T_, P>*>(dy + in_row * D + D / 2 + i0);
-  float dot = 0.0f;
+  Pack<T_, P> y1[RPW], y2[RPW], g1[RPW], g2[RPW];
   #pragma unroll
-  for (int j = 0; j < P; ++j)
-    dot += static_cast<float>(y1.v[j]) * static_cast<float>(g1.v[j]) + static_cast<float>(y2.v[j]) * static_cast<float>(g2.v[j]);
-  const float mean = warp_sum(dot) / D;
-  const float rs = r[in_row];
-  Pack<T_, P> o1, o2;
-  #pragma unroll
-  for (int j = 0; j < P; ++j) {
-    float sn, cs;
-    sincosf(static_cast<float>(t) * inv_freq[i0 + j], &sn, &cs);
-    const float n1 = rs * (static_cast<float>(g1.v[j]) - static_cast<float>(y1.v[j]) * mean);
-    const float n2 = rs * (static_cast<float>(g2.v[j]) - static_cast<float>(y2.v[j]) * mean);
-    o1.v[j] = static_cast<T_>(n1 * cs + n2 * sn);
-    o2.v[j] = static_cast<T_>(n2 * cs - n1 * sn);
+  for (int k = 0; k < RPW; ++k) {
+    const int row = first + k;
+    if (row < B * T * H) {
+      const int h = row % H, t = (row / H) % T, b = row / (H * T);
+      const size_t at = (((size_t)b * H + h) * T + t) * D + i0;
+      y1[k] = *reinterpret_cast<const Pack<T_, P>*>(y + at);
+      y2[k] = *reinterpret_cast<const Pack<T_, P>*>(y + at + D / 2);
+      g1[k] = *reinterpret_cast<const Pack<T_, P>*>(dy + at);
+      g2[k] = *reinterpret_cast<const Pack<T_, P>*>(dy + at + D / 2);
+    }
   }
-  *reinterpret_cast<Pack<T_, P>*>(dx + (size_t)row * D + i0) = o1;
-  *reinterpret_cast<Pack<T_, P>*>(dx + (size_t)row * D + D / 2 + i0) = o2;
+  #pragma unroll
+  for (int k = 0; k < RPW; ++k) {
+    const int row = first + k;
+    if (row >= B * T * H) break;
+    const int h = row % H, t = (row / H) % T, b = row / (H * T);
+    float dot = 0.0f;
+    #pragma unroll
+    for (int j = 0; j < P; ++j)
+      dot += static_cast<float>(y1[k].v[j]) * static_cast<float>(g1[k].v[j])
+           + static_cast<float>(y2[k].v[j]) * static_cast<float>(g2[k].v[j]);
+    const float mean = warp_sum(dot) / D;
+    const float rs = r[((size_t)b * H + h) * T + t];
+    Pack<T_, P> o1, o2;
+    #pragma unroll
+    for (int j = 0; j < P; ++j) {
+      float sn, cs;
+      sincosf(static_cast<float>(t) * inv_freq[i0 + j], &sn, &cs);
+      const float n1 = rs * (static_cast<float>(g1[k].v[j]) - static_cast<float>(y1[k].v[j]) * mean);
+      const float n2 = rs * (static_cast<float>(g2[k].v[j]) - static_cast<float>(y2[k].v[j]) * mean);
+      o1.v[j] = static_cast<T_>(n1 * cs + n2 * sn);
+      o2.v[j] = static_cast<T_>(n2 * cs - n1 * sn);
+    }
+    *reinterpret_cast<Pack<T_, P>*>(dx + (size_t)row * D + i0) = o1;
+    *reinterpret_cast<Pack<T_, P>*>(dx + (size_t)row * D + D / 2 + i0) = o2;
+  }
 """
 
 FLOAT_TYPES = (mx.bfloat16, mx.float16, mx.float32)
@@ -304,7 +341,7 @@ def rope_norm(x: mx.array, inv_freq: mx.array, eps: float) -> tuple[mx.array, mx
     kernel = _kernel("mlxchat_rope_norm", ("x", "inv_freq"), ("y", "r"), _ROPE_NORM_SOURCE, EPS=eps)
     y, r = kernel(
         inputs=[x, inv_freq.astype(mx.float32)], template=_rope_template(x.dtype, D),
-        grid=(B * T * H * WARP, 1, 1), threadgroup=(NORM_ROWS_PER_BLOCK * WARP, 1, 1),
+        grid=(_rope_warps(B * T * H) * WARP, 1, 1), threadgroup=(NORM_ROWS_PER_BLOCK * WARP, 1, 1),
         output_shapes=[(B, H, T, D), (B, H, T, 1)], output_dtypes=[x.dtype, mx.float32])
     return y, r
 
@@ -315,10 +352,14 @@ def rope_norm_vjp(y: mx.array, r: mx.array, dy: mx.array, inv_freq: mx.array) ->
     kernel = _kernel("mlxchat_rope_norm_vjp", ("y", "r", "dy", "inv_freq"), ("dx",), _ROPE_NORM_VJP_SOURCE)
     (dx,) = kernel(
         inputs=[y, r, dy.astype(y.dtype), inv_freq.astype(mx.float32)], template=_rope_template(y.dtype, D),
-        grid=(B * T * H * WARP, 1, 1), threadgroup=(NORM_ROWS_PER_BLOCK * WARP, 1, 1),
+        grid=(_rope_warps(B * T * H) * WARP, 1, 1), threadgroup=(NORM_ROWS_PER_BLOCK * WARP, 1, 1),
         output_shapes=[(B, T, H, D)], output_dtypes=[y.dtype])
     return dx
 
 
 def _rope_template(dtype: mx.Dtype, d: int) -> list:
-    return [("T_", dtype), ("D", d), ("BLOCK", NORM_ROWS_PER_BLOCK * WARP)]
+    return [("T_", dtype), ("D", d), ("BLOCK", NORM_ROWS_PER_BLOCK * WARP), ("RPW", ROPE_ROWS_PER_WARP)]
+
+
+def _rope_warps(rows: int) -> int:
+    return -(-rows // ROPE_ROWS_PER_WARP)

@@ -207,10 +207,12 @@ def relu2_projection(h: mx.array, weight: mx.array) -> mx.array:
 def _relu2_projection_vjp(primals, cotangent, output):
     h, weight = primals
     # Spelled with other ops than the forward's relu and square on purpose: mx.compile merges
-    # identical expressions, and would keep the forward's relu(h)² alive for this backward.
-    r = h * (h > 0)
-    dweight = cotangent.reshape(-1, cotangent.shape[-1]).T @ (r * h).reshape(-1, h.shape[-1])
-    return (cotangent @ weight) * (2 * r), dweight
+    # identical expressions, and would keep the forward's relu(h)² alive for this backward. Each
+    # of the two reads h itself, so each compiles to one elementwise pass (a shared relu(h) would
+    # be a third pass and a stored 4·n_embd-wide temporary).
+    relu2 = mx.square(h) * (h > 0)
+    dweight = cotangent.reshape(-1, cotangent.shape[-1]).T @ relu2.reshape(-1, h.shape[-1])
+    return (cotangent @ weight) * mx.where(h < 0, 0, 2 * h), dweight
 
 
 class Block(nn.Module):
@@ -452,11 +454,11 @@ def _loss_sum_with_gradient(chunk: int, kernel: str):
             tt = targets[s : s + chunk]
             if kernel == "cuda" and cuda_kernels.loss_fits(z):
                 losses, dz = cuda_kernels.softcap_cross_entropy(z, tt, mx.ones(tt.shape, mx.float32), SOFTCAP)
-                sums.append(losses.sum())
-                return dz
-            losses = chunk_losses(z, tt)
+            else:
+                losses = chunk_losses(z, tt)
+                dz = chunk_dlogits(z, tt, mx.ones_like(losses), losses)
             sums.append(losses.sum())
-            return chunk_dlogits(z, tt, mx.ones_like(losses), losses)
+            return dz
 
         dh, dw = _head_gradients(h, weight, chunk, dlogits)
         return functools.reduce(mx.add, sums), dh, dw
