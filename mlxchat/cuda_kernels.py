@@ -45,6 +45,14 @@ __device__ __forceinline__ float softcap_tanh(float x) {
   }
 }
 
+// Rows of an array normed along its last axis: the product of the other axes.
+template <typename Shape>
+__device__ __forceinline__ int leading_rows(const Shape& shape, int ndim) {
+  int rows = 1;
+  for (int a = 0; a < ndim - 1; ++a) rows *= shape[a];
+  return rows;
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
   #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
@@ -112,8 +120,7 @@ _LOSS_SOURCE = """
 _NORM_SOURCE = """
   constexpr int N = 4;
   constexpr int PER_LANE = D / (32 * N);
-  int rows = 1;
-  for (int a = 0; a < x_ndim - 1; ++a) rows *= x_shape[a];
+  const int rows = leading_rows(x_shape, x_ndim);
   const int row = blockIdx.x * (BLOCK / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
@@ -142,8 +149,7 @@ _NORM_SOURCE = """
 _NORM_VJP_SOURCE = """
   constexpr int N = 4;
   constexpr int PER_LANE = D / (32 * N);
-  int rows = 1;
-  for (int a = 0; a < y_ndim - 1; ++a) rows *= y_shape[a];
+  const int rows = leading_rows(y_shape, y_ndim);
   const int row = blockIdx.x * (BLOCK / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
