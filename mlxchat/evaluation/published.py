@@ -123,7 +123,9 @@ def plot_trend(history: pd.DataFrame, out_png: Path) -> Path:
         if values.nunique() == 1:
             pad = max(abs(values.iloc[0]) * 0.1, 0.01)
             ax.set_ylim(values.iloc[0] - pad, values.iloc[0] + pad)
-        locator = mdates.AutoDateLocator(maxticks=5)
+        # At least 3 and at most 7 ticks: every span then has a unit and step that fit (matplotlib's
+        # default minimum of 5 with a maximum of 5 had none for spans of a few minutes or hours).
+        locator = mdates.AutoDateLocator(minticks=3, maxticks=7)
         ax.xaxis.set_major_locator(locator)
         ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
         ax.grid(alpha=0.3)
