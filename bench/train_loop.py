@@ -8,6 +8,10 @@
   loop   `mlxchat train <stage>` itself (`train_base` / `train_chat`) on the smoke corpus with
          its real loader, evaluation off, one checkpoint at the end; its tok/s comes from the
          loop's own per-step `dt` in metrics.jsonl (wall time between finished steps).
+SFT's padded batches differ in width from step to step, so there the loop runs first and the step
+then replays the widths it logged (each step's `tokens` / batch), random tokens in the same order;
+both sides are totals over those steps (tokens / time), compile time for each new width included
+on both, since a median over mixed widths means nothing.
 Each stage and variant runs in its own process; the first --warmup steps (compilation) are left
 out of both. `loop / step` (of the median step times) is the ratio the issue asks to be >= 0.97. The home needs the smoke
 corpus (`mlxchat data prepare-smoke`); a tokenizer of --vocab tokens is trained into run
@@ -44,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stages", default="base", help="comma list of base, mid, sft (in that order: each continues the last)")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--widths", default="", help=argparse.SUPPRESS)  # SFT: the loop's batch widths, for the step
     return p.parse_args(argv)
 
 
@@ -67,15 +72,18 @@ def run_step(args, stage: str) -> dict:
     optimizer = build_optimizer(model, cfg.optim, p.num_iterations)
     optimizer.init(model.trainable_parameters())
     step = TrainStep(model, optimizer, p.grad_accum_steps, cfg.optim.grad_clip, 1)
-    keys = [mx.random.key(i) for i in range(4)]
-    batches = [(mx.random.randint(0, args.vocab, (args.batch, args.seq_len), key=k),) * 2 for k in keys]
+    widths = [int(w) for w in args.widths.split(",")] if args.widths else [args.seq_len] * 4
+    keys = [mx.random.key(i) for i in range(len(widths))]
+    batches = [(mx.random.randint(0, args.vocab, (args.batch, w), key=k),) * 2 for k, w in zip(keys, widths)]
     mx.eval(batches)
     it = (batches[i % len(batches)] for i in range(10**9))
     times = []
-    for _ in range(args.warmup + args.steps):
+    for _ in range(args.warmup + args.steps if not args.widths else len(widths)):
         t0 = time.perf_counter()
         step(it)
         times.append(time.perf_counter() - t0)
+    if args.widths:  # replayed SFT widths: the loop's own warm-up steps are not among them
+        return summarize_tokens(times, [args.batch * w for w in widths])
     return summarize(times[args.warmup:], args.batch * args.seq_len)
 
 
@@ -87,13 +95,21 @@ def run_loop(args, stage: str) -> dict:
     train(run_name(args), cfg, root=args.home, fresh=True)
     rows = [json.loads(line) for line in (Path(args.home) / "runs" / run_name(args) / stage / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "dt" in r][args.warmup:]
-    tokens = args.batch * args.seq_len
-    return {**summarize([r["dt"] for r in rows], tokens), "tok_per_s_logged_median": statistics.median(r["tok_per_s"] for r in rows)}
+    logged = {"tok_per_s_logged_median": statistics.median(r["tok_per_s"] for r in rows)}
+    if stage == "sft":
+        return {**summarize_tokens([r["dt"] for r in rows], [r["tokens"] for r in rows]), **logged,
+                "widths": [r["tokens"] // args.batch for r in rows]}
+    return {**summarize([r["dt"] for r in rows], args.batch * args.seq_len), **logged}
 
 
 def summarize(times: list[float], tokens_per_step: int) -> dict:
     return {"steps": len(times), "step_times_s": times, "tok_per_s": tokens_per_step * len(times) / sum(times),
             "tok_per_s_median": tokens_per_step / statistics.median(times)}
+
+
+def summarize_tokens(times: list[float], tokens: list[int]) -> dict:
+    """Steps of different sizes: the rate over all of them."""
+    return {"steps": len(times), "step_times_s": times, "step_tokens": tokens, "tok_per_s": sum(tokens) / sum(times)}
 
 
 def run_name(args) -> str:
@@ -129,13 +145,20 @@ def main(argv=None) -> dict:
 
     results = {}
     for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
-        res = {kind: spawn(raw, f"{kind}:{stage}") for kind in ("step", "loop")}
-        if all("tok_per_s" in r for r in res.values()):
+        if stage == "sft":
+            res = {"loop": spawn(raw, "loop:sft")}
+            widths = ",".join(map(str, res["loop"].get("widths", [])))
+            res["step"] = spawn([*raw, "--widths", widths], "step:sft") if widths else {"error": "the loop logged no steps"}
+            measure, label = "tok_per_s", "totals over the same widths"
+        else:
+            res = {kind: spawn(raw, f"{kind}:{stage}") for kind in ("step", "loop")}
             # Medians: with one step queued ahead, the loop's first and last timed `dt` each hold part of
             # a neighbour's time, which skews a mean over a dozen steps (by up to 17% on the H200).
-            res["loop_over_step"] = res["loop"]["tok_per_s_median"] / res["step"]["tok_per_s_median"]
-            print(f"{stage}: step {res['step']['tok_per_s_median']:,.0f} tok/s | loop {res['loop']['tok_per_s_median']:,.0f}"
-                  f" tok/s (medians) | loop/step {res['loop_over_step']:.3f}", flush=True)
+            measure, label = "tok_per_s_median", "medians"
+        if all(measure in r for r in res.values()):
+            res["loop_over_step"] = res["loop"][measure] / res["step"][measure]
+            print(f"{stage}: step {res['step'][measure]:,.0f} tok/s | loop {res['loop'][measure]:,.0f}"
+                  f" tok/s ({label}) | loop/step {res['loop_over_step']:.3f}", flush=True)
         else:
             print(f"{stage}: {res}", flush=True)
         results[stage] = res

@@ -551,7 +551,8 @@ def train_loop(
             tokens_seen += tokens * p.world_size
             tok_s = rate.add(tokens * p.world_size, dt)
             mfu = 100 * p.flops_per_token * tok_s / peak if peak else None
-            row = {"step": step, "loss": loss, "smooth_loss": debiased, "grad_norm": gnorm, "dt": dt, "tok_per_s": tok_s, "mfu": mfu}
+            row = {"step": step, "loss": loss, "smooth_loss": debiased, "grad_norm": gnorm, "dt": dt,
+                   "tokens": tokens * p.world_size, "tok_per_s": tok_s, "mfu": mfu}
             append_metrics(metrics_file, row, is_main)
             bar.update(1)
             bar.set_postfix(loss=f"{debiased:.4f}", tok_s=f"{tok_s:,.0f}", **({"mfu": f"{mfu:.1f}%"} if mfu else {}))

@@ -1,5 +1,6 @@
 """Mid-training and SFT: they continue the previous stage, learn, and resume exactly after SIGKILL."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -63,6 +64,9 @@ def test_mid_training_lowers_validation_bpb_and_sft_reports_validation_loss(home
     assert history[-1]["val_bpb"] < 0.9 * history[0]["val_bpb"], history
     sft = pipeline.train(run, "sft", replace(TINY.sft, max_steps=4, eval_every=4).to_dict(), root=home)
     assert sft["metrics"]["val_loss"] > 0 and "val_bpb" not in sft["metrics"]
+    rows = [json.loads(line) for line in (home / "runs" / run / "sft" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "dt" in r]  # each step logs its padded input tokens (bench/train_loop.py replays them)
+    assert len(steps) == 4 and all(0 < r["tokens"] <= TINY.sft.examples_per_step * TINY.sft.seq_len for r in steps)
     assert (home / "runs" / run / "samples").exists() is False  # training writes no samples
     out = pipeline.sample(run, "sft", max_tokens=4, root=home)
     assert [s["prompt"] for s in out["samples"]][0] == "What is the capital of France?"
