@@ -9,9 +9,10 @@
          its real loader, evaluation off, one checkpoint at the end; its tok/s comes from the
          loop's own per-step `dt` in metrics.jsonl (wall time between finished steps).
 SFT's padded batches differ in width from step to step, so there the loop runs first and the step
-then replays the widths it logged (each step's `tokens` / batch), random tokens in the same order;
-both sides are totals over those steps (tokens / time), compile time for each new width included
-on both, since a median over mixed widths means nothing.
+then replays the widths it logged (each step's `tokens` / batch), random tokens in the same order,
+its warm-up steps included and left out of both sides' figures; both are totals over the timed
+steps (tokens / time), compile time for each new width included on both, since a median over
+mixed widths means nothing.
 Each stage and variant runs in its own process; the first --warmup steps (compilation) are left
 out of both. `loop / step` (of the median step times) is the ratio the issue asks to be >= 0.97. The home needs the smoke
 corpus (`mlxchat data prepare-smoke`); a tokenizer of --vocab tokens is trained into run
@@ -82,8 +83,8 @@ def run_step(args, stage: str) -> dict:
         t0 = time.perf_counter()
         step(it)
         times.append(time.perf_counter() - t0)
-    if args.widths:  # replayed SFT widths: the loop's own warm-up steps are not among them
-        return summarize_tokens(times, [args.batch * w for w in widths])
+    if args.widths:  # replayed SFT widths, the loop's warm-up steps first: left out of both
+        return summarize_tokens(times[args.warmup:], [args.batch * w for w in widths[args.warmup:]])
     return summarize(times[args.warmup:], args.batch * args.seq_len)
 
 
@@ -94,11 +95,12 @@ def run_loop(args, stage: str) -> dict:
     train = train_base if stage == "base" else train_chat
     train(run_name(args), cfg, root=args.home, fresh=True)
     rows = [json.loads(line) for line in (Path(args.home) / "runs" / run_name(args) / stage / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "dt" in r][args.warmup:]
+    all_rows = [r for r in rows if "dt" in r]
+    rows = all_rows[args.warmup:]
     logged = {"tok_per_s_logged_median": statistics.median(r["tok_per_s"] for r in rows)}
-    if stage == "sft":
+    if stage == "sft":  # the widths of every step, warm-up included, for the step to replay in order
         return {**summarize_tokens([r["dt"] for r in rows], [r["tokens"] for r in rows]), **logged,
-                "widths": [r["tokens"] // args.batch for r in rows]}
+                "widths": [r["tokens"] // args.batch for r in all_rows]}
     return {**summarize([r["dt"] for r in rows], args.batch * args.seq_len), **logged}
 
 

@@ -8,7 +8,7 @@ import pytest
 from mlxchat.evaluation.published import plot_trend
 
 
-@pytest.mark.parametrize("span", ["0s", "1500ms", "3s", "3min", "150min", "3h", "2D", "3D", "40D", "800D"])
+@pytest.mark.parametrize("span", ["0s", "1500ms", "3min", "3h", "3D", "800D"])
 def test_trend_plot_has_ticks_for_any_span(tmp_path, span):
     start = pd.Timestamp("2026-12-02 05:00:00", tz="UTC")
     when = [start, start + pd.Timedelta(span) / 2, start + pd.Timedelta(span)]
