@@ -79,7 +79,7 @@ def run_step(args, stage: str) -> dict:
     mx.eval(batches)
     it = (batches[i % len(batches)] for i in range(10**9))
     times = []
-    for _ in range(args.warmup + args.steps if not args.widths else len(widths)):
+    for _ in range(len(widths) if args.widths else args.warmup + args.steps):
         t0 = time.perf_counter()
         step(it)
         times.append(time.perf_counter() - t0)

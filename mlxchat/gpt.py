@@ -143,6 +143,7 @@ class CausalSelfAttention(nn.Module):
         half = self.head_dim // 2
         # Negated frequencies turn mx.fast.rope's rotation into nanochat's (y1 = x1·cos + x2·sin).
         self._freqs = -mx.exp(mx.arange(0.0, half, dtype=mx.float32) * (math.log(ROPE_BASE) / half))
+        self._inv_freqs = mx.reciprocal(self._freqs)  # the angles per position, as mx.fast.rope forms them
 
     def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
         B, T, _ = x.shape
@@ -161,7 +162,7 @@ class CausalSelfAttention(nn.Module):
         """Rotary embedding then QK norm of a projection (B, T, heads, head_dim), returned as
         (B, heads, T, head_dim): one CUDA kernel each way in training (`_cuda_rope_norm`)."""
         if cache is None and cuda_kernels.available() and cuda_kernels.rope_norm_fits(x):
-            return _cuda_rope_norm(x, mx.reciprocal(self._freqs))[0]
+            return _cuda_rope_norm(x, self._inv_freqs)[0]
         offset = 0 if cache is None else cache.offset
         rope = dict(dims=self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
         return block_norm(cache)(mx.fast.rope(x.transpose(0, 2, 1, 3), **rope))

@@ -16,6 +16,14 @@ from mlxchat.common import MlxchatError
 needs_cuda = pytest.mark.skipif(not cuda_kernels.available(), reason="needs MLX's CUDA backend on a GPU")
 
 
+def assert_close_at_scale(pairs, tol):
+    """Each (reference, ours): same dtype and shape, equal within tol of the reference's largest value."""
+    for a, b in pairs:
+        assert a.dtype == b.dtype and a.shape == b.shape
+        scale = float(mx.abs(a.astype(mx.float32)).max())
+        np.testing.assert_allclose(np.array(b.astype(mx.float32)), np.array(a.astype(mx.float32)), atol=tol * scale, rtol=tol)
+
+
 def test_kernels_are_chosen_only_on_cuda(monkeypatch):
     assert cuda_kernels.available() == (mx.cuda.is_available() and mx.default_device() == mx.gpu)
     monkeypatch.setenv(cuda_kernels.ENV, "0")
@@ -78,10 +86,7 @@ def test_norm_kernels_equal_mlx_rms_norm_and_its_autodiff(dtype, width):
     dx = cuda_kernels.rms_norm_vjp(y, r, dy)
     tol = 1e-5 if dtype == mx.float32 else 2e-2
     np.testing.assert_allclose(np.array(r), np.array(ref_r), rtol=1e-5)
-    for a, b in ((ref_y[0], y), (ref_dx, dx)):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        scale = float(mx.abs(a.astype(mx.float32)).max())
-        np.testing.assert_allclose(np.array(b.astype(mx.float32)), np.array(a.astype(mx.float32)), atol=tol * scale, rtol=tol)
+    assert_close_at_scale(((ref_y[0], y), (ref_dx, dx)), tol)
 
 
 @needs_cuda
@@ -100,11 +105,7 @@ def test_rope_norm_kernels_equal_mlx_rope_then_norm_and_their_autodiff(dtype, he
 
     ref_y, (ref_dx,) = mx.vjp(reference, [x], [dy])
     y, (dx,) = mx.vjp(lambda a: attn._rope_norm(a, None), [x], [dy])
-    tol = 1e-5 if dtype == mx.float32 else 2e-2
-    for a, b in ((ref_y[0], y[0]), (ref_dx, dx)):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        scale = float(mx.abs(a.astype(mx.float32)).max())
-        np.testing.assert_allclose(np.array(b.astype(mx.float32)), np.array(a.astype(mx.float32)), atol=tol * scale, rtol=tol)
+    assert_close_at_scale(((ref_y[0], y[0]), (ref_dx, dx)), 1e-5 if dtype == mx.float32 else 2e-2)
 
 
 @needs_cuda
