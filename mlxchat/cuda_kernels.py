@@ -178,8 +178,9 @@ _NORM_VJP_SOURCE = """
 """
 
 # Rotary embedding then RMSNorm of q or k straight from its projection: rows x (B × T × H × D) in,
-# y (B × H × T × D), the layout attention reads, and the row scale r out, so neither the rotated
-# copy nor the transposed copy is written. As mx.fast.rope (non-traditional) at positions 0…T−1:
+# y in the same layout and the row scale r out, so the rotated copy is never written. Attention
+# reads y through a transposed view (B × H × T × D strides of B × T × H × D), as nanochat's torch
+# hands cuDNN its q, k, v. As mx.fast.rope (non-traditional) at positions 0…T−1:
 # θ = t·inv_freq[i], (x1, x2) of a pair (i, i + D/2) → (x1·cos θ − x2·sin θ, x1·sin θ + x2·cos θ).
 # One warp per RPW rows, all loaded before any is computed (one row's 256 bytes alone left the
 # forward's loads latency-bound: 1.7 TB/s); each lane holds P consecutive pairs of a row.
@@ -201,8 +202,7 @@ _ROPE_NORM_SOURCE = """
   for (int k = 0; k < RPW; ++k) {
     const int row = first + k;
     if (row >= B * T * H) break;
-    const int h = row % H, t = (row / H) % T, b = row / (H * T);
-    const size_t out_row = ((size_t)b * H + h) * T + t;
+    const int t = (row / H) % T;
     float r1[P], r2[P];
     float ss = 0.0f;
     #pragma unroll
@@ -218,18 +218,18 @@ _ROPE_NORM_SOURCE = """
     Pack<T_, P> o1, o2;
     #pragma unroll
     for (int j = 0; j < P; ++j) { o1.v[j] = static_cast<T_>(r1[j] * rs); o2.v[j] = static_cast<T_>(r2[j] * rs); }
-    *reinterpret_cast<Pack<T_, P>*>(y + out_row * D + i0) = o1;
-    *reinterpret_cast<Pack<T_, P>*>(y + out_row * D + D / 2 + i0) = o2;
-    if (lane == 0) r[out_row] = rs;
+    *reinterpret_cast<Pack<T_, P>*>(y + (size_t)row * D + i0) = o1;
+    *reinterpret_cast<Pack<T_, P>*>(y + (size_t)row * D + D / 2 + i0) = o2;
+    if (lane == 0) r[row] = rs;
   }
 """
 
-# Its backward: the norm's, dn = r·(dy − y·mean(dy·y)), then the inverse rotation, written back in
-# the projection's layout (B × T × H × D).
+# Its backward: the norm's, dn = r·(dy − y·mean(dy·y)), then the inverse rotation; y, dy and dx
+# all in the projection's layout (B × T × H × D).
 _ROPE_NORM_VJP_SOURCE = """
   constexpr int P = D / 64;
-  const int B = y_shape[0], H = y_shape[1], T = y_shape[2];
-  const int first = (blockIdx.x * (BLOCK / 32) + threadIdx.x / 32) * RPW;  // rows (b, t, h), dx's order
+  const int B = y_shape[0], T = y_shape[1], H = y_shape[2];
+  const int first = (blockIdx.x * (BLOCK / 32) + threadIdx.x / 32) * RPW;  // rows (b, t, h)
   const int lane = threadIdx.x % 32;
   const int i0 = lane * P;
   Pack<T_, P> y1[RPW], y2[RPW], g1[RPW], g2[RPW];
@@ -237,8 +237,7 @@ _ROPE_NORM_VJP_SOURCE = """
   for (int k = 0; k < RPW; ++k) {
     const int row = first + k;
     if (row < B * T * H) {
-      const int h = row % H, t = (row / H) % T, b = row / (H * T);
-      const size_t at = (((size_t)b * H + h) * T + t) * D + i0;
+      const size_t at = (size_t)row * D + i0;
       y1[k] = *reinterpret_cast<const Pack<T_, P>*>(y + at);
       y2[k] = *reinterpret_cast<const Pack<T_, P>*>(y + at + D / 2);
       g1[k] = *reinterpret_cast<const Pack<T_, P>*>(dy + at);
@@ -249,14 +248,14 @@ _ROPE_NORM_VJP_SOURCE = """
   for (int k = 0; k < RPW; ++k) {
     const int row = first + k;
     if (row >= B * T * H) break;
-    const int h = row % H, t = (row / H) % T, b = row / (H * T);
+    const int t = (row / H) % T;
     float dot = 0.0f;
     #pragma unroll
     for (int j = 0; j < P; ++j)
       dot += static_cast<float>(y1[k].v[j]) * static_cast<float>(g1[k].v[j])
            + static_cast<float>(y2[k].v[j]) * static_cast<float>(g2[k].v[j]);
     const float mean = warp_sum(dot) / D;
-    const float rs = r[((size_t)b * H + h) * T + t];
+    const float rs = r[row];
     Pack<T_, P> o1, o2;
     #pragma unroll
     for (int j = 0; j < P; ++j) {
@@ -346,20 +345,20 @@ def _norm_template(dtype: mx.Dtype, d: int) -> list:
 
 
 def rope_norm(x: mx.array, inv_freq: mx.array, eps: float) -> tuple[mx.array, mx.array]:
-    """(RMSNorm(rope(x)) in the layout B × H × T × D, its fp32 row scale) of x (B × T × H × D),
-    at positions 0…T−1 with the rotation of `mx.fast.rope(…, freqs=1/inv_freq)`."""
+    """(RMSNorm(rope(x)), its fp32 row scale), both in x's layout B × T × H × D, at positions
+    0…T−1 with the rotation of `mx.fast.rope(…, freqs=1/inv_freq)`."""
     B, T, H, D = x.shape
     kernel = _kernel("mlxchat_rope_norm", ("x", "inv_freq"), ("y", "r"), _ROPE_NORM_SOURCE, EPS=eps)
     y, r = kernel(
         inputs=[x, inv_freq.astype(mx.float32)], template=_rope_template(x.dtype, D, ROPE_ROWS_PER_WARP),
         grid=(_rope_warps(B * T * H, ROPE_ROWS_PER_WARP) * WARP, 1, 1), threadgroup=(NORM_ROWS_PER_BLOCK * WARP, 1, 1),
-        output_shapes=[(B, H, T, D), (B, H, T, 1)], output_dtypes=[x.dtype, mx.float32])
+        output_shapes=[x.shape, (B, T, H, 1)], output_dtypes=[x.dtype, mx.float32])
     return y, r
 
 
 def rope_norm_vjp(y: mx.array, r: mx.array, dy: mx.array, inv_freq: mx.array) -> mx.array:
-    """d x (B × T × H × D) of `rope_norm` from its output y, its row scale r and the cotangent dy."""
-    B, H, T, D = y.shape
+    """d x of `rope_norm` from its output y, its row scale r and the cotangent dy (all B × T × H × D)."""
+    B, T, H, D = y.shape
     kernel = _kernel("mlxchat_rope_norm_vjp", ("y", "r", "dy", "inv_freq"), ("dx",), _ROPE_NORM_VJP_SOURCE)
     (dx,) = kernel(
         inputs=[y, r, dy.astype(y.dtype), inv_freq.astype(mx.float32)],

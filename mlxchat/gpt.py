@@ -160,9 +160,10 @@ class CausalSelfAttention(nn.Module):
 
     def _rope_norm(self, x: mx.array, cache: Any) -> mx.array:
         """Rotary embedding then QK norm of a projection (B, T, heads, head_dim), returned as
-        (B, heads, T, head_dim): one CUDA kernel each way in training (`_cuda_rope_norm`)."""
+        (B, heads, T, head_dim): one CUDA kernel each way in training (`_cuda_rope_norm`), whose
+        output keeps the projection's layout and is handed to attention transposed, as v is."""
         if cache is None and cuda_kernels.available() and cuda_kernels.rope_norm_fits(x):
-            return _cuda_rope_norm(x, self._inv_freqs)[0]
+            return _cuda_rope_norm(x, self._inv_freqs)[0].transpose(0, 2, 1, 3)
         offset = 0 if cache is None else cache.offset
         rope = dict(dims=self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
         return block_norm(cache)(mx.fast.rope(x.transpose(0, 2, 1, 3), **rope))
