@@ -60,6 +60,19 @@ GIB = 1024**3
 
 
 # ----------------------------------------------------------------------------------- arguments
+def _source_commit(src: Path) -> str:
+    """The nanochat commit measured: an exported tree's COMMIT file, else its own git HEAD. A tree
+    exported inside another checkout (untracked) would otherwise report that checkout's HEAD."""
+    if (src / "COMMIT").is_file():
+        return (src / "COMMIT").read_text().strip()
+    try:
+        top = subprocess.run(["git", "-C", str(src), "rev-parse", "--show-toplevel", "HEAD"],
+                             capture_output=True, text=True).stdout.split()
+    except OSError:
+        return ""
+    return top[1] if len(top) == 2 and Path(top[0]).resolve() == src.resolve() else ""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=4)
@@ -382,12 +395,7 @@ def run_torch(args) -> dict:
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if cuda else max_rss_bytes()
     profiled = {"kernel_profile": profile_kernels(step, args.profile_steps)} if args.profile_steps else {}
-    try:
-        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    if not commit and (src / "COMMIT").is_file():  # an exported tree (git archive) with its commit noted
-        commit = (src / "COMMIT").read_text().strip()
+    commit = _source_commit(src)
     return {
         **summarize(times, args.batch * args.seq_len),
         **profiled,
