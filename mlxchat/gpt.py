@@ -128,8 +128,10 @@ class CastLinear(nn.Linear):
     def __init__(self, in_dims: int, out_dims: int):
         super().__init__(in_dims, out_dims, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return x @ self.weight.astype(x.dtype).T
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        """x @ W.T, plus `residual` inside the GEMM (its epilogue on CUDA: no separate add pass)."""
+        w = self.weight.astype(x.dtype).T
+        return x @ w if residual is None else mx.addmm(residual, x, w)
 
 
 class CausalSelfAttention(nn.Module):
@@ -145,7 +147,8 @@ class CausalSelfAttention(nn.Module):
         self._freqs = -mx.exp(mx.arange(0.0, half, dtype=mx.float32) * (math.log(ROPE_BASE) / half))
         self._inv_freqs = mx.reciprocal(self._freqs)  # the angles per position, as mx.fast.rope forms them
 
-    def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: Any = None, residual: mx.array | None = None) -> mx.array:
+        """Attention of x; with `residual`, residual + that (added by the output projection's GEMM)."""
         B, T, _ = x.shape
         q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)
@@ -156,7 +159,10 @@ class CausalSelfAttention(nn.Module):
         # "causal" is aligned bottom-right, so a prefill chunk also sees the cached prefix.
         mask = "causal" if T > 1 else None
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
-        return self.c_proj(y.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
+        if residual is None or not isinstance(self.c_proj, CastLinear):  # e.g. a quantized c_proj
+            return self.c_proj(y) if residual is None else residual + self.c_proj(y)
+        return self.c_proj(y, residual)
 
     def _rope_norm(self, x: mx.array, cache: Any) -> mx.array:
         """Rotary embedding then QK norm of a projection (B, T, heads, head_dim), returned as
@@ -188,33 +194,38 @@ class MLP(nn.Module):
         self.c_fc = CastLinear(config.n_embd, 4 * config.n_embd)
         self.c_proj = CastLinear(4 * config.n_embd, config.n_embd)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
+        """residual + the MLP of x, the add inside the output projection's GEMM."""
         h = self.c_fc(x)
         if isinstance(self.c_proj, CastLinear):
-            return relu2_projection(h, self.c_proj.weight.astype(h.dtype))
-        return self.c_proj(mx.square(nn.relu(h)))  # relu^2
+            return relu2_projection(h, self.c_proj.weight.astype(h.dtype), residual)
+        return residual + self.c_proj(mx.square(nn.relu(h)))  # relu^2; e.g. a quantized c_proj
 
 
 @mx.custom_function
-def relu2_projection(h: mx.array, weight: mx.array) -> mx.array:
-    """`relu(h)² @ weight.T`, whose backward keeps only `h`.
+def relu2_projection(h: mx.array, weight: mx.array, residual: mx.array) -> mx.array:
+    """`residual + relu(h)² @ weight.T`, whose backward keeps only `h`.
 
     Autodiff would keep relu(h) and relu(h)² too (two more 4·n_embd-wide activations per token per
     block, a third of a block's activation memory): the backward recomputes both from `h` in one
     elementwise pass instead, as torch.compile's partitioner does for nanochat."""
-    return mx.square(nn.relu(h)) @ weight.T
+    return mx.addmm(residual, mx.square(nn.relu(h)), weight.T)
 
 
 @relu2_projection.vjp
 def _relu2_projection_vjp(primals, cotangent, output):
-    h, weight = primals
-    # Spelled with other ops than the forward's relu and square on purpose: mx.compile merges
-    # identical expressions, and would keep the forward's relu(h)² alive for this backward. Each
-    # of the two reads h itself, so each compiles to one elementwise pass (a shared relu(h) would
-    # be a third pass and a stored 4·n_embd-wide temporary).
-    relu2 = mx.square(h) * (h > 0)
+    h, weight, _ = primals
+    gw = cotangent @ weight
+    if cuda_kernels.available() and cuda_kernels.relu2_fits(h):
+        relu2, dh = cuda_kernels.relu2_vjp(h, gw)  # both in one pass over h
+    else:
+        # Spelled with other ops than the forward's relu and square on purpose: mx.compile merges
+        # identical expressions, and would keep the forward's relu(h)² alive for this backward.
+        # Each of the two reads h itself, so each compiles to one elementwise pass (a shared
+        # relu(h) would be a third pass and a stored 4·n_embd-wide temporary).
+        relu2, dh = mx.square(h) * (h > 0), gw * mx.where(h < 0, 0, 2 * h)
     dweight = cotangent.reshape(-1, cotangent.shape[-1]).T @ relu2.reshape(-1, h.shape[-1])
-    return (cotangent @ weight) * mx.where(h < 0, 0, 2 * h), dweight
+    return dh, dweight, cotangent
 
 
 class Block(nn.Module):
@@ -225,8 +236,8 @@ class Block(nn.Module):
 
     def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
         n = block_norm(cache)
-        x = x + self.attn(n(x), cache)
-        return x + self.mlp(n(x))
+        x = self.attn(n(x), cache, residual=x)
+        return self.mlp(n(x), residual=x)
 
 
 class Transformer(nn.Module):

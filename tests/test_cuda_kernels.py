@@ -50,6 +50,8 @@ def test_shapes_the_kernels_take():
     assert cuda_kernels.rope_norm_fits(mx.zeros((2, 5, 6, 128), mx.bfloat16))
     assert not cuda_kernels.rope_norm_fits(mx.zeros((2, 5, 6, 32), mx.bfloat16))
     assert not cuda_kernels.rope_norm_fits(mx.zeros((2, 6, 128), mx.bfloat16))
+    assert cuda_kernels.relu2_fits(mx.zeros((2, 5, 3072), mx.bfloat16))
+    assert not cuda_kernels.relu2_fits(mx.zeros((2, 5, 3), mx.bfloat16))
 
 
 @needs_cuda
@@ -106,6 +108,18 @@ def test_rope_norm_kernels_equal_mlx_rope_then_norm_and_their_autodiff(dtype, he
     ref_y, (ref_dx,) = mx.vjp(reference, [x], [dy])
     y, (dx,) = mx.vjp(lambda a: attn._rope_norm(a, None), [x], [dy])
     assert_close_at_scale(((ref_y[0], y[0]), (ref_dx, dx)), 1e-5 if dtype == mx.float32 else 2e-2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_relu2_kernel_equals_the_portable_backward(dtype):
+    h = (mx.random.normal((3, 37, 96), key=mx.random.key(11)) * 3).astype(dtype)  # a last block part empty
+    h[0, 0, :8] = 0.0
+    gw = mx.random.normal(h.shape, key=mx.random.key(12)).astype(dtype)
+    relu2, dh = cuda_kernels.relu2_vjp(h, gw)
+    h32, gw32 = h.astype(mx.float32), gw.astype(mx.float32)
+    ref_relu2, ref_dh = (mx.square(nn.relu(h32)).astype(dtype), (2 * nn.relu(h32) * gw32).astype(dtype))
+    assert_close_at_scale(((ref_relu2, relu2), (ref_dh, dh)), 1e-6 if dtype == mx.float32 else 1e-2)
 
 
 @needs_cuda

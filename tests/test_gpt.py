@@ -206,12 +206,13 @@ def test_checkpointed_blocks_give_the_same_loss_and_gradients():
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_relu2_projection_backward_equals_autodiff(dtype):
     """The MLP's hand-written backward (recomputing relu² from the c_fc output) gives autodiff's
-    gradients for the input and the projection weight."""
+    output and gradients for the input, the projection weight and the residual."""
     h = mx.random.normal((2, 5, 32), key=mx.random.key(1)).astype(dtype)
     w = (0.1 * mx.random.normal((8, 32), key=mx.random.key(2))).astype(dtype)
+    res = mx.random.normal((2, 5, 8), key=mx.random.key(4)).astype(dtype)
     cot = mx.random.normal((2, 5, 8), key=mx.random.key(3)).astype(dtype)
-    reference = mx.vjp(lambda a, b: mx.square(nn.relu(a)) @ b.T, [h, w], [cot])
-    ours = mx.vjp(gpt.relu2_projection, [h, w], [cot])
+    reference = mx.vjp(lambda a, b, c: c + mx.square(nn.relu(a)) @ b.T, [h, w, res], [cot])
+    ours = mx.vjp(gpt.relu2_projection, [h, w, res], [cot])
     tol = 1e-6 if dtype == mx.float32 else 2e-2
     for a, b in zip(reference[0] + reference[1], ours[0] + ours[1]):
         assert a.dtype == b.dtype and a.shape == b.shape
