@@ -194,12 +194,14 @@ class MLP(nn.Module):
         self.c_fc = CastLinear(config.n_embd, 4 * config.n_embd)
         self.c_proj = CastLinear(4 * config.n_embd, config.n_embd)
 
-    def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array, cache: Any = None) -> mx.array:
         """residual + the MLP of x, the add inside the output projection's GEMM."""
         h = self.c_fc(x)
-        if isinstance(self.c_proj, CastLinear):
-            return relu2_projection(h, self.c_proj.weight.astype(h.dtype), residual)
-        return residual + self.c_proj(mx.square(nn.relu(h)))  # relu^2; e.g. a quantized c_proj
+        if not isinstance(self.c_proj, CastLinear):
+            return residual + self.c_proj(mx.square(nn.relu(h)))  # relu^2; e.g. a quantized c_proj
+        if cache is not None:  # decoding keeps nothing for a backward: mlx's compiled relu² is one kernel, not two
+            return self.c_proj(nn.relu2(h), residual)
+        return relu2_projection(h, self.c_proj.weight.astype(h.dtype), residual)
 
 
 @mx.custom_function
@@ -237,7 +239,7 @@ class Block(nn.Module):
     def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
         n = block_norm(cache)
         x = self.attn(n(x), cache, residual=x)
-        return self.mlp(n(x), residual=x)
+        return self.mlp(n(x), residual=x, cache=cache)
 
 
 class Transformer(nn.Module):
