@@ -300,8 +300,12 @@ class GPT(nn.Module):
                 x = block(x, None if cache is None else cache[i])
         return n(x)
 
-    def logits(self, h: mx.array) -> mx.array:
-        """lm_head + softcap, in fp32."""
+    def logits(self, h: mx.array, decoding: bool = False) -> mx.array:
+        """lm_head + softcap, in fp32. `decoding` (a forward with a KV cache) fuses the softcap's
+        cast, divide, tanh and multiply into one kernel (`_fused_softcap`): per token they are
+        launches, not work."""
+        if decoding:
+            return _fused_softcap(self.lm_head(h))
         return softcapped_logits(self.lm_head, h)
 
     def __call__(
@@ -312,7 +316,7 @@ class GPT(nn.Module):
         pass (`chunked_loss_sum`) — or 'none' for per-token losses (B, T), which evaluations use."""
         h = self.hidden(idx, cache)
         if targets is None:
-            return self.logits(h)
+            return self.logits(h, decoding=cache is not None)
         if reduction == "none":
             return chunked_cross_entropy(self, h, targets)
         valid = (targets >= 0).sum()
@@ -534,6 +538,12 @@ def _cuda_dlogits(z: mx.array, targets: mx.array, cotangent: mx.array, losses: m
 
 def _softcap(logits: mx.array) -> mx.array:
     return SOFTCAP * mx.tanh(logits.astype(mx.float32) / SOFTCAP)
+
+
+@functools.partial(mx.compile, shapeless=True)
+def _fused_softcap(logits: mx.array) -> mx.array:
+    """`_softcap` as one elementwise kernel (the same fp32 ops, so the same values)."""
+    return _softcap(logits)
 
 
 def _losses_of_logits(logits: mx.array, targets: mx.array) -> mx.array:
