@@ -92,7 +92,7 @@ def make_cache(model, batch_size: int, max_len: int) -> list[KVCache]:
     return [KVCache(batch_size, c.n_kv_head, c.head_dim, max_len, model.compute_dtype) for _ in range(c.n_layer)]
 
 
-def sample_next_token(logits: mx.array, temperature: float, top_k: int | None, key: mx.array) -> mx.array:
+def sample_next_token(logits: mx.array, temperature: float, top_k: int | None, key: mx.array | None) -> mx.array:
     """Next token per row (B,) from (B, V) logits: argmax at temperature 0, else a draw from
     softmax(logits / temperature), restricted to the top_k logits when top_k is set."""
     if temperature == 0.0:
@@ -162,7 +162,9 @@ def generate(
 
     def sample(logits: mx.array) -> mx.array:
         nonlocal key
-        key, subkey = mx.random.split(key)
+        subkey = None
+        if temperature > 0.0:  # greedy needs no key: a split per token would be host work for nothing
+            key, subkey = mx.random.split(key)
         return sample_next_token(logits, temperature, top_k, subkey)
 
     def forward(column: mx.array) -> mx.array:
