@@ -129,9 +129,13 @@ class CastLinear(nn.Linear):
         super().__init__(in_dims, out_dims, bias=False)
 
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
-        """x @ W.T, plus `residual` inside the GEMM (its epilogue on CUDA: no separate add pass)."""
+        """x @ W.T, plus `residual` inside the GEMM (its epilogue on CUDA: no separate add pass).
+        The add runs on rows (B·T × n): with x 3-D, addmm's backward would form d W as a batched
+        product summed over B (a batched GEMM and a reduction) instead of one GEMM."""
         w = self.weight.astype(x.dtype).T
-        return x @ w if residual is None else mx.addmm(residual, x, w)
+        if residual is None:
+            return x @ w
+        return mx.addmm(residual.reshape(-1, w.shape[1]), x.reshape(-1, w.shape[0]), w).reshape(residual.shape)
 
 
 class CausalSelfAttention(nn.Module):
