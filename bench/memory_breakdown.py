@@ -98,7 +98,7 @@ def main() -> None:
         measure("attention module fwd+bwd (1 layer)", lambda: att_vg(att, h_fixed))
     if "mlp" in parts:
         mlp = model.transformer.h[0].mlp
-        mlp_vg = nn.value_and_grad(mlp, lambda a, hh: (a(hh) * r).astype(mx.float32).sum())
+        mlp_vg = nn.value_and_grad(mlp, lambda a, hh: (a(hh, residual=hh) * r).astype(mx.float32).sum())  # residual as a block passes it
         measure("MLP fwd+bwd (1 layer)", lambda: mlp_vg(mlp, h_fixed))
     if "block" in parts:
         block = model.transformer.h[0]
