@@ -18,3 +18,17 @@ def test_memory_breakdown_runs_every_part(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) >= 10
     assert [r["part"] for r in rows if r["error"]] == []
+
+
+def test_sft_steady_state_drops_the_compiling_steps_on_both_sides():
+    sys.path.insert(0, str(REPO / "bench"))
+    import train_loop
+
+    widths = [256, 256, 256, 384, 256, 512, 256]  # 2 warm-up steps, then 5 timed
+    loop = {"step_times_s": [0.1, 0.5, 0.1, 0.6, 0.1], "step_tokens": [8, 12, 8, 16, 8]}
+    step = {"step_times_s": [0.2, 0.2, 0.4, 0.2, 0.4], "step_tokens": [8, 12, 8, 16, 8]}
+    out = train_loop.steady_state({"loop": loop, "step": step}, widths, warmup=2)
+    # 384 first at step 3 and 512 at step 5 compile there, and show in the loop's dt one step earlier
+    assert out["dropped_steps"] == [0, 1, 2, 3]
+    assert out["steps"] == 1
+    assert out["loop_tok_per_s"] == 8 / 0.1 and out["step_tok_per_s"] == 8 / 0.4
