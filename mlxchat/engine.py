@@ -194,7 +194,7 @@ def _prefill_logits(model, tokens: list[int], cache: list[KVCache]) -> mx.array:
     `logits` (a wrapper, a test's stand-in) runs whole."""
     idx = mx.array([tokens])
     if hasattr(model, "hidden") and hasattr(model, "logits"):
-        return model.logits(model.hidden(idx, cache=cache)[:, -1, :], decoding=True)
+        return model.logits(model.hidden(idx, cache=cache)[:, -1, :])
     return model(idx, cache=cache)[:, -1, :]
 
 

@@ -164,9 +164,7 @@ class CausalSelfAttention(nn.Module):
         mask = "causal" if T > 1 else None
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
-        if residual is None or not isinstance(self.c_proj, CastLinear):  # e.g. a quantized c_proj
-            return self.c_proj(y) if residual is None else residual + self.c_proj(y)
-        return self.c_proj(y, residual)
+        return self.c_proj(y) if residual is None else project_onto(self.c_proj, y, residual)
 
     def _rope_norm(self, x: mx.array, cache: Any) -> mx.array:
         """Rotary embedding then QK norm of a projection (B, T, heads, head_dim), returned as
@@ -201,11 +199,16 @@ class MLP(nn.Module):
     def __call__(self, x: mx.array, residual: mx.array, cache: Any = None) -> mx.array:
         """residual + the MLP of x, the add inside the output projection's GEMM."""
         h = self.c_fc(x)
-        if not isinstance(self.c_proj, CastLinear):
-            return residual + self.c_proj(mx.square(nn.relu(h)))  # relu^2; e.g. a quantized c_proj
-        if cache is not None:  # decoding keeps nothing for a backward: mlx's compiled relu² is one kernel, not two
-            return self.c_proj(nn.relu2(h), residual)
-        return relu2_projection(h, self.c_proj.weight.astype(h.dtype), residual)
+        if cache is None and isinstance(self.c_proj, CastLinear):
+            return relu2_projection(h, self.c_proj.weight.astype(h.dtype), residual)
+        # Decoding keeps nothing for a backward: mlx's compiled relu² is one kernel, not two.
+        return project_onto(self.c_proj, nn.relu2(h), residual)
+
+
+def project_onto(linear: nn.Module, x: mx.array, residual: mx.array) -> mx.array:
+    """residual + linear(x): inside the GEMM for a CastLinear, a separate add for any other
+    layer (e.g. a quantized one)."""
+    return linear(x, residual) if isinstance(linear, CastLinear) else residual + linear(x)
 
 
 @mx.custom_function
@@ -304,13 +307,10 @@ class GPT(nn.Module):
                 x = block(x, None if cache is None else cache[i])
         return n(x)
 
-    def logits(self, h: mx.array, decoding: bool = False) -> mx.array:
-        """lm_head + softcap, in fp32. `decoding` (a forward with a KV cache) fuses the softcap's
-        cast, divide, tanh and multiply into one kernel (`_fused_softcap`): per token they are
-        launches, not work."""
-        if decoding:
-            return _fused_softcap(self.lm_head(h))
-        return softcapped_logits(self.lm_head, h)
+    def logits(self, h: mx.array) -> mx.array:
+        """lm_head + softcap, in fp32, the softcap's cast, divide, tanh and multiply fused into one
+        kernel (`_fused_softcap`): per decoded token they are launches, not work."""
+        return _fused_softcap(self.lm_head(h))
 
     def __call__(
         self, idx: mx.array, targets: mx.array | None = None, cache: list | None = None, reduction: str = "mean"
@@ -320,7 +320,7 @@ class GPT(nn.Module):
         pass (`chunked_loss_sum`) — or 'none' for per-token losses (B, T), which evaluations use."""
         h = self.hidden(idx, cache)
         if targets is None:
-            return self.logits(h, decoding=cache is not None)
+            return self.logits(h)
         if reduction == "none":
             return chunked_cross_entropy(self, h, targets)
         valid = (targets >= 0).sum()
@@ -558,9 +558,5 @@ def _losses_of_logits(logits: mx.array, targets: mx.array) -> mx.array:
     return mx.where(valid, mx.logsumexp(logits, axis=-1) - picked, 0.0)
 
 
-def softcapped_logits(head: nn.Module, h: mx.array) -> mx.array:
-    return _softcap(head(h))
-
-
 def _token_losses(head: nn.Module, h: mx.array, targets: mx.array) -> mx.array:
-    return _losses_of_logits(softcapped_logits(head, h), targets)
+    return _losses_of_logits(_softcap(head(h)), targets)
