@@ -16,7 +16,8 @@ No one request, nor a handful, can exhaust the server:
 - the prompt is cut to the model's context (the newest turns kept, `chat.fit_to_context`),
   the stream saying so first as `data: {"notice": "..."}`, and the reply to what is left of
   the context, so memory and prefill are bounded by the model, not by the request;
-- at most `max_waiting` requests wait for the worker; past that, 503 with Retry-After;
+- at most `max_waiting` requests wait for the worker; past that, 503 with Retry-After (a
+  waiting request whose client hangs up leaves the queue at once);
 - a stream whose client does not read it for `write_timeout_s`, or that gets no event for
   `idle_timeout_s`, is dropped and its generation cancelled;
 - a request whose Host is not this server's address or localhost, or that comes from a web
@@ -38,9 +39,9 @@ import asyncio
 import ipaddress
 import json
 import math
-import queue
 import socket
 import threading
+from collections import deque
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -169,7 +170,7 @@ def _number(request: dict, name: str, default, bounds: tuple, kind: type):
     return kind(value)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two requests may ask the same
 class _Job:
     messages: list[dict]
     sampling: Sampling
@@ -186,10 +187,15 @@ class _Job:
 
 class GenerationWorker:
     """The one thread that loads the model and runs every generation (see the module doc);
-    at most `max_waiting` requests wait for it."""
+    at most `max_waiting` requests wait for it. A waiting request whose client leaves gives
+    up its place at once (`leave`), not when the worker reaches it: else clients that ask
+    and hang up while a long reply runs would fill the queue and turn everyone away."""
 
     def __init__(self, load: Callable[[], ChatModel], max_waiting: int = MAX_WAITING):
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_waiting)
+        self.max_waiting = max_waiting
+        self._waiting: deque[_Job] = deque()
+        self._changed = threading.Condition()
+        self._closing = False
         ready: Future[ChatModel] = Future()
         self._thread = threading.Thread(target=self._run, args=(load, ready), name="mlxchat-generate", daemon=True)
         self._thread.start()
@@ -202,12 +208,18 @@ class GenerationWorker:
             ready.set_exception(e)
             return
         ready.set_result(chat)
-        while (job := self._jobs.get()) is not None:
+        while (job := self._next()) is not None:
             self._serve(chat, job)
+
+    def _next(self) -> _Job | None:
+        """The oldest waiting job; None once closing and nothing waits."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._waiting or self._closing)
+            return self._waiting.popleft() if self._waiting else None
 
     def _serve(self, chat: ChatModel, job: _Job) -> None:
         try:
-            if not job.cancelled.is_set():
+            if not job.cancelled.is_set():  # its client may leave between the queue and here
                 s = job.sampling
                 context = chat.model.config.sequence_len
                 messages, prompt_len, note = fit_to_context(chat.tokenizer, job.messages,
@@ -226,19 +238,30 @@ class GenerationWorker:
     def submit(self, messages: list[dict], sampling: Sampling) -> _Job:
         """Queue a generation; RequestError 503 when `max_waiting` already wait."""
         job = _Job(messages, sampling, asyncio.get_running_loop())
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            raise RequestError(f"the server is busy ({self._jobs.maxsize} requests waiting); retry in a moment",
-                               503) from None
+        with self._changed:
+            if len(self._waiting) >= self.max_waiting:
+                raise RequestError(f"the server is busy ({self.max_waiting} requests waiting); retry in a moment",
+                                   503)
+            self._waiting.append(job)
+            self._changed.notify()
         return job
+
+    def leave(self, job: _Job) -> None:
+        """The job's client is gone: stop its generation, or take it out of the queue."""
+        job.cancelled.set()
+        with self._changed:
+            if job in self._waiting:
+                self._waiting.remove(job)
 
     @property
     def waiting(self) -> int:
-        return self._jobs.qsize()
+        return len(self._waiting)
 
     def close(self) -> None:
-        self._jobs.put(None)  # blocks while the queue is full: it drains one job at a time
+        """Stop after the jobs already waiting are served."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify()
         self._thread.join(timeout=60)
 
 
@@ -372,7 +395,7 @@ def create_app(worker: GenerationWorker, defaults: Sampling = Sampling(), host: 
                     if event.get("done"):
                         return
             finally:
-                job.cancelled.set()
+                worker.leave(job)
 
         return _TimedStream(events(), write_timeout_s, media_type="text/event-stream")
 

@@ -184,7 +184,14 @@ def ask(text: str) -> dict:
     return {"messages": [{"role": "user", "content": text}], "max_tokens": 4096}
 
 
-def test_a_full_queue_answers_503_with_retry_after(root, endless):
+def _wait_for_waiting(client, url: str, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while client.get(f"{url}/health").json()["waiting"] != n:
+        assert time.monotonic() < deadline, f"never {n} waiting"
+        time.sleep(0.05)
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_a_client_that_leaves_frees_its_place(root, endless):
     worker = GenerationWorker(lambda: load_chat_model(RUN, "sft", root), max_waiting=1)
     with LiveServer(create_app(worker)) as url, httpx.Client(timeout=60) as client:
         with client.stream("POST", f"{url}/chat/completions", json=ask("endless")) as running:
@@ -192,16 +199,19 @@ def test_a_full_queue_answers_503_with_retry_after(root, endless):
             next(lines)  # the worker is busy with it
             with httpx.stream("POST", f"{url}/chat/completions", json=ask("hi"), timeout=60) as waiting:
                 assert waiting.status_code == 200  # accepted: it waits in the queue
-                deadline = time.monotonic() + 30
-                while client.get(f"{url}/health").json()["waiting"] != 1 and time.monotonic() < deadline:
-                    time.sleep(0.05)
+                _wait_for_waiting(client, url, 1)
                 refused = client.post(f"{url}/chat/completions", json=ask("hi"))
                 assert refused.status_code == 503 and refused.headers["Retry-After"].isdigit()
                 assert "busy" in refused.json()["detail"]
                 healthy(url)
-        assert endless.stopped.wait(30)  # the client left: its generation was cancelled
-        with client.stream("POST", f"{url}/chat/completions", json=ask("hi")) as r:
-            assert [e.get("token") for e in events(r)] == ["ok", None]
+            _wait_for_waiting(client, url, 0)  # it left: its place is free while "endless" still runs
+            assert not endless.stopped.is_set()
+            with httpx.stream("POST", f"{url}/chat/completions", json=ask("hi"), timeout=60) as queued:
+                assert queued.status_code == 200
+                _wait_for_waiting(client, url, 1)
+                running.close()  # the client of "endless" leaves: its generation is cancelled ...
+                assert endless.stopped.wait(30)
+                assert [e.get("token") for e in events(queued)] == ["ok", None]  # ... and the next one runs
         healthy(url)
 
 
