@@ -158,10 +158,10 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim).transpose(0, 2, 1, 3)
         q, k = self._rope_norm(q, cache), self._rope_norm(k, cache)  # rotary, then QK norm
-        if cache is not None:
+        mask = "causal"
+        if cache is not None:  # the cache knows which of what it returns this step may see
+            mask = cache.make_mask(T)
             k, v = cache.update_and_fetch(k, v)
-        # "causal" is aligned bottom-right, so a prefill chunk also sees the cached prefix.
-        mask = "causal" if T > 1 else None
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
         return self.c_proj(y) if residual is None else project_onto(self.c_proj, y, residual)
