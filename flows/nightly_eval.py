@@ -97,12 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = nightly_eval(**params)
     except MlxchatError as e:
-        runtime.settle()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    runtime.settle()
-    print(f"nightly-eval: {result['model_dir']} val bpb {result['val_bpb']:.4f} ({result['rows']} rows in {result['history']})")
-    return 0
+        return runtime.finish(f"error: {e}", 2)
+    return runtime.finish(f"nightly-eval: {result['model_dir']} val bpb {result['val_bpb']:.4f} "
+                          f"({result['rows']} rows in {result['history']})", 0)
 
 
 if __name__ == "__main__":

@@ -65,17 +65,19 @@ def wait_until_ready() -> None:
         _server.wait()
 
 
-def settle() -> None:
-    """Send what Prefect still queues (events, then logs) before the run's last line is printed.
-    Left to exit, Prefect sends it after that line and, on a busy machine, warns that items
-    remain, so the line users (and tests) read as the outcome would not be the last one."""
-    if "prefect.events.worker" not in sys.modules:  # no flow ran: nothing queued, no import to pay
-        return
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
+def finish(line: str, code: int) -> int:
+    """Print the run's last line (stdout when it succeeded, else stderr) and return `code`,
+    after sending what Prefect still queues (events, then logs): left to exit, Prefect sends it
+    after that line and, on a busy machine, warns that items remain, so the line users (and
+    tests) read as the outcome would not be the last one."""
+    if "prefect.events.worker" in sys.modules:  # else no flow ran: nothing queued, no import to pay
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
 
-    for service in (EventsWorker, APILogWorker):
-        service.drain_all(timeout=30)
+        for service in (EventsWorker, APILogWorker):
+            service.drain_all(timeout=30)
+    print(line, file=sys.stdout if code == 0 else sys.stderr)
+    return code
 
 
 def _free_port() -> int:

@@ -223,18 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             runtime.wait_until_ready()
             state = speedrun(**options, return_state=True)
             if state.is_cancelled():
-                runtime.settle()
-                print(f"cancelled: {state.message}", file=sys.stderr)
-                return 130
+                return runtime.finish(f"cancelled: {state.message}", 130)
             records = state.result()
     except MlxchatError as e:
-        runtime.settle()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    runtime.settle()
+        return runtime.finish(f"error: {e}", 2)
     report = records.get("report", {}).get("path")
-    print(f"speedrun finished: {report or 'done'}")
-    return 0
+    return runtime.finish(f"speedrun finished: {report or 'done'}", 0)
 
 
 if __name__ == "__main__":

@@ -222,10 +222,15 @@ def _sample(logits: mx.array, key: mx.array, temperature: float, top_k: int | No
     return sample_next_token(logits, temperature, top_k, subkey), key
 
 
+def _forward_and_sample(model, tokens: mx.array, cache: list, key: mx.array, temperature: float,
+                        top_k: int | None) -> tuple[mx.array, mx.array]:
+    return _sample(model(tokens[:, None], cache=cache)[:, -1, :], key, temperature, top_k)
+
+
 def _eager_decode(model, cache: list[KVCache], temperature: float, top_k: int | None) -> Decode:
     """For a model that is no `nn.Module` (a wrapper, a test's stand-in): its own forward per token."""
     def decode(tokens: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
-        return _sample(model(tokens[:, None], cache=cache)[:, -1, :], key, temperature, top_k)
+        return _forward_and_sample(model, tokens, cache, key, temperature, top_k)
     return decode
 
 
@@ -240,8 +245,7 @@ def _compiled_decode(model: nn.Module, cache: list[KVCache], temperature: float,
 
     def step(tokens, keys, values, offset, key):
         layers = [FixedKVCache(k, v, offset) for k, v in zip(keys, values)]
-        logits = model(tokens[:, None], cache=layers)[:, -1, :]
-        nxt, key = _sample(logits, key, temperature, top_k)
+        nxt, key = _forward_and_sample(model, tokens, layers, key, temperature, top_k)
         return nxt, [c.keys for c in layers], [c.values for c in layers], layers[0].offset, key
 
     compiled = mx.compile(step)
