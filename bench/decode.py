@@ -9,7 +9,8 @@ decode greedily from the same random prompt with no stop token, so they do the s
   prefill tok/s = prompt tokens / time to the first generated token (prefill + one sample)
   decode tok/s  = rows × (new tokens − 1) / time from the first token to the last
 Rows: ours batch 1, mlx-lm batch 1 (`mlx_lm.generate.generate_step`, token ids in and out, no
-detokenizing), ours at --batch rows (`num_samples`: one prefill, rows decoded together). After
+detokenizing), ours batch 1 without the compiled step (`compiled=False`: the forward per token over
+growing caches, as mlx-lm decodes), ours at --batch rows (`num_samples`: one prefill, rows decoded together). After
 one untimed warm-up each, the variants take turns --reps times; the median is reported. Greedy tokens of ours and
 mlx-lm at batch 1 are compared (they should agree, up to near-ties in the logits).
 
@@ -44,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="also one generation of each batch-1 variant under the kernel profiler (CUDA with torch)")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
 
@@ -81,14 +84,15 @@ def main(argv=None) -> dict:
     prompt = mx.random.randint(0, vocab, (args.prompt_len,), key=mx.random.key(args.seed)).tolist()
     n = args.new_tokens
 
-    def run_ours(rows: int):
-        return engine.generate(ours, prompt, n, temperature=0.0, num_samples=rows)
+    def run_ours(rows: int, compiled: bool = True):
+        return engine.generate(ours, prompt, n, temperature=0.0, num_samples=rows, compiled=compiled)
 
     def run_mlx_lm():
         steps = generate_step(mx.array(prompt), theirs, max_tokens=n, sampler=lambda logprobs: mx.argmax(logprobs, axis=-1))
         return ([int(tok)] for tok, _ in steps)
 
     variants = {"ours, batch 1": (lambda: run_ours(1), 1), "mlx-lm, batch 1": (run_mlx_lm, 1),
+                "ours eager, batch 1": (lambda: run_ours(1, compiled=False), 1),
                 f"ours, batch {args.batch}": (lambda: run_ours(args.batch), args.batch)}
     for make, _ in variants.values():
         timed_generation(make())  # warm-up
@@ -108,7 +112,19 @@ def main(argv=None) -> dict:
         print(f"  {name:<16} prefill {results[name]['prefill_tok_per_s']:>10,.0f} tok/s   "
               f"decode {results[name]['decode_tok_per_s']:>9,.1f} tok/s", flush=True)
 
-    ref, mine = results["mlx-lm, batch 1"], results["ours, batch 1"]
+    if args.profile:  # a step of the profile is one token: GPU time and kernels per token, the span's gaps host time
+        from kernel_profile import print_profile, profile_kernels
+        for name, (make, rows) in variants.items():
+            if rows == 1:
+                prof = profile_kernels(lambda: [None for _ in make()], 1)
+                if "error" not in prof:
+                    prof = {**prof, "tokens": n, "kernels_per_token": prof["kernels_per_step"] / n,
+                            "kernel_ms_per_token": prof["kernel_ms_per_step"] / n, "span_ms_per_token": prof["span_ms_per_step"] / n}
+                    print(f"  {name}: per token {prof['kernel_ms_per_token']:.3f} ms of GPU kernels, "
+                          f"{prof['kernels_per_token']:.1f} kernels, {prof['span_ms_per_token']:.3f} ms span")
+                print_profile(name + " (one generation)", prof)
+                results[name]["kernel_profile"] = prof
+    ref, mine, eager = results["mlx-lm, batch 1"], results["ours, batch 1"], results["ours eager, batch 1"]
     agree = sum(a == b for a, b in zip(greedy["ours, batch 1"], greedy["mlx-lm, batch 1"]))
     report = {
         "device": mx.device_info().get("device_name", "?"),
@@ -120,12 +136,14 @@ def main(argv=None) -> dict:
         "config": {k: getattr(args, k) for k in ("prompt_len", "new_tokens", "batch", "reps", "seed")} | {"dtype": str(dtype)},
         "results": results,
         "ratios_ours_over_mlx_lm": {"prefill": mine["prefill_tok_per_s"] / ref["prefill_tok_per_s"],
-                                    "decode": mine["decode_tok_per_s"] / ref["decode_tok_per_s"]},
+                                    "decode": mine["decode_tok_per_s"] / ref["decode_tok_per_s"],
+                                    "decode_eager": eager["decode_tok_per_s"] / ref["decode_tok_per_s"]},
         "greedy_tokens_agreeing": f"{agree}/{n}",
         "command": "python bench/decode.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     r = report["ratios_ours_over_mlx_lm"]
-    print(f"ours / mlx-lm at batch 1: prefill {r['prefill']:.2f}x, decode {r['decode']:.2f}x | "
+    print(f"ours / mlx-lm at batch 1: prefill {r['prefill']:.2f}x, decode {r['decode']:.2f}x "
+          f"(eager {r['decode_eager']:.2f}x) | "
           f"greedy tokens agreeing {agree}/{n} | {report['device']} | {dtype}")
     write_json(args.json, report)
     return report

@@ -166,6 +166,7 @@ def generate(
     stop_tokens: Sequence[int] = (),
     tool: Tool | None = None,
     with_forced: bool = False,
+    compiled: bool = True,
 ) -> Iterator[list[int]]:
     """Yield, per step, the next token of each of `num_samples` rows continuing `tokens`
     (with `with_forced`, a pair: the tokens and whether each was forced by the tool).
@@ -175,7 +176,8 @@ def generate(
     consumers truncate each row at its first stop token (as `generate_batch` does).
     Sampling draws from keys split off `seed`, so equal arguments give equal samples.
     `model` is a GPT (any `nn.Module` with its call: decoded by one compiled step a token,
-    `_compiled_decode`), or anything with its `__call__(idx, cache)`, `config` and `compute_dtype`.
+    `_compiled_decode`, unless `compiled` is False), or anything with its `__call__(idx, cache)`,
+    `config` and `compute_dtype` (decoded eagerly, its own forward per token).
     """
     _check_arguments(tokens, max_tokens, temperature, top_k, num_samples)
     cache = make_cache(model, 1, len(tokens) + max_tokens)
@@ -186,7 +188,8 @@ def generate(
         logits = mx.repeat(logits, num_samples, axis=0)
     rows = [_Row(list(tokens)) for _ in range(num_samples)]
     stop = set(stop_tokens)
-    decode = (_compiled_decode if isinstance(model, nn.Module) else _eager_decode)(model, cache, temperature, top_k)
+    decode = (_compiled_decode if compiled and isinstance(model, nn.Module) else _eager_decode)(
+        model, cache, temperature, top_k)
     sampled, key = _sample(logits, mx.random.key(seed), temperature, top_k)
     for step in range(max_tokens):
         # Without a tool every row's next input is its sampled token, so from the second token on
@@ -228,7 +231,8 @@ def _forward_and_sample(model, tokens: mx.array, cache: list, key: mx.array, tem
 
 
 def _eager_decode(model, cache: list[KVCache], temperature: float, top_k: int | None) -> Decode:
-    """For a model that is no `nn.Module` (a wrapper, a test's stand-in): its own forward per token."""
+    """The model's own forward per token, over caches that grow: for a model that is no `nn.Module`
+    (a wrapper, a test's stand-in), and to measure the compiled step against (`bench/decode.py`)."""
     def decode(tokens: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
         return _forward_and_sample(model, tokens, cache, key, temperature, top_k)
     return decode

@@ -87,9 +87,10 @@ class Eager:
     dict(temperature=0.8, top_k=7, num_samples=4, seed=11),
 ])
 def test_the_compiled_decode_step_samples_what_the_eager_forward_samples(model, settings):
-    """The compiled step (a GPT) and the eager forward (anything else) give the same tokens from
-    the same seed: the same logits, the same keys split in the same order."""
+    """The compiled step (a GPT) and the eager forward (a GPT with `compiled=False`, anything else)
+    give the same tokens from the same seed: the same logits, the same keys split in the same order."""
     steps = list(generate(model, PROMPT, 30, **settings))
+    assert steps == list(generate(model, PROMPT, 30, compiled=False, **settings))
     assert steps == list(generate(Eager(model), PROMPT, 30, **settings))
     assert len({tuple(s) for s in steps}) > 3, "the test model should not be degenerate"
 
