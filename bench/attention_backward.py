@@ -1,0 +1,133 @@
+"""Causal attention forward and backward alone: MLX's cuDNN path against torch's, at the model's shapes.
+
+Why: in the d20 step's kernel profile (`gpu_d20_b32_s7.json`) cuDNN's flash backward kernel, the same
+`knob_26` kernel in both, takes 3.5 ms a call under MLX and 1.9 ms under torch, while the forward
+kernels take the same time and the step's kernels barely overlap (480 ms of kernels in a 473 ms span), so
+concurrency does not explain it. MLX asks cuDNN for a *bottom-right* aligned causal mask
+(`set_causal_mask_bottom_right`), torch for a top-left one; for T_q = T_kv the masks are the same, but
+the kernel may skip fewer tiles. Timed alone, the two sides show whether the gap lives in the call
+itself (then it is MLX's, to report with these figures) or in what runs around it in the step.
+
+Rows (each the median of --reps, after a warm-up; GPU time by the host clock after a sync):
+  mlx causal   mx.fast.scaled_dot_product_attention(mask="causal"), q, k, v as the model hands them
+               (B, H, T, D) views of (B, T, H, D) buffers; forward, and forward + backward
+  mlx bias     the same with the causal mask as an additive array (cuDNN's bias input: no tile skipping),
+               the cost of a backward that skips nothing
+  torch cudnn  F.scaled_dot_product_attention(is_causal=True) under the cuDNN backend, the same layout
+The backward's share is (forward + backward) - forward. Nothing asserts; on a machine without CUDA the
+torch row says so and the MLX rows run on the default device.
+
+    python bench/attention_backward.py --batch 32 --heads 10 --seq-len 2048 --head-dim 128 --json OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchjson import write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlx.core as mx  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--heads", type=int, default=10)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def flops(b: int, h: int, t: int, d: int) -> tuple[float, float]:
+    """Causal forward and backward FLOPs (half the T x T square; the backward is 2.5x the forward)."""
+    fwd = 4 * b * h * t * t * d / 2
+    return fwd, 2.5 * fwd
+
+
+def time_it(fn, reps: int, sync) -> float:
+    """Median seconds of `fn()` over `reps`, each waited for."""
+    sync(fn())
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def mlx_rows(args) -> dict:
+    b, h, t, d = args.batch, args.heads, args.seq_len, args.head_dim
+    keys = mx.random.split(mx.random.key(0), 4)
+    q, k, v, do = (mx.random.normal((b, t, h, d), key=key).astype(mx.bfloat16).transpose(0, 2, 1, 3) for key in keys)
+    bias = mx.where(mx.arange(t)[:, None] >= mx.arange(t)[None, :], 0.0, -float("inf")).astype(mx.bfloat16)
+    mx.eval(q, k, v, do, bias)
+    scale = d ** -0.5
+    rows = {}
+    for name, mask in (("mlx causal", "causal"), ("mlx bias", bias)):
+        def fwd(q, k, v, mask=mask):
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        grads = mx.compile(lambda q, k, v, do, fwd=fwd: mx.vjp(fwd, (q, k, v), (do,))[1])
+        f = time_it(lambda fwd=fwd: fwd(q, k, v), args.reps, mx.eval)
+        fb = time_it(lambda grads=grads: grads(q, k, v, do), args.reps, mx.eval)
+        rows[name] = {"forward_ms": f * 1e3, "forward_backward_ms": fb * 1e3, "backward_ms": (fb - f) * 1e3}
+    return rows
+
+
+def torch_row(args) -> dict:
+    try:
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return {"error": "torch is not installed"}
+    if not torch.cuda.is_available():
+        return {"error": "no CUDA device visible to torch"}
+    b, h, t, d = args.batch, args.heads, args.seq_len, args.head_dim
+    q, k, v, do = (torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(4))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+
+    def sync(_):
+        torch.cuda.synchronize()
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        def fwd():
+            with torch.no_grad():
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        def fwd_bwd():
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return torch.autograd.grad(out, (q, k, v), do)
+
+        f, fb = time_it(fwd, args.reps, sync), time_it(fwd_bwd, args.reps, sync)
+    return {"forward_ms": f * 1e3, "forward_backward_ms": fb * 1e3, "backward_ms": (fb - f) * 1e3,
+            "torch": torch.__version__}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    rows = {**mlx_rows(args), "torch cudnn": torch_row(args)}
+    fwd_flops, bwd_flops = flops(args.batch, args.heads, args.seq_len, args.head_dim)
+    print(f"B {args.batch} | H {args.heads} | T {args.seq_len} | D {args.head_dim} | bf16 | {mx.default_device()}")
+    for name, r in rows.items():
+        if "error" in r:
+            print(f"  {name:<12} {r['error']}")
+            continue
+        print(f"  {name:<12} forward {r['forward_ms']:7.3f} ms ({fwd_flops / r['forward_ms'] / 1e9:6.1f} TFLOP/s)   "
+              f"backward {r['backward_ms']:7.3f} ms ({bwd_flops / max(r['backward_ms'], 1e-9) / 1e9:6.1f} TFLOP/s)")
+    report = {"device": mx.device_info().get("device_name", "?"), "mlx": mx.__version__,
+              "config": vars(args) | {"dtype": "bfloat16"}, "results": rows,
+              "command": "python bench/attention_backward.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    write_json(args.json, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
