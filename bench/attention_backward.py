@@ -3,10 +3,12 @@
 Why: in the d20 step's kernel profile (`gpu_d20_b32_s7.json`) cuDNN's flash backward kernel, the same
 `knob_26` kernel in both, takes 3.5 ms a call under MLX and 1.9 ms under torch, while the forward
 kernels take the same time and the step's kernels barely overlap (480 ms of kernels in a 473 ms span), so
-concurrency does not explain it. MLX asks cuDNN for a *bottom-right* aligned causal mask
-(`set_causal_mask_bottom_right`), torch for a top-left one; for T_q = T_kv the masks are the same, but
-the kernel may skip fewer tiles. Timed alone, the two sides show whether the gap lives in the call
-itself (then it is MLX's, to report with these figures) or in what runs around it in the step.
+concurrency does not explain it. Timed alone, the two sides show whether the gap lives in the call
+itself or in what runs around it in the step. Measured alone (`gpu_attention_backward_d{12,20}.json`): it
+lives in the call, 1.70x torch's backward at both shapes with equal forwards. MLX asks cuDNN for a
+bottom-right aligned causal mask (`set_causal_mask_bottom_right`; torch a top-left one, the same mask
+for T_q = T_kv) and runs the plan as a native cuDNN CUDA graph (`populate_cuda_graph`; torch executes
+it): the next suspects. The bias row shows MLX's causal backward does skip the masked tiles.
 
 Rows (each the median of --reps, after a warm-up; GPU time by the host clock after a sync):
   mlx causal   mx.fast.scaled_dot_product_attention(mask="causal"), q, k, v as the model hands them

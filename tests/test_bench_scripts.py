@@ -1,5 +1,5 @@
-"""The diagnostic benchmark that calls the model's parts one by one (bench/memory_breakdown.py) still
-runs against the current model at a tiny size: a part whose call no longer fits the model's
+"""The diagnostic benchmarks that call the model's parts or MLX's kernels one by one (bench/memory_breakdown.py,
+bench/attention_backward.py) still run at a tiny size: a part whose call no longer fits the model's
 signature reports an error row instead of failing, so nothing else would notice. Nothing is timed."""
 
 import json
@@ -32,3 +32,14 @@ def test_sft_steady_state_drops_the_compiling_steps_on_both_sides():
     assert out["dropped_steps"] == [0, 1, 2, 3]
     assert out["steps"] == 1
     assert out["loop_tok_per_s"] == 8 / 0.1 and out["step_tok_per_s"] == 8 / 0.4
+
+
+def test_attention_backward_times_both_masks_at_a_tiny_size(tmp_path):
+    out = tmp_path / "attention.json"
+    subprocess.run([sys.executable, str(REPO / "bench" / "attention_backward.py"), "--batch", "1", "--heads", "2",
+                    "--seq-len", "128", "--head-dim", "32", "--reps", "1", "--json", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    rows = json.loads(out.read_text())["results"]
+    for name in ("mlx causal", "mlx bias"):
+        assert rows[name]["forward_backward_ms"] > 0 and rows[name]["forward_ms"] > 0
+    assert "error" in rows["torch cudnn"] or rows["torch cudnn"]["backward_ms"] != 0
