@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from mlxchat.evaluation.sandbox import remove_tree, run_program
+from mlxchat.evaluation.sandbox import clear_locking_flags, remove_tree, run_program
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or platform.machine() not in ("x86_64", "aarch64"),
@@ -321,21 +321,7 @@ def test_metadata_attacks_work_unsandboxed(tmp_path):
         if proof.returncode != 0 and name in ("setxattr", "immutable"):
             continue  # this filesystem has no user xattrs / flags
         assert proof.returncode == 0 and _snapshot(victim) != before, (name, proof.stderr)
-        if name == "immutable":
-            _clear_immutable(victim)  # so that pytest can remove it
-
-
-def _clear_immutable(path) -> None:
-    """Only the immutable bit: ext4 refuses (EPERM) to clear the others, such as its extents flag."""
-    import fcntl
-    import struct
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        flags = struct.unpack("i", fcntl.ioctl(fd, 0x80086601, bytes(4)))[0]  # FS_IOC_GETFLAGS
-        fcntl.ioctl(fd, 0x40086602, struct.pack("i", flags & ~0x10))  # FS_IOC_SETFLAGS
-    finally:
-        os.close(fd)
+        clear_locking_flags(str(victim))  # so that pytest can remove it
 
 
 def test_an_immutable_file_inside_the_work_directory_does_not_outlive_it():

@@ -239,7 +239,7 @@ def remove_tree(path: Path) -> tuple[str, ...]:
     still not be removed."""
     def unblock(_func, failed, _exc):
         for target in {failed, os.path.dirname(failed)}:
-            _clear_flags(target)
+            clear_locking_flags(target)
             try:
                 os.chmod(target, 0o700, follow_symlinks=False)
             except OSError:
@@ -254,18 +254,27 @@ def remove_tree(path: Path) -> tuple[str, ...]:
     return left
 
 
-def _clear_flags(path: str) -> None:
-    """Clear a file's immutable/append-only flags (FS_IOC_SETFLAGS 0), where permitted."""
+# FS_IMMUTABLE_FL | FS_APPEND_FL: the inode flags that keep a file from being removed.
+LOCKING_FLAGS = 0x10 | 0x20
+
+
+def clear_locking_flags(path: str) -> None:
+    """Clear a file's immutable and append-only flags, where permitted, and only those: ext4
+    refuses (EPERM) to clear its own extents flag, so setting all flags to 0 fails on a file that
+    has no locking flag and clears them on one that has only by the kernel's order of checks."""
     if sys.platform != "linux" or os.path.islink(path):
         return
     import fcntl
+    import struct
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError:
         return
     try:
-        fcntl.ioctl(fd, 0x40086602, bytes(8))  # FS_IOC_SETFLAGS with no flags
+        flags = struct.unpack("i", fcntl.ioctl(fd, 0x80086601, bytes(4)))[0]  # FS_IOC_GETFLAGS
+        if flags & LOCKING_FLAGS:
+            fcntl.ioctl(fd, 0x40086602, struct.pack("i", flags & ~LOCKING_FLAGS))  # FS_IOC_SETFLAGS
     except OSError:
         pass
     finally:
