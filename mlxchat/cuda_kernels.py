@@ -59,6 +59,27 @@ __device__ __forceinline__ float warp_sum(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
   return x;
 }
+
+__device__ __forceinline__ float warp_max(float x) {
+  #pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
+  return x;
+}
+
+// The sum (MAX false) or maximum (MAX true) of x over a block of BLOCK threads, in every thread.
+template <int BLOCK, bool MAX>
+__device__ __forceinline__ float block_reduce(float x, float* scratch) {
+  x = MAX ? warp_max(x) : warp_sum(x);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
+  __syncthreads();
+  x = threadIdx.x < BLOCK / 32 ? scratch[threadIdx.x] : (MAX ? -3.0e38f : 0.0f);
+  if (threadIdx.x < 32) x = MAX ? warp_max(x) : warp_sum(x);
+  if (threadIdx.x == 0) scratch[0] = x;
+  __syncthreads();
+  x = scratch[0];
+  __syncthreads();
+  return x;
+}
 """
 
 # Rows of logits z (R × V) against targets: per row the loss lse(c) − c[target] of the softcapped
@@ -292,7 +313,70 @@ _RELU2_VJP_SOURCE = """
   *reinterpret_cast<Pack<T, N>*>(dh_out + i) = dh;
 """
 
+# One query per row and head against the first `length[0]` keys of a whole cache buffer, one block
+# per (row, head): scores into shared memory (a thread a key), their softmax, then the weighted sum
+# of values (a thread a 16-byte pack of a value row, the rows split over BLOCK / (D / N) groups).
+_DECODE_ATTENTION_SOURCE = """
+  constexpr int N = 16 / sizeof(T);
+  constexpr int PACKS = D / N;
+  constexpr int GROUPS = BLOCK / PACKS;
+  __shared__ float qs[D];
+  __shared__ float s[L];
+  __shared__ float part[GROUPS][D];
+  __shared__ float scratch[BLOCK / 32];
+  const int bh = blockIdx.x;
+  const int kv_row = (bh / H) * HKV + (bh % H) / (H / HKV);
+  const T* kb = keys + (size_t)kv_row * L * D;
+  const T* vb = values + (size_t)kv_row * L * D;
+  const int n = min(length[0], L);
+  for (int i = threadIdx.x; i < D; i += BLOCK) qs[i] = static_cast<float>(q[(size_t)bh * D + i]) * SCALE;
+  __syncthreads();
+  float m = -3.0e38f;
+  for (int j = threadIdx.x; j < n; j += BLOCK) {
+    const Pack<T, N>* kr = reinterpret_cast<const Pack<T, N>*>(kb + (size_t)j * D);
+    float acc = 0.0f;
+    #pragma unroll
+    for (int p = 0; p < PACKS; ++p) {
+      const Pack<T, N> k = kr[p];
+      #pragma unroll
+      for (int e = 0; e < N; ++e) acc += static_cast<float>(k.v[e]) * qs[p * N + e];
+    }
+    s[j] = acc;
+    m = fmaxf(m, acc);
+  }
+  m = block_reduce<BLOCK, true>(m, scratch);
+  float l = 0.0f;
+  for (int j = threadIdx.x; j < n; j += BLOCK) {
+    const float e = __expf(s[j] - m);
+    s[j] = e;
+    l += e;
+  }
+  l = block_reduce<BLOCK, false>(l, scratch);
+  const int p = threadIdx.x % PACKS;
+  const int g = threadIdx.x / PACKS;
+  float acc[N];
+  #pragma unroll
+  for (int e = 0; e < N; ++e) acc[e] = 0.0f;
+  for (int j = g; j < n; j += GROUPS) {
+    const Pack<T, N> v = reinterpret_cast<const Pack<T, N>*>(vb + (size_t)j * D)[p];
+    const float w = s[j];
+    #pragma unroll
+    for (int e = 0; e < N; ++e) acc[e] += w * static_cast<float>(v.v[e]);
+  }
+  #pragma unroll
+  for (int e = 0; e < N; ++e) part[g][p * N + e] = acc[e];
+  __syncthreads();
+  for (int i = threadIdx.x; i < D; i += BLOCK) {
+    float o = 0.0f;
+    #pragma unroll
+    for (int r = 0; r < GROUPS; ++r) o += part[r][i];
+    out[(size_t)bh * D + i] = static_cast<T>(o / l);
+  }
+"""
+
 FLOAT_TYPES = (mx.bfloat16, mx.float16, mx.float32)
+DECODE_ATTENTION_THREADS = 256
+DECODE_ATTENTION_MAX_KEYS = 8192  # the scores live in shared memory: 32 KB
 
 
 def available() -> bool:
@@ -314,6 +398,16 @@ def norm_fits(x: mx.array) -> bool:
 def relu2_fits(h: mx.array) -> bool:
     """Whether `relu2_vjp` takes h: a float type, whole 16-byte packs, under 2^31 elements."""
     return h.dtype in FLOAT_TYPES and (h.size * h.dtype.size) % 16 == 0 and h.size < 2**31
+
+
+def decode_attention_fits(q: mx.array, keys: mx.array) -> bool:
+    """Whether `decode_attention` takes one query (B × H × 1 × D) over this buffer (B × HKV × L × D):
+    16-byte rows, D ≤ 256 in packs that tile the block, L ≤ DECODE_ATTENTION_MAX_KEYS."""
+    if q.ndim != 4 or q.shape[2] != 1 or q.dtype not in FLOAT_TYPES or keys.dtype != q.dtype:
+        return False
+    d, packs = q.shape[-1], q.shape[-1] * q.dtype.size // 16
+    return (d * q.dtype.size % 16 == 0 and d <= 256 and DECODE_ATTENTION_THREADS % packs == 0
+            and q.shape[1] % keys.shape[1] == 0 and keys.shape[2] <= DECODE_ATTENTION_MAX_KEYS)
 
 
 def rope_norm_fits(x: mx.array) -> bool:
@@ -340,6 +434,24 @@ def softcap_cross_entropy(z: mx.array, targets: mx.array, weights: mx.array, cap
         grid=(rows * LOSS_THREADS, 1, 1), threadgroup=(LOSS_THREADS, 1, 1),
         output_shapes=[(rows,), z.shape], output_dtypes=[mx.float32, z.dtype])
     return losses, dz
+
+
+def decode_attention(q: mx.array, keys: mx.array, values: mx.array, length: mx.array, scale: float) -> mx.array:
+    """softmax(scale · q·Kᵀ)·V of one query per row and head (B × H × 1 × D) over the first `length`
+    keys of whole cache buffers (B × HKV × L × D; H a multiple of HKV): the compiled decode step's
+    attention in one kernel, where MLX's fused ones take no array mask (one cuBLAS product each
+    side, a select and a softmax), and over the written keys only instead of the whole buffer."""
+    B, H, _, D = q.shape
+    hkv, capacity = keys.shape[1], keys.shape[2]
+    kernel = _kernel("mlxchat_decode_attention", ("q", "keys", "values", "length"), ("out",),
+                     _DECODE_ATTENTION_SOURCE, SCALE=scale)
+    (out,) = kernel(
+        inputs=[q, keys, values, length.astype(mx.int32).reshape(1)],
+        template=[("T", q.dtype), ("D", D), ("L", capacity), ("H", H), ("HKV", hkv),
+                  ("BLOCK", DECODE_ATTENTION_THREADS)],
+        grid=(B * H * DECODE_ATTENTION_THREADS, 1, 1), threadgroup=(DECODE_ATTENTION_THREADS, 1, 1),
+        output_shapes=[q.shape], output_dtypes=[q.dtype])
+    return out
 
 
 def rms_norm(x: mx.array, eps: float) -> tuple[mx.array, mx.array]:

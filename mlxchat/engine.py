@@ -26,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxchat.common import MlxchatError
+from mlxchat.gpt import KeyPrefix
 
 # nanochat's base_train sample prompts: a glance at facts, reasoning and arithmetic per stage.
 SAMPLE_PROMPTS = [
@@ -96,14 +97,15 @@ class KVCache:
 class FixedKVCache:
     """One layer's cache inside the compiled decode step: the whole buffer every step and the
     write position as an array, so every step has the same shapes and the same graph, which
-    `mx.compile` traces once per generation. The price is attending over the whole buffer
-    (the prompt plus `max_tokens`), with the positions not yet written masked out."""
+    `mx.compile` traces once per generation. Its mask is the written prefix (`KeyPrefix`): on CUDA
+    one kernel reads only that prefix; elsewhere the price is attending over the whole buffer (the
+    prompt plus `max_tokens`), with the positions not yet written masked out."""
 
     def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
         self.keys, self.values, self.offset = keys, values, offset
 
-    def make_mask(self, T: int) -> mx.array:
-        return mx.arange(self.keys.shape[2]) < self.offset + T  # one row per query: T is 1 here
+    def make_mask(self, T: int) -> KeyPrefix:
+        return KeyPrefix(self.offset + T)  # one query: T is 1 here
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         start = self.offset.reshape(1)

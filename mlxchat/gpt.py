@@ -138,6 +138,24 @@ class CastLinear(nn.Linear):
         return mx.addmm(residual.reshape(-1, w.shape[1]), x.reshape(-1, w.shape[0]), w).reshape(residual.shape)
 
 
+@dataclass(frozen=True)
+class KeyPrefix:
+    """An attention mask that shows every query the first `length` keys (an int32 array) and no
+    others: the compiled decode step's, over a whole cache buffer of which only a prefix is written."""
+
+    length: mx.array
+
+
+def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> mx.array:
+    """`mx.fast.scaled_dot_product_attention`, and a KeyPrefix mask: one CUDA kernel that reads only
+    the prefix (`cuda_kernels.decode_attention`) where it fits, else the same prefix as a bool mask."""
+    if isinstance(mask, KeyPrefix):
+        if cuda_kernels.available() and cuda_kernels.decode_attention_fits(q, k):
+            return cuda_kernels.decode_attention(q, k, v, mask.length, scale)
+        mask = mx.arange(k.shape[2]) < mask.length
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -162,7 +180,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # the cache knows which of what it returns this step may see
             mask = cache.make_mask(T)
             k, v = cache.update_and_fetch(k, v)
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        y = attend(q, k, v, self.head_dim**-0.5, mask)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
         return self.c_proj(y) if residual is None else project_onto(self.c_proj, y, residual)
 

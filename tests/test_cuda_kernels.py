@@ -50,6 +50,12 @@ def test_shapes_the_kernels_take():
     assert cuda_kernels.rope_norm_fits(mx.zeros((2, 5, 6, 128), mx.bfloat16))
     assert not cuda_kernels.rope_norm_fits(mx.zeros((2, 5, 6, 32), mx.bfloat16))
     assert not cuda_kernels.rope_norm_fits(mx.zeros((2, 6, 128), mx.bfloat16))
+    assert cuda_kernels.decode_attention_fits(mx.zeros((2, 6, 1, 128), mx.bfloat16), mx.zeros((2, 3, 4096, 128), mx.bfloat16))
+    assert cuda_kernels.decode_attention_fits(mx.zeros((1, 2, 1, 32), mx.float32), mx.zeros((1, 2, 96, 32), mx.float32))
+    assert not cuda_kernels.decode_attention_fits(mx.zeros((2, 6, 2, 128), mx.bfloat16), mx.zeros((2, 6, 64, 128), mx.bfloat16))
+    assert not cuda_kernels.decode_attention_fits(mx.zeros((2, 6, 1, 128), mx.bfloat16), mx.zeros((2, 4, 64, 128), mx.bfloat16))
+    assert not cuda_kernels.decode_attention_fits(mx.zeros((1, 1, 1, 128), mx.bfloat16), mx.zeros((1, 1, 8193, 128), mx.bfloat16))
+    assert not cuda_kernels.decode_attention_fits(mx.zeros((1, 1, 1, 4), mx.float16), mx.zeros((1, 1, 8, 4), mx.float16))
     assert cuda_kernels.relu2_fits(mx.zeros((2, 5, 3072), mx.bfloat16))
     assert not cuda_kernels.relu2_fits(mx.zeros((2, 5, 3), mx.bfloat16))
 
@@ -108,6 +114,24 @@ def test_rope_norm_kernels_equal_mlx_rope_then_norm_and_their_autodiff(dtype, he
     ref_y, (ref_dx,) = mx.vjp(reference, [x], [dy])
     y, (dx,) = mx.vjp(lambda a: attn._rope_norm(a, None), [x], [dy])
     assert_close_at_scale(((ref_y[0], y[0]), (ref_dx, dx)), 1e-5 if dtype == mx.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim, capacity, length",
+                         [(2, 2, 128, 768, 513), (6, 3, 128, 3000, 2999), (4, 1, 32, 40, 1), (2, 2, 64, 300, 300)])
+def test_a_key_prefix_mask_attends_to_the_written_keys_only(dtype, heads, kv_heads, head_dim, capacity, length):
+    """The compiled decode step's attention (the kernel on CUDA, a bool mask elsewhere) equals MLX's
+    attention over the prefix alone, whatever the buffer holds past it."""
+    B = 3
+    keys = mx.random.split(mx.random.key(13), 3)
+    q = mx.random.normal((B, heads, 1, head_dim), key=keys[0]).astype(dtype)
+    k, v = (mx.random.normal((B, kv_heads, capacity, head_dim), key=key).astype(dtype) for key in keys[1:])
+    k[:, :, length:] = 1e4  # unwritten: any weight on them would show
+    v[:, :, length:] = 1e4
+    scale = head_dim**-0.5
+    got = gpt.attend(q, k, v, scale, gpt.KeyPrefix(mx.array(length)))
+    want = mx.fast.scaled_dot_product_attention(q, k[:, :, :length], v[:, :, :length], scale=scale)
+    assert_close_at_scale(((want, got),), 1e-5 if dtype == mx.float32 else 2e-2)
 
 
 @needs_cuda
