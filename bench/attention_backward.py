@@ -16,8 +16,13 @@ Rows (each the median of --reps, after a warm-up; GPU time by the host clock aft
   mlx bias     the same with the causal mask as an additive array (cuDNN's bias input: no tile skipping),
                the cost of a backward that skips nothing
   torch cudnn  F.scaled_dot_product_attention(is_causal=True) under the cuDNN backend, the same layout
+  cudnn top-left / bottom-right   the backward alone through cuDNN's own frontend (`nvidia-cudnn-frontend`,
+               where installed) on torch's buffers, with torch's causal mask and with MLX's, and the
+               behaviour note MLX selects (SUPPORTS_CUDA_GRAPH_NATIVE_API): which of MLX's two
+               departures costs the time. Measured (`gpu_attention_backward_d20_s8.json`): the mask, with the
+               same engine and knob (engine 6, KERNEL_CFG 26) on both; the note costs nothing.
 The backward's share is (forward + backward) - forward. Nothing asserts; on a machine without CUDA the
-torch row says so and the MLX rows run on the default device.
+torch rows say so and the MLX rows run on the default device.
 
     python bench/attention_backward.py --batch 32 --heads 10 --seq-len 2048 --head-dim 128 --json OUT
 """
@@ -113,14 +118,73 @@ def torch_row(args) -> dict:
             "torch": torch.__version__}
 
 
+def cudnn_rows(args) -> dict:
+    """The backward alone through cuDNN's frontend: torch's causal mask against MLX's bottom-right one."""
+    try:
+        import cudnn
+        import torch
+    except ImportError:
+        return {"cudnn frontend": {"error": "torch or nvidia-cudnn-frontend is not installed"}}
+    if not torch.cuda.is_available():
+        return {"cudnn frontend": {"error": "no CUDA device visible to torch"}}
+    b, h, t, d = args.batch, args.heads, args.seq_len, args.head_dim
+    q, k, v, do, o = (torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(5))
+    stats = torch.empty(b, h, t, 1, device="cuda", dtype=torch.float32)
+    grads = [torch.empty_like(x) for x in (q, k, v)]
+    handle = cudnn.create_handle()
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+
+    def plan(op, inputs, outputs, mask, native=False):
+        """(run, the plan's engine and knobs) of `op(graph, *input tensors)` bound to these buffers."""
+        g = cudnn.pygraph(io_data_type=cudnn.data_type.BFLOAT16, intermediate_data_type=cudnn.data_type.FLOAT,
+                          compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+        ins = [g.tensor_like(x) for x in inputs]
+        outs = op(g, *ins, attn_scale=d ** -0.5, **mask)
+        for tensor, buf in zip(outs, outputs):
+            tensor.set_output(True).set_data_type(cudnn.data_type.FLOAT if buf.dtype == torch.float32 else
+                                                  cudnn.data_type.BFLOAT16)
+            tensor.set_dim(list(buf.size())).set_stride(list(buf.stride()))
+        g.validate()
+        g.build_operation_graph()
+        g.create_execution_plans([cudnn.heur_mode.A])
+        if native:
+            g.select_behavior_notes([cudnn.behavior_note.SUPPORTS_CUDA_GRAPH_NATIVE_API])
+        g.check_support()
+        g.build_plans()
+        pack = dict(zip(ins + list(outs), list(inputs) + list(outputs)))
+        ws = torch.empty(max(g.get_workspace_size(), 1), device="cuda", dtype=torch.uint8)
+        return (lambda: g.execute(pack, ws, handle=handle)), g.get_engine_and_knobs_at_index(0)
+
+    def forward(g, q, k, v, **kw):
+        return g.sdpa(name="fwd", q=q, k=k, v=v, generate_stats=True, **kw)
+
+    def backward(g, q, k, v, o, do, stats, **kw):
+        return g.sdpa_backward(name="bwd", q=q, k=k, v=v, o=o, dO=do, stats=stats, **kw)
+
+    rows = {}
+    for name, mask in (("top-left", {"use_causal_mask": True}), ("bottom-right", {"use_causal_mask_bottom_right": True})):
+        plan(forward, (q, k, v), (o, stats), mask)[0]()  # the forward's O and stats for the backward
+        for native in (False, True):
+            run, (engine, knobs) = plan(backward, (q, k, v, o, do, stats), grads, mask, native)
+            ms = time_it(run, args.reps, lambda _: torch.cuda.synchronize()) * 1e3
+            rows[f"cudnn {name}" + (" native" if native else "")] = {
+                "backward_ms": ms, "plan": f"engine {engine} {dict((str(k), v) for k, v in knobs.items())}",
+                "cudnn": cudnn.backend_version()}
+    return rows
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    rows = {**mlx_rows(args), "torch cudnn": torch_row(args)}
+    rows = {**mlx_rows(args), "torch cudnn": torch_row(args), **cudnn_rows(args)}
     fwd_flops, bwd_flops = flops(args.batch, args.heads, args.seq_len, args.head_dim)
     print(f"B {args.batch} | H {args.heads} | T {args.seq_len} | D {args.head_dim} | bf16 | {mx.default_device()}")
     for name, r in rows.items():
         if "error" in r:
             print(f"  {name:<12} {r['error']}")
+            continue
+        if "forward_ms" not in r:
+            print(f"  {name:<26} backward {r['backward_ms']:7.3f} ms ({bwd_flops / r['backward_ms'] / 1e9:6.1f} TFLOP/s)   "
+                  f"{r['plan']}, cuDNN {r['cudnn']}")
             continue
         print(f"  {name:<12} forward {r['forward_ms']:7.3f} ms ({fwd_flops / r['forward_ms'] / 1e9:6.1f} TFLOP/s)   "
               f"backward {r['backward_ms']:7.3f} ms ({bwd_flops / max(r['backward_ms'], 1e-9) / 1e9:6.1f} TFLOP/s)")

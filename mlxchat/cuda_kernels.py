@@ -332,6 +332,7 @@ _DECODE_ATTENTION_SOURCE = """
   for (int i = threadIdx.x; i < D; i += BLOCK) qs[i] = static_cast<float>(q[(size_t)bh * D + i]) * SCALE;
   __syncthreads();
   float m = -3.0e38f;
+  #pragma unroll 2
   for (int j = threadIdx.x; j < n; j += BLOCK) {
     const Pack<T, N>* kr = reinterpret_cast<const Pack<T, N>*>(kb + (size_t)j * D);
     float acc = 0.0f;
@@ -357,6 +358,7 @@ _DECODE_ATTENTION_SOURCE = """
   float acc[N];
   #pragma unroll
   for (int e = 0; e < N; ++e) acc[e] = 0.0f;
+  #pragma unroll 8
   for (int j = g; j < n; j += GROUPS) {
     const Pack<T, N> v = reinterpret_cast<const Pack<T, N>*>(vb + (size_t)j * D)[p];
     const float w = s[j];
@@ -375,8 +377,9 @@ _DECODE_ATTENTION_SOURCE = """
 """
 
 FLOAT_TYPES = (mx.bfloat16, mx.float16, mx.float32)
+# 256 threads: at 512 the unrolled loops' registers exceed a block's 64K ("too many resources requested").
 DECODE_ATTENTION_THREADS = 256
-DECODE_ATTENTION_MAX_KEYS = 8192  # the scores live in shared memory: 32 KB
+DECODE_ATTENTION_MAX_KEYS = 8192  # the scores live in shared memory: 32 KB of the 48 KB a block may hold
 
 
 def available() -> bool:

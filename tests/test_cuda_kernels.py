@@ -54,7 +54,8 @@ def test_shapes_the_kernels_take():
     assert cuda_kernels.decode_attention_fits(mx.zeros((1, 2, 1, 32), mx.float32), mx.zeros((1, 2, 96, 32), mx.float32))
     assert not cuda_kernels.decode_attention_fits(mx.zeros((2, 6, 2, 128), mx.bfloat16), mx.zeros((2, 6, 64, 128), mx.bfloat16))
     assert not cuda_kernels.decode_attention_fits(mx.zeros((2, 6, 1, 128), mx.bfloat16), mx.zeros((2, 4, 64, 128), mx.bfloat16))
-    assert not cuda_kernels.decode_attention_fits(mx.zeros((1, 1, 1, 128), mx.bfloat16), mx.zeros((1, 1, 8193, 128), mx.bfloat16))
+    too_long = mx.zeros((1, 1, cuda_kernels.DECODE_ATTENTION_MAX_KEYS + 1, 128), mx.bfloat16)
+    assert not cuda_kernels.decode_attention_fits(mx.zeros((1, 1, 1, 128), mx.bfloat16), too_long)
     assert not cuda_kernels.decode_attention_fits(mx.zeros((1, 1, 1, 4), mx.float16), mx.zeros((1, 1, 8, 4), mx.float16))
     assert cuda_kernels.relu2_fits(mx.zeros((2, 5, 3072), mx.bfloat16))
     assert not cuda_kernels.relu2_fits(mx.zeros((2, 5, 3), mx.bfloat16))
@@ -118,7 +119,7 @@ def test_rope_norm_kernels_equal_mlx_rope_then_norm_and_their_autodiff(dtype, he
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads, head_dim, capacity, length",
-                         [(2, 2, 128, 768, 513), (6, 3, 128, 3000, 2999), (4, 1, 32, 40, 1), (2, 2, 64, 300, 300)])
+                         [(2, 2, 128, 768, 513), (6, 3, 128, 3000, 2999), (1, 1, 128, 8192, 8000), (4, 1, 32, 40, 1), (2, 2, 64, 300, 300)])
 def test_a_key_prefix_mask_attends_to_the_written_keys_only(dtype, heads, kv_heads, head_dim, capacity, length):
     """The compiled decode step's attention (the kernel on CUDA, a bool mask elsewhere) equals MLX's
     attention over the prefix alone, whatever the buffer holds past it."""
