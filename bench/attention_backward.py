@@ -20,7 +20,7 @@ Rows (each the median of --reps, after a warm-up; GPU time by the host clock aft
                where installed) on torch's buffers, with torch's causal mask and with MLX's, and the
                behaviour note MLX selects (SUPPORTS_CUDA_GRAPH_NATIVE_API): which of MLX's two
                departures costs the time. Measured (`gpu_attention_backward_d20_s8.json`): the mask, with the
-               same engine and knob (engine 6, KERNEL_CFG 26) on both; the note costs nothing.
+               same plan on both (engine 2 under cuDNN 9.14, engine 6 under 9.19; KERNEL_CFG 26); the note costs nothing.
 The backward's share is (forward + backward) - forward. Nothing asserts; on a machine without CUDA the
 torch rows say so and the MLX rows run on the default device.
 
