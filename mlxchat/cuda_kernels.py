@@ -94,7 +94,6 @@ _LOSS_SOURCE = """
   T* dr = dz + (size_t)row * V;
   const int target = targets[row];
   __shared__ float partial[BLOCK / 32];
-  __shared__ float row_lse;
   if (target < 0) {
     Pack<T, N> zero;
     #pragma unroll
@@ -109,20 +108,8 @@ _LOSS_SOURCE = """
     #pragma unroll
     for (int j = 0; j < N; ++j) s += __expf(CAP * softcap_tanh<T>(static_cast<float>(x.v[j]) / CAP));
   }
-  s = warp_sum(s);
-  if (tid % 32 == 0) partial[tid / 32] = s;
-  __syncthreads();
-  if (tid < 32) {
-    float t = tid < BLOCK / 32 ? partial[tid] : 0.0f;
-    t = warp_sum(t);
-    if (tid == 0) {
-      const float lse = logf(t);
-      row_lse = lse;
-      losses[row] = lse - CAP * softcap_tanh<T>(static_cast<float>(zr[target]) / CAP);
-    }
-  }
-  __syncthreads();
-  const float lse = row_lse;
+  const float lse = logf(block_reduce<BLOCK, false>(s, partial));
+  if (tid == 0) losses[row] = lse - CAP * softcap_tanh<T>(static_cast<float>(zr[target]) / CAP);
   const float g = weights[row];
   for (int i = tid * N; i < V; i += BLOCK * N) {
     Pack<T, N> x = *reinterpret_cast<const Pack<T, N>*>(zr + i);
