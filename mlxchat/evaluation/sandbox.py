@@ -37,6 +37,7 @@ import os
 import secrets
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -264,8 +265,7 @@ def clear_locking_flags(path: str) -> None:
     has no locking flag and clears them on one that has only by the kernel's order of checks."""
     if sys.platform != "linux" or os.path.islink(path):
         return
-    import fcntl
-    import struct
+    import fcntl  # POSIX only: imported where the platform check has passed
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
