@@ -20,6 +20,7 @@
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <typeinfo>
 #include <unordered_map>
 
 #include <cudnn_frontend.h>
@@ -239,24 +240,53 @@ void run(cu::CommandEncoder& enc, Plan& plan, cudnnHandle_t h, std::unordered_ma
   check(err, "execute");
 }
 
-class CausalAttentionVJP : public Primitive {
+// Where a primitive runs: its stream's encoder, the device, and that device's cuDNN handle.
+struct Context {
+  cu::CommandEncoder& enc;
+  int device;
+  cudnnHandle_t handle;
+};
+
+Context context_of(Stream s) {
+  auto& enc = cu::get_command_encoder(s);
+  int device = enc.device().cuda_device();
+  return {enc, device, handle_for(device)};
+}
+
+// Tell MLX's CUDA graph what the primitive reads and writes, so it orders and keeps them.
+void register_arrays(cu::CommandEncoder& enc, const std::vector<array>& in, const std::vector<array>& out) {
+  for (auto& x : in) enc.set_input_array(x);
+  for (auto& x : out) enc.set_output_array(x);
+}
+
+// What both primitives share: the scale they attend with, and no CPU path.
+class ScaledAttention : public Primitive {
  public:
-  CausalAttentionVJP(Stream s, float scale) : Primitive(s), scale_(scale) {}
+  ScaledAttention(Stream s, float scale) : Primitive(s), scale_(scale) {}
 
   void eval_cpu(const std::vector<array>&, std::vector<array>&) override {
     throw std::runtime_error("cuDNN causal attention runs on MLX's CUDA backend only");
   }
 
+  bool is_equivalent(const Primitive& other) const override {
+    return typeid(*this) == typeid(other) && scale_ == static_cast<const ScaledAttention&>(other).scale_;
+  }
+
+ protected:
+  float scale_;
+};
+
+class CausalAttentionVJP : public ScaledAttention {
+ public:
+  using ScaledAttention::ScaledAttention;
+
   // inputs: q, k, v, o, stats, d_o; outputs: d_q, d_k, d_v
   void eval_gpu(const std::vector<array>& in, std::vector<array>& out) override {
-    auto& enc = cu::get_command_encoder(stream());
-    int device = enc.device().cuda_device();
-    auto h = handle_for(device);
+    auto [enc, device, h] = context_of(stream());
     const char* names[] = {"q", "k", "v", "o", "stats", "the output's gradient"};
     for (int i = 0; i < 6; ++i) check_layout(in[i], names[i]);
     for (int i = 0; i < 3; ++i) alloc_like(out[i], in[i]);
-    for (auto& x : in) enc.set_input_array(x);
-    for (auto& x : out) enc.set_output_array(x);
+    register_arrays(enc, in, out);
     auto& plan = cached(layout_key("bwd", device, {in[0], in[1], in[2], in[3], in[4], in[5], out[0], out[1], out[2]}), [&] {
       auto g = new_graph(in[0].dtype());
       auto opts = fe::graph::SDPA_backward_attributes()
@@ -284,35 +314,21 @@ class CausalAttentionVJP : public Primitive {
   const char* name() const override {
     return "CausalAttentionVJP";
   }
-
-  bool is_equivalent(const Primitive& other) const override {
-    return scale_ == static_cast<const CausalAttentionVJP&>(other).scale_;
-  }
-
- private:
-  float scale_;
 };
 
-class CausalAttention : public Primitive {
+class CausalAttention : public ScaledAttention {
  public:
-  CausalAttention(Stream s, float scale) : Primitive(s), scale_(scale) {}
-
-  void eval_cpu(const std::vector<array>&, std::vector<array>&) override {
-    throw std::runtime_error("cuDNN causal attention runs on MLX's CUDA backend only");
-  }
+  using ScaledAttention::ScaledAttention;
 
   // inputs: q, k, v; outputs: o, stats (B, H, T, 1) float32, the softmax statistics the backward reads
   void eval_gpu(const std::vector<array>& in, std::vector<array>& out) override {
-    auto& enc = cu::get_command_encoder(stream());
-    int device = enc.device().cuda_device();
-    auto h = handle_for(device);
+    auto [enc, device, h] = context_of(stream());
     check_layout(in[0], "q");
     check_layout(in[1], "k");
     check_layout(in[2], "v");
     alloc_like(out[0], in[0]);
     out[1].set_data(allocator::malloc(out[1].nbytes()));
-    for (auto& x : in) enc.set_input_array(x);
-    for (auto& x : out) enc.set_output_array(x);
+    register_arrays(enc, in, out);
     auto& plan = cached(layout_key("fwd", device, {in[0], in[1], in[2], out[0], out[1]}), [&] {
       auto g = new_graph(in[0].dtype());
       auto opts = fe::graph::SDPA_attributes()
@@ -349,13 +365,6 @@ class CausalAttention : public Primitive {
   const char* name() const override {
     return "CausalAttention";
   }
-
-  bool is_equivalent(const Primitive& other) const override {
-    return scale_ == static_cast<const CausalAttention&>(other).scale_;
-  }
-
- private:
-  float scale_;
 };
 
 array causal_attention(const array& q, const array& k, const array& v, float scale) {

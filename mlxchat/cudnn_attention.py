@@ -11,7 +11,7 @@ statistics, backward) with the top-left mask, as MLX primitives run on MLX's str
 The extension is compiled with the C++ compiler (`CXX`, else `g++`) against the headers of the
 installed mlx, nanobind, cuDNN and its frontend (`pip install 'mlxchat[cuda]'`; any missing
 header directory can be given through `CPATH`), once per source and mlx version, into
-`~/.cache/mlxchat` (`MLXCHAT_CACHE`). Where any of that is missing, or off CUDA, or with
+`$XDG_CACHE_HOME/mlxchat`, else `~/.cache/mlxchat` (`MLXCHAT_CACHE` overrides). Where any of that is missing, or off CUDA, or with
 MLXCHAT_CUDNN_ATTENTION=0, `available()` is False and `gpt.attend` keeps MLX's attention: the
 same arithmetic. A failed build says why once, in the log.
 """
@@ -116,7 +116,8 @@ def cache_dir() -> Path:
     made_from = [mx.__version__, sysconfig.get_config_var("EXT_SUFFIX"), os.environ.get("CXXFLAGS", ""),
                  os.environ.get("LDFLAGS", "")]
     key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(made_from).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("MLXCHAT_CACHE", Path.home() / ".cache" / "mlxchat"))
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    root = Path(os.environ.get("MLXCHAT_CACHE") or xdg / "mlxchat")
     return root / "cudnn_attention" / key
 
 
