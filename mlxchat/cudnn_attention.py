@@ -81,18 +81,18 @@ def include_dirs() -> list[Path]:
     return [d.parent if d.name == "crt" else d for d in dirs]
 
 
-def build(out_dir: Path) -> Path:
-    """Compile the extension into `out_dir` (atomically: a half-written library is never loaded)."""
+def build(target: Path) -> None:
+    """Compile the extension to `target` (atomically: a half-written library is never loaded)."""
     import nanobind
 
-    mlx_lib = Path(mx.__file__).resolve().parent / "lib"
-    suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    target = out_dir / f"{NAME}{suffix}"
-    out_dir.mkdir(parents=True, exist_ok=True)
     cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError("no C++ compiler (set CXX or install g++)")
+    mlx_lib = Path(mx.__file__).resolve().parent / "lib"
+    target.parent.mkdir(parents=True, exist_ok=True)
     includes = [f"-I{d}" for d in include_dirs()]
     flags = [*FLAGS, *shlex.split(os.environ.get("CXXFLAGS", ""))]
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         objects = []
         jobs = []
         for src in (SOURCE, Path(nanobind.source_dir()) / "nb_combined.cpp"):
@@ -108,17 +108,17 @@ def build(out_dir: Path) -> Path:
         subprocess.run([cxx, "-shared", *map(str, objects), f"-L{mlx_lib}", "-lmlx", f"-Wl,-rpath,{mlx_lib}",
                         *shlex.split(os.environ.get("LDFLAGS", "")), "-o", str(partial)], check=True, capture_output=True, text=True)
         os.replace(partial, target)
-    return target
 
 
-def cache_dir() -> Path:
-    """One directory per (source, mlx version, Python ABI, flags): a change to any rebuilds."""
+def library() -> Path:
+    """Where the built extension lives: one directory per (source, mlx version, Python ABI, flags),
+    so a change to any of them rebuilds."""
     made_from = [mx.__version__, sysconfig.get_config_var("EXT_SUFFIX"), os.environ.get("CXXFLAGS", ""),
                  os.environ.get("LDFLAGS", "")]
     key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(made_from).encode()).hexdigest()[:16]
     xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     root = Path(os.environ.get("MLXCHAT_CACHE") or xdg / "mlxchat")
-    return root / "cudnn_attention" / key
+    return root / "cudnn_attention" / key / f"{NAME}{sysconfig.get_config_var('EXT_SUFFIX')}"
 
 
 def _share_libstdcxx():
@@ -140,12 +140,10 @@ def _share_libstdcxx():
 def _extension():
     """The loaded module, building it first if needed; None (logged once) where it cannot be."""
     try:
-        target = cache_dir() / f"{NAME}{sysconfig.get_config_var('EXT_SUFFIX')}"
+        target = library()
         if not target.exists():
-            if shutil.which(os.environ.get("CXX", "g++")) is None:
-                raise RuntimeError("no C++ compiler (set CXX or install g++)")
             log.info("building the cuDNN causal attention extension (once per mlx version)")
-            build(target.parent)
+            build(target)
         _share_libstdcxx()
         spec = importlib.util.spec_from_file_location(NAME, target)
         module = importlib.util.module_from_spec(spec)

@@ -8,20 +8,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from arrays import assert_close_at_scale
 from mlx.utils import tree_flatten
 
 from mlxchat import cuda_kernels, gpt
 from mlxchat.common import MlxchatError
 
 needs_cuda = pytest.mark.skipif(not cuda_kernels.available(), reason="needs MLX's CUDA backend on a GPU")
-
-
-def assert_close_at_scale(pairs, tol):
-    """Each (reference, ours): same dtype and shape, equal within tol of the reference's largest value."""
-    for a, b in pairs:
-        assert a.dtype == b.dtype and a.shape == b.shape
-        scale = float(mx.abs(a.astype(mx.float32)).max())
-        np.testing.assert_allclose(np.array(b.astype(mx.float32)), np.array(a.astype(mx.float32)), atol=tol * scale, rtol=tol)
 
 
 def test_kernels_are_chosen_only_on_cuda(monkeypatch):
