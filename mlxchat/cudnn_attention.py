@@ -66,24 +66,35 @@ def causal(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
 
 def include_dirs() -> list[Path]:
     """The header directories the build needs, where the installed packages keep them."""
-    import nanobind
+    nanobind = _nanobind()
 
     mlx_root = Path(mx.__file__).resolve().parent
     dirs = [Path(nanobind.include_dir()), Path(nanobind.source_dir()).parent / "ext" / "robin_map" / "include",
             Path(sysconfig.get_paths()["include"]), mlx_root / "include", SHIM]
+    # (distribution, a header as the sources include it): the directory it is included from
     for dist, header in (("nvidia-cudnn-frontend", "cudnn_frontend.h"), ("nvidia-cudnn-cu13", "cudnn.h"),
-                         ("nvidia-cuda-runtime", "cuda_runtime.h"), ("nvidia-cuda-crt", "host_defines.h")):
+                         ("nvidia-cuda-runtime", "cuda_runtime.h"), ("nvidia-cuda-crt", "crt/host_defines.h"),
+                         ("nvidia-cuda-cccl", "nv/target")):
         try:
             files = importlib.metadata.files(dist) or []
         except importlib.metadata.PackageNotFoundError:
             continue
-        dirs += [Path(f.locate()).parent for f in files if f.name == header and f.parent.name in ("include", "crt")]
-    return [d.parent if d.name == "crt" else d for d in dirs]
+        suffix = "include/" + header
+        dirs += [Path(str(f.locate())[:-len(header)]) for f in files if f.as_posix().endswith(suffix)]
+    return dirs
+
+
+def _nanobind():
+    try:
+        import nanobind
+    except ImportError:
+        raise RuntimeError("nanobind is not installed: pip install 'mlxchat[cuda]'") from None
+    return nanobind
 
 
 def build(target: Path) -> None:
     """Compile the extension to `target` (atomically: a half-written library is never loaded)."""
-    import nanobind
+    nanobind = _nanobind()
 
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:

@@ -6,6 +6,8 @@ attention and that a failed build falls back with one warning; the comparison ru
 """
 
 import logging
+import sys
+import types
 
 import mlx.core as mx
 import pytest
@@ -55,6 +57,32 @@ def test_a_failed_build_leaves_mlx_attention_with_one_warning(monkeypatch, tmp_p
         assert not list(tmp_path.rglob("*.so"))  # nothing half-built is left to load
     finally:
         cudnn_attention._extension.cache_clear()
+
+
+def fake_distribution(site, name, files):
+    """An installed distribution as pip leaves it: the files, and a dist-info whose RECORD lists them."""
+    info = site / f"{name.replace('-', '_')}-13.0.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 13.0.0\n")
+    (info / "RECORD").write_text("".join(f"{f},,\n" for f in files))
+    for f in files:
+        (site / f).parent.mkdir(parents=True, exist_ok=True)
+        (site / f).write_text("")
+
+
+def test_headers_are_found_where_nvidias_wheels_install_them(monkeypatch, tmp_path):
+    # the layouts of nvidia-cuda-runtime, -crt and -cccl 13.0 (CUDA's fp16 header includes CCCL's
+    # <nv/target>: without that directory the build failed on the H200); cccl also ships a copy
+    # under include/cccl, which is not an include root
+    include = tmp_path / "nvidia" / "cu13" / "include"
+    fake_distribution(tmp_path, "nvidia-cuda-runtime", ["nvidia/cu13/include/cuda_runtime.h"])
+    fake_distribution(tmp_path, "nvidia-cuda-crt", ["nvidia/cu13/include/crt/host_defines.h"])
+    fake_distribution(tmp_path, "nvidia-cuda-cccl", ["nvidia/cu13/include/nv/target", "nvidia/cu13/include/cccl/nv/target"])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    nanobind = types.SimpleNamespace(include_dir=lambda: str(tmp_path / "nb" / "include"), source_dir=lambda: str(tmp_path / "nb" / "src"))
+    monkeypatch.setitem(sys.modules, "nanobind", nanobind)
+    found = [d for d in cudnn_attention.include_dirs() if tmp_path / "nvidia" in d.parents]
+    assert found == [include] * 3
 
 
 @needs_cuda
