@@ -184,7 +184,7 @@ def run_mlx(args, variant: str) -> dict:
     import mlx.nn as nn
     import mlx.optimizers as optim
 
-    from mlxchat import gpt
+    from mlxchat import cudnn_attention, gpt
     from mlxchat.gpt import GPT, GPTConfig, loss_kernel
 
     if args.loss_chunk_log2:
@@ -197,6 +197,9 @@ def run_mlx(args, variant: str) -> dict:
     mx.random.seed(args.seed)
     model = GPT(cfg, compute_dtype=dtype, checkpoint_blocks=variant == "ours-ckpt")
     model.init_weights(args.seed)
+    q = mx.zeros((1, cfg.n_head, args.seq_len, cfg.head_dim), dtype=dtype)
+    kv = mx.zeros((1, cfg.n_kv_head, args.seq_len, cfg.head_dim), dtype=dtype)
+    attention = "cudnn-extension" if cudnn_attention.fits(q, kv, kv) and cudnn_attention.available() else "mlx"
     batches = [(mx.array(x, dtype=mx.int32), mx.array(y, dtype=mx.int32)) for x, y in random_batches(args)]
     mx.eval(batches)
     ocfg = OptimConfig()
@@ -285,8 +288,9 @@ def run_mlx(args, variant: str) -> dict:
         "flops_per_token": model.estimate_flops(),
         "num_params": model.num_params(),
         "device_name": mlx_device_name(mx),
-        "framework": f"mlx {mx.__version__}",
+        "framework": f"mlx {mx.__version__}" + (" + cuDNN attention extension" if attention == "cudnn-extension" else ""),
         "loss_kernel": loss_kernel(),
+        "attention": attention,  # a failed extension build falls back to MLX's with only a warning: say which ran
     }
 
 
