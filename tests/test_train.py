@@ -56,6 +56,9 @@ def _cli(home, *args):
     return [sys.executable, "-m", "mlxchat.cli", *args], env
 
 
+@pytest.mark.skipif(mx.cuda.is_available() and mx.default_device() == mx.gpu,
+                    reason="bitwise is a CPU property here: on the H200 (2026-12-04) the resumed run's final weights "
+                           "differed in their last bits; MLX's CUDA kernels make no bitwise-reproducibility promise")
 def test_resume_after_sigkill_matches_uninterrupted_run_bitwise(home):
     common = ["train", "base", *TINY_ARGS, "--max-steps", "40", "--checkpoint-every", "4", "--eval-every", "10"]
     ref = _new_run(home, "ref")
