@@ -19,6 +19,7 @@ same arithmetic. A failed build says why once, in the log.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import hashlib
 import importlib.metadata
@@ -121,6 +122,18 @@ def build(target: Path) -> None:
         os.replace(partial, target)
 
 
+def build_once(target: Path) -> None:
+    """Build `target` unless another process is doing so or has done it: each rank of a
+    data-parallel run (`mlx.launch`) loads the extension on its first step, and N compilers at once
+    would take N times the memory for one result. The first holds the lock while the others wait."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            log.info("building the cuDNN causal attention extension (once per mlx version)")
+            build(target)
+
+
 def library() -> Path:
     """Where the built extension lives: one directory per (source, mlx version, Python ABI, flags),
     so a change to any of them rebuilds."""
@@ -153,8 +166,7 @@ def _extension():
     try:
         target = library()
         if not target.exists():
-            log.info("building the cuDNN causal attention extension (once per mlx version)")
-            build(target)
+            build_once(target)
         _share_libstdcxx()
         spec = importlib.util.spec_from_file_location(NAME, target)
         module = importlib.util.module_from_spec(spec)

@@ -7,6 +7,8 @@ attention and that a failed build falls back with one warning; the comparison ru
 
 import logging
 import sys
+import threading
+import time
 import types
 
 import mlx.core as mx
@@ -57,6 +59,25 @@ def test_a_failed_build_leaves_mlx_attention_with_one_warning(monkeypatch, tmp_p
         assert not list(tmp_path.rglob("*.so"))  # nothing half-built is left to load
     finally:
         cudnn_attention._extension.cache_clear()
+
+
+def test_concurrent_loads_build_once(monkeypatch, tmp_path):
+    # two ranks of a data-parallel run load the extension at once: one compiles, the other waits for it
+    target = tmp_path / "cudnn_attention" / "key" / "ext.so"
+    builds = []
+
+    def slow_build(path):
+        builds.append(path)
+        time.sleep(0.3)  # long enough for the other thread to reach the lock
+        path.write_bytes(b"built")
+
+    monkeypatch.setattr(cudnn_attention, "build", slow_build)
+    threads = [threading.Thread(target=cudnn_attention.build_once, args=(target,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert builds == [target] and target.read_bytes() == b"built"
 
 
 def fake_distribution(site, name, files):
