@@ -86,6 +86,7 @@ def include_dirs() -> list[Path]:
 
 
 def _nanobind():
+    """nanobind, or the line naming the install that brings it (only the `cuda` extra does)."""
     try:
         import nanobind
     except ImportError:
