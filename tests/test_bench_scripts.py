@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -43,3 +45,21 @@ def test_attention_backward_times_both_masks_at_a_tiny_size(tmp_path):
     for name in ("mlx causal", "mlx bias"):
         assert rows[name]["forward_backward_ms"] > 0 and rows[name]["forward_ms"] > 0
     assert "error" in rows["torch cudnn"] or rows["torch cudnn"]["backward_ms"] != 0
+
+
+def test_step_timeline_splits_a_steps_wall_time_around_its_kernels():
+    sys.path.insert(0, str(REPO / "bench"))
+    import kernel_profile
+
+    def span(cat, ts, dur, name="k"):
+        return {"cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    events = [span("user_annotation", 0, 1000, kernel_profile.STEP), span("user_annotation", 2000, 1000, kernel_profile.STEP),
+              # step 1: first kernel at 100 us, two overlapping kernels (busy once), a gap, the last ends at 900
+              span("kernel", 100, 400), span("kernel", 300, 300), span("kernel", 700, 200),
+              # step 2: one kernel from 2050 to 2950; a memcpy inside it; the GPU side of the annotation is not a kernel
+              span("kernel", 2050, 900), span("gpu_memcpy", 2100, 100), span("gpu_user_annotation", 2000, 1000, kernel_profile.STEP)]
+    t = kernel_profile.step_timeline(events)
+    assert t == pytest.approx({"wall_ms": 1.0, "before_first_ms": (0.1 + 0.05) / 2, "after_last_ms": (0.1 + 0.05) / 2,
+                               "idle_ms": (0.3 + 0.1) / 2})  # step 1: 1000 - (500 + 200) busy; step 2: 1000 - 900
+    assert kernel_profile.step_timeline([span("kernel", 0, 10)]) == {}  # no annotated steps: nothing to say
