@@ -31,6 +31,11 @@ def kind_of(name: str) -> str:
 STEP = "profiled_step"  # the host-side annotation around each profiled step
 
 
+def is_gpu_work(event: dict) -> bool:
+    """A kernel, copy or memset that ran on the GPU (and has its duration) in a chrome trace."""
+    return event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in event
+
+
 def step_timeline(events: list[dict]) -> dict:
     """Where each annotated step's wall time went, from a chrome trace: the milliseconds before its
     first kernel starts (the host building and launching the step), with no kernel running inside it
@@ -40,8 +45,7 @@ def step_timeline(events: list[dict]) -> dict:
     says whether the rest is launch latency, gaps between MLX's CUDA graphs, or the wait at the end."""
     windows = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events
                      if e.get("name") == STEP and e.get("cat") == "user_annotation" and "dur" in e)
-    kernels = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events
-                     if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+    kernels = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events if is_gpu_work(e))
     rows = []
     for lo, hi in windows:
         inside = [(max(a, lo), min(b, hi)) for a, b in kernels if a < hi and b > lo]
@@ -80,7 +84,7 @@ def profile_kernels(step, steps: int, top: int = 40) -> dict:
     per_name, per_kind = defaultdict(lambda: [0, 0.0]), defaultdict(float)
     starts, ends = [], []
     for e in events:
-        if e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset") or "dur" not in e:
+        if not is_gpu_work(e):
             continue
         name, us = e.get("name", "?"), float(e["dur"])
         per_name[name][0] += 1

@@ -199,7 +199,7 @@ def run_mlx(args, variant: str) -> dict:
     model.init_weights(args.seed)
     q = mx.zeros((1, cfg.n_head, args.seq_len, cfg.head_dim), dtype=dtype)
     kv = mx.zeros((1, cfg.n_kv_head, args.seq_len, cfg.head_dim), dtype=dtype)
-    attention = "cudnn-extension" if cudnn_attention.fits(q, kv, kv) and cudnn_attention.available() else "mlx"
+    attention = "cudnn-extension" if cudnn_attention.runs_for(q, kv, kv) else "mlx"
     batches = [(mx.array(x, dtype=mx.int32), mx.array(y, dtype=mx.int32)) for x, y in random_batches(args)]
     mx.eval(batches)
     ocfg = OptimConfig()

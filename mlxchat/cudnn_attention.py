@@ -60,6 +60,11 @@ def available() -> bool:
     return _extension() is not None
 
 
+def runs_for(q: mx.array, k: mx.array, v: mx.array) -> bool:
+    """Whether causal attention over these arrays goes through the extension (else MLX's runs)."""
+    return fits(q, k, v) and available()
+
+
 def causal(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """softmax(q kᵀ · scale, causal) v for (B, H, T, D) arrays whose last axis is contiguous."""
     return _extension().causal_attention(q, k, v, scale)

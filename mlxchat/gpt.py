@@ -151,7 +151,7 @@ def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> mx
     where that extension runs (`cudnn_attention`: MLX's own asks cuDNN for a slower one); and a
     KeyPrefix mask: one CUDA kernel that reads only the prefix (`cuda_kernels.decode_attention`)
     where it fits, else the same prefix as a bool mask."""
-    if isinstance(mask, str) and mask == "causal" and cudnn_attention.fits(q, k, v) and cudnn_attention.available():
+    if isinstance(mask, str) and mask == "causal" and cudnn_attention.runs_for(q, k, v):
         return cudnn_attention.causal(q, k, v, scale)
     if isinstance(mask, KeyPrefix):
         if cuda_kernels.available() and cuda_kernels.decode_attention_fits(q, k):
