@@ -154,7 +154,8 @@ _NORM_SOURCE = """
   if (lane == 0) r[row] = rs;
 """
 
-# The RMSNorm backward from its output: dx = r·(dy − y·mean(dy·y)), one warp per row.
+# The RMSNorm backward from its output: dx = r·(dy − y·mean(dy·y)), one warp per row; with ADD, plus
+# the residual stream's own cotangent `res` (x feeds a norm and the next residual add).
 _NORM_VJP_SOURCE = """
   constexpr int N = 4;
   constexpr int PER_LANE = D / (32 * N);
@@ -177,11 +178,19 @@ _NORM_VJP_SOURCE = """
   const float rs = r[row];
   #pragma unroll
   for (int k = 0; k < PER_LANE; ++k) {
-    Pack<T, N> o;
+    Pack<float, N> o;
     #pragma unroll
     for (int j = 0; j < N; ++j)
-      o.v[j] = static_cast<T>(rs * (static_cast<float>(gv[k].v[j]) - static_cast<float>(yv[k].v[j]) * mean));
-    *reinterpret_cast<Pack<T, N>*>(dx + base + (k * 32 + lane) * N) = o;
+      o.v[j] = rs * (static_cast<float>(gv[k].v[j]) - static_cast<float>(yv[k].v[j]) * mean);
+    if constexpr (ADD) {
+      const Pack<T, N> rv = *reinterpret_cast<const Pack<T, N>*>(res + base + (k * 32 + lane) * N);
+      #pragma unroll
+      for (int j = 0; j < N; ++j) o.v[j] += static_cast<float>(rv.v[j]);
+    }
+    Pack<T, N> out;
+    #pragma unroll
+    for (int j = 0; j < N; ++j) out.v[j] = static_cast<T>(o.v[j]);
+    *reinterpret_cast<Pack<T, N>*>(dx + base + (k * 32 + lane) * N) = out;
   }
 """
 
@@ -279,25 +288,28 @@ _ROPE_NORM_VJP_SOURCE = """
   }
 """
 
-# The MLP's backward elementwise work in one pass: from c_fc's output h and gw = d out · W_proj,
-# relu(h)² (which d W_proj needs, recomputed as the forward kept only h) and d h = gw·2·relu(h).
-# MLX ran them as two passes (5.0 ms a d12 step on the H200), each reading h; torch.compile fuses
-# them into one. Elements by 16-byte packs, one pack a thread.
-_RELU2_VJP_SOURCE = """
-  constexpr int N = 16 / sizeof(T);
-  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * N;
-  if (i >= (size_t)leading_rows(h_shape, h_ndim) * h_shape[h_ndim - 1]) return;
-  const Pack<T, N> hv = *reinterpret_cast<const Pack<T, N>*>(h + i);
-  const Pack<T, N> gv = *reinterpret_cast<const Pack<T, N>*>(gw + i);
-  Pack<T, N> sq, dh;
-  #pragma unroll
-  for (int j = 0; j < N; ++j) {
-    const float a = fmaxf(static_cast<float>(hv.v[j]), 0.0f);
-    sq.v[j] = static_cast<T>(a * a);
-    dh.v[j] = static_cast<T>(2.0f * a * static_cast<float>(gv.v[j]));
+# Σ x² over many arrays in one launch (the gradient norm that clipping needs): each block sums one
+# CHUNK-element slice of one array, found from the block offsets baked into the source, and writes
+# its partial sum, so the total (a sum of the partials) comes out the same on every run.
+_SUM_OF_SQUARES_SOURCE = """
+  const int b = blockIdx.x;
+  int k = 0, hi = COUNT;  // the last array whose first block is ≤ b
+  while (hi - k > 1) {
+    const int mid = (k + hi) / 2;
+    if (FIRST_BLOCK[mid] <= b) k = mid; else hi = mid;
   }
-  *reinterpret_cast<Pack<T, N>*>(relu2 + i) = sq;
-  *reinterpret_cast<Pack<T, N>*>(dh_out + i) = dh;
+  const T* x = ARRAYS[k];
+  const size_t start = (size_t)(b - FIRST_BLOCK[k]) * CHUNK;
+  const size_t end = start + CHUNK < SIZES[k] ? start + CHUNK : SIZES[k];
+  float s = 0.0f;
+  #pragma unroll 4
+  for (size_t i = start + threadIdx.x; i < end; i += BLOCK) {
+    const float v = static_cast<float>(x[i]);
+    s += v * v;
+  }
+  __shared__ float scratch[BLOCK / 32];
+  s = block_reduce<BLOCK, false>(s, scratch);
+  if (threadIdx.x == 0) partials[b] = s;
 """
 
 # One query per row and head against the first `length[0]` keys of a whole cache buffer, one block
@@ -385,11 +397,6 @@ def norm_fits(x: mx.array) -> bool:
     return x.dtype in FLOAT_TYPES and d % (WARP * 4) == 0 and d <= WARP * 4 * 16
 
 
-def relu2_fits(h: mx.array) -> bool:
-    """Whether `relu2_vjp` takes h: a float type, whole 16-byte packs, under 2^31 elements."""
-    return h.dtype in FLOAT_TYPES and (h.size * h.dtype.size) % 16 == 0 and h.size < 2**31
-
-
 def decode_attention_fits(q: mx.array, keys: mx.array) -> bool:
     """Whether `decode_attention` takes one query (B × H × 1 × D) over this buffer (B × HKV × L × D):
     16-byte rows, D ≤ 256 in packs that tile the block, L ≤ DECODE_ATTENTION_MAX_KEYS."""
@@ -426,6 +433,37 @@ def softcap_cross_entropy(z: mx.array, targets: mx.array, weights: mx.array, cap
     return losses, dz
 
 
+SUM_OF_SQUARES_THREADS = 256
+SUM_OF_SQUARES_CHUNK = 1 << 16  # elements a block sums: 256 KB of fp32, a few µs of a GPU's bandwidth
+SUM_OF_SQUARES_MAX_ARRAYS = 400  # a pointer each in the kernel's parameters (4 KB on CUDA)
+
+
+def sum_of_squares_fits(arrays: list[mx.array]) -> bool:
+    """Whether `sum_of_squares` takes these: 1 to SUM_OF_SQUARES_MAX_ARRAYS non-empty arrays of one float type."""
+    return (0 < len(arrays) <= SUM_OF_SQUARES_MAX_ARRAYS and all(a.size > 0 for a in arrays)
+            and arrays[0].dtype in FLOAT_TYPES and all(a.dtype == arrays[0].dtype for a in arrays))
+
+
+def sum_of_squares(arrays: list[mx.array]) -> mx.array:
+    """Σ x² over every element of every array (fp32 scalar): one kernel, whatever their number."""
+    chunk, sizes = SUM_OF_SQUARES_CHUNK, [a.size for a in arrays]
+    first, blocks = [], 0
+    for n in sizes:
+        first.append(blocks)
+        blocks += -(-n // chunk)
+    names = tuple(f"x{i}" for i in range(len(arrays)))
+    tables = (f"  constexpr int COUNT = {len(arrays)};\n  constexpr int CHUNK = {chunk};\n"
+              f"  const int FIRST_BLOCK[COUNT] = {{{', '.join(map(str, first))}}};\n"
+              f"  const size_t SIZES[COUNT] = {{{', '.join(map(str, sizes))}}};\n"
+              f"  const T* ARRAYS[COUNT] = {{{', '.join(names)}}};\n")
+    kernel = _kernel("mlxchat_sum_of_squares", names, ("partials",), tables + _SUM_OF_SQUARES_SOURCE)
+    (partials,) = kernel(
+        inputs=arrays, template=[("T", arrays[0].dtype), ("BLOCK", SUM_OF_SQUARES_THREADS)],
+        grid=(blocks * SUM_OF_SQUARES_THREADS, 1, 1), threadgroup=(SUM_OF_SQUARES_THREADS, 1, 1),
+        output_shapes=[(blocks,)], output_dtypes=[mx.float32])
+    return partials.sum()
+
+
 def decode_attention(q: mx.array, keys: mx.array, values: mx.array, length: mx.array, scale: float) -> mx.array:
     """softmax(scale · q·Kᵀ)·V of one query per row and head (B × H × 1 × D) over the first `length`
     keys of whole cache buffers (B × HKV × L × D; H a multiple of HKV): the compiled decode step's
@@ -456,13 +494,16 @@ def rms_norm(x: mx.array, eps: float) -> tuple[mx.array, mx.array]:
     return y, r
 
 
-def rms_norm_vjp(y: mx.array, r: mx.array, dy: mx.array) -> mx.array:
-    """d x of `rms_norm` from its output y, its row scale r and the cotangent dy."""
+def rms_norm_vjp(y: mx.array, r: mx.array, dy: mx.array, residual: mx.array | None = None) -> mx.array:
+    """d x of `rms_norm` from its output y, its row scale r and the cotangent dy, plus `residual`
+    (another cotangent of x) when given, in the same pass."""
     d = y.shape[-1]
     rows = y.size // d
-    kernel = _kernel("mlxchat_rms_norm_vjp", ("y", "r", "dy"), ("dx",), _NORM_VJP_SOURCE)
+    kernel = _kernel("mlxchat_rms_norm_vjp", ("y", "r", "dy", "res"), ("dx",), _NORM_VJP_SOURCE)
+    add = residual is not None
     (dx,) = kernel(
-        inputs=[y, r, dy.astype(y.dtype)], template=_norm_template(y.dtype, d),
+        inputs=[y, r, dy.astype(y.dtype), (residual if add else dy).astype(y.dtype)],
+        template=[*_norm_template(y.dtype, d), ("ADD", add)],
         grid=(rows * WARP, 1, 1), threadgroup=(NORM_ROWS_PER_BLOCK * WARP, 1, 1),
         output_shapes=[y.shape], output_dtypes=[y.dtype])
     return dx
@@ -502,14 +543,3 @@ def _rope_template(dtype: mx.Dtype, d: int, rows_per_warp: int) -> list:
 
 def _rope_warps(rows: int, rows_per_warp: int) -> int:
     return -(-rows // rows_per_warp)
-
-
-def relu2_vjp(h: mx.array, gw: mx.array) -> tuple[mx.array, mx.array]:
-    """(relu(h)², d h) of the MLP's `relu(h)² @ W.T` from h and gw = d out · W, in h's dtype."""
-    kernel = _kernel("mlxchat_relu2_vjp", ("h", "gw"), ("relu2", "dh_out"), _RELU2_VJP_SOURCE)
-    packs = h.size * h.dtype.size // 16
-    relu2, dh = kernel(
-        inputs=[h, gw.astype(h.dtype)], template=[("T", h.dtype)],
-        grid=(packs, 1, 1), threadgroup=(256, 1, 1),
-        output_shapes=[h.shape, h.shape], output_dtypes=[h.dtype, h.dtype])
-    return relu2, dh

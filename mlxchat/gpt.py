@@ -90,6 +90,16 @@ def norm_keeping_output(x: mx.array) -> mx.array:
     return _rms_norm(x)[0]
 
 
+def residual_and_norm(x: mx.array, cache: Any) -> tuple[mx.array, mx.array]:
+    """(x, norm(x)) for a block's branch, x its residual: in training one backward pass forms the
+    gradient of both uses of x, d x = d residual + norm's backward (`_residual_rms_norm`), instead
+    of the norm's backward and then a separate add over the residual stream."""
+    if cache is not None:
+        return x, norm(x)
+    x, y, _ = _residual_rms_norm(x)
+    return x, y
+
+
 @mx.custom_function
 def _rms_norm(x: mx.array) -> tuple[mx.array, mx.array]:
     """(RMSNorm of x, its per-row scale 1/rms): a backward that keeps the output, not the input.
@@ -99,19 +109,41 @@ def _rms_norm(x: mx.array) -> tuple[mx.array, mx.array]:
     scale kept instead of the input, i.e. the residual stream twice per block and q and k before
     their norm. (The closed form dx = r·(dy − y·mean(dy·y)) keeps the same but measured 5% slower
     on an H200: it is several unfused kernels.)"""
+    return _norm_and_scale(x)
+
+
+@_rms_norm.vjp
+def _rms_norm_vjp(primals, cotangents, outputs):
+    return _norm_backward(*outputs, cotangents[0])
+
+
+@mx.custom_function
+def _residual_rms_norm(x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """(x itself, RMSNorm of x, its row scale), differentiated as `_rms_norm` plus x's own
+    cotangent, added inside the norm's backward kernel on CUDA. Returning x costs nothing: a
+    custom function's outputs share their buffers."""
+    return (x, *_norm_and_scale(x))
+
+
+@_residual_rms_norm.vjp
+def _residual_rms_norm_vjp(primals, cotangents, outputs):
+    return _norm_backward(outputs[1], outputs[2], cotangents[1], cotangents[0])
+
+
+def _norm_and_scale(x: mx.array) -> tuple[mx.array, mx.array]:
     if _cuda_norm(x):  # one pass for both outputs (`cuda_kernels.rms_norm`)
         return cuda_kernels.rms_norm(x, NORM_EPS)
     r = mx.rsqrt(mx.mean(mx.square(x.astype(mx.float32)), axis=-1, keepdims=True) + NORM_EPS)
     return mx.fast.rms_norm(x, None, NORM_EPS), r
 
 
-@_rms_norm.vjp
-def _rms_norm_vjp(primals, cotangents, outputs):
-    y, r = outputs
+def _norm_backward(y: mx.array, r: mx.array, dy: mx.array, residual: mx.array | None = None) -> mx.array:
+    """d x of the norm from its output y and row scale r, plus `residual` (x's other cotangent)."""
     if _cuda_norm(y):
-        return cuda_kernels.rms_norm_vjp(y, r, cotangents[0])
+        return cuda_kernels.rms_norm_vjp(y, r, dy, residual)
     x = (y.astype(mx.float32) / r).astype(y.dtype)  # the input back, for the fused RMSNorm backward
-    return mx.vjp(norm, [x], [cotangents[0]])[1][0]
+    dx = mx.vjp(norm, [x], [dy])[1][0]
+    return dx if residual is None else dx + residual
 
 
 def _cuda_norm(x: mx.array) -> bool:
@@ -220,11 +252,7 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array, residual: mx.array, cache: Any = None) -> mx.array:
         """residual + the MLP of x, the add inside the output projection's GEMM."""
-        h = self.c_fc(x)
-        if cache is None and isinstance(self.c_proj, CastLinear):
-            return relu2_projection(h, self.c_proj.weight.astype(h.dtype), residual)
-        # Decoding keeps nothing for a backward: mlx's compiled relu² is one kernel, not two.
-        return project_onto(self.c_proj, nn.relu2(h), residual)
+        return project_onto(self.c_proj, squared_relu(self.c_fc(x)), residual)
 
 
 def project_onto(linear: nn.Module, x: mx.array, residual: mx.array) -> mx.array:
@@ -234,29 +262,19 @@ def project_onto(linear: nn.Module, x: mx.array, residual: mx.array) -> mx.array
 
 
 @mx.custom_function
-def relu2_projection(h: mx.array, weight: mx.array, residual: mx.array) -> mx.array:
-    """`residual + relu(h)² @ weight.T`, whose backward keeps only `h`.
+def squared_relu(h: mx.array) -> mx.array:
+    """relu(h)², whose backward reads its output instead of h: d h = g·2·relu(h) = g·2·√(relu(h)²).
 
-    Autodiff would keep relu(h) and relu(h)² too (two more 4·n_embd-wide activations per token per
-    block, a third of a block's activation memory): the backward recomputes both from `h` in one
-    elementwise pass instead, as torch.compile's partitioner does for nanochat."""
-    return mx.addmm(residual, mx.square(nn.relu(h)), weight.T)
+    The projection after it keeps relu(h)² for its weight gradient anyway, so nothing else of the
+    MLP is kept: autodiff would keep h (and relu(h)) as well, and recomputing relu² from a kept h
+    reads h and writes relu² again in the backward. One elementwise pass, reading relu(h)² and g
+    and writing d h, in fp32 arithmetic (√ of a bf16 square is within 2^-10 of relu(h))."""
+    return nn.relu2(h)
 
 
-@relu2_projection.vjp
-def _relu2_projection_vjp(primals, cotangent, output):
-    h, weight, _ = primals
-    gw = cotangent @ weight
-    if cuda_kernels.available() and cuda_kernels.relu2_fits(h):
-        relu2, dh = cuda_kernels.relu2_vjp(h, gw)  # both in one pass over h
-    else:
-        # Spelled with other ops than the forward's relu and square on purpose: mx.compile merges
-        # identical expressions, and would keep the forward's relu(h)² alive for this backward.
-        # Each of the two reads h itself, so each compiles to one elementwise pass (a shared
-        # relu(h) would be a third pass and a stored 4·n_embd-wide temporary).
-        relu2, dh = mx.square(h) * (h > 0), gw * mx.where(h < 0, 0, 2 * h)
-    dweight = cotangent.reshape(-1, cotangent.shape[-1]).T @ relu2.reshape(-1, h.shape[-1])
-    return dh, dweight, cotangent
+@squared_relu.vjp
+def _squared_relu_vjp(primals, cotangent, output):
+    return (2 * mx.sqrt(output.astype(mx.float32)) * cotangent.astype(mx.float32)).astype(cotangent.dtype)
 
 
 class Block(nn.Module):
@@ -266,9 +284,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
-        n = block_norm(cache)
-        x = self.attn(n(x), cache, residual=x)
-        return self.mlp(n(x), residual=x, cache=cache)
+        x, xn = residual_and_norm(x, cache)
+        x = self.attn(xn, cache, residual=x)
+        x, xn = residual_and_norm(x, cache)
+        return self.mlp(xn, residual=x, cache=cache)
 
 
 class Transformer(nn.Module):

@@ -50,8 +50,11 @@ def test_shapes_the_kernels_take():
     too_long = mx.zeros((1, 1, cuda_kernels.DECODE_ATTENTION_MAX_KEYS + 1, 128), mx.bfloat16)
     assert not cuda_kernels.decode_attention_fits(mx.zeros((1, 1, 1, 128), mx.bfloat16), too_long)
     assert not cuda_kernels.decode_attention_fits(mx.zeros((1, 1, 1, 4), mx.float16), mx.zeros((1, 1, 8, 4), mx.float16))
-    assert cuda_kernels.relu2_fits(mx.zeros((2, 5, 3072), mx.bfloat16))
-    assert not cuda_kernels.relu2_fits(mx.zeros((2, 5, 3), mx.bfloat16))
+    assert cuda_kernels.sum_of_squares_fits([mx.zeros((3, 4)), mx.zeros((5,))])
+    assert not cuda_kernels.sum_of_squares_fits([mx.zeros((3, 4)), mx.zeros((5,), mx.bfloat16)])  # one dtype
+    assert not cuda_kernels.sum_of_squares_fits([mx.zeros((3, 0))])
+    assert not cuda_kernels.sum_of_squares_fits([])
+    assert not cuda_kernels.sum_of_squares_fits([mx.zeros((2,))] * (cuda_kernels.SUM_OF_SQUARES_MAX_ARRAYS + 1))
 
 
 @needs_cuda
@@ -86,9 +89,11 @@ def test_norm_kernels_equal_mlx_rms_norm_and_its_autodiff(dtype, width):
     ref_y, (ref_dx,) = mx.vjp(lambda a: mx.fast.rms_norm(a, None, gpt.NORM_EPS), [x], [dy])
     ref_r = mx.rsqrt(mx.mean(mx.square(x.astype(mx.float32)), axis=-1, keepdims=True) + gpt.NORM_EPS)
     dx = cuda_kernels.rms_norm_vjp(y, r, dy)
+    res = mx.random.normal(x.shape, key=mx.random.key(6)).astype(dtype)  # the residual stream's own cotangent
+    dx_plus = cuda_kernels.rms_norm_vjp(y, r, dy, res)
     tol = 1e-5 if dtype == mx.float32 else 2e-2
     np.testing.assert_allclose(np.array(r), np.array(ref_r), rtol=1e-5)
-    assert_close_at_scale(((ref_y[0], y), (ref_dx, dx)), tol)
+    assert_close_at_scale(((ref_y[0], y), (ref_dx, dx), ((ref_dx + res).astype(dtype), dx_plus)), tol)
 
 
 @needs_cuda
@@ -130,18 +135,6 @@ def test_a_key_prefix_mask_attends_to_the_written_keys_only(dtype, heads, kv_hea
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_relu2_kernel_equals_the_portable_backward(dtype):
-    h = (mx.random.normal((3, 37, 96), key=mx.random.key(11)) * 3).astype(dtype)  # a last block part empty
-    h[0, 0, :8] = 0.0
-    gw = mx.random.normal(h.shape, key=mx.random.key(12)).astype(dtype)
-    relu2, dh = cuda_kernels.relu2_vjp(h, gw)
-    h32, gw32 = h.astype(mx.float32), gw.astype(mx.float32)
-    ref_relu2, ref_dh = (mx.square(nn.relu(h32)).astype(dtype), (2 * nn.relu(h32) * gw32).astype(dtype))
-    assert_close_at_scale(((ref_relu2, relu2), (ref_dh, dh)), 1e-6 if dtype == mx.float32 else 1e-2)
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_training_loss_and_gradients_equal_the_portable_kernels(monkeypatch, dtype):
     """A model whose norms, rotary embeddings and head take the kernels (width 128, vocab 512): the
     training loss and every gradient with the kernels on and off."""
@@ -162,3 +155,33 @@ def test_training_loss_and_gradients_equal_the_portable_kernels(monkeypatch, dty
     for (name, a), (_, b) in zip(tree_flatten(ref_grads), tree_flatten(grads)):
         scale = float(mx.abs(a).max()) or 1.0
         np.testing.assert_allclose(np.array(b), np.array(a), atol=tol * scale, rtol=tol, err_msg=name)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_sum_of_squares_equals_the_sum_over_arrays(dtype):
+    """Arrays smaller than a block's chunk, one spanning several chunks with a partial last one,
+    and a model's worth of them (122 at d20): the one-launch sum against MLX's per-array sums."""
+    chunk = cuda_kernels.SUM_OF_SQUARES_CHUNK
+    shapes = [(3,), (17, 5), (2 * chunk + 123,), (chunk,), *[(64, 48)] * 118]
+    arrays = [mx.random.normal(s, key=mx.random.key(i)).astype(dtype) for i, s in enumerate(shapes)]
+    ours = cuda_kernels.sum_of_squares(arrays)
+    ref = sum((a.astype(mx.float32) ** 2).sum() for a in arrays)
+    assert ours.dtype == mx.float32 and ours.shape == ()
+    assert abs(ours.item() - ref.item()) <= 1e-5 * ref.item()
+    assert cuda_kernels.sum_of_squares(arrays).item() == ours.item()  # partials, no atomics: the same every run
+
+
+@needs_cuda
+def test_clipping_on_cuda_equals_mlx_clip_grad_norm():
+    import mlx.optimizers as optim
+
+    from mlxchat.optim import clip_gradients
+
+    grads = {"a": mx.random.normal((40, 30), key=mx.random.key(1)), "b": [mx.random.normal((7,), key=mx.random.key(2))]}
+    for max_norm in (0.5, 1e6):
+        ours, norm = clip_gradients(grads, max_norm)
+        ref, ref_norm = optim.clip_grad_norm(grads, max_norm)
+        assert abs(norm.item() - ref_norm.item()) <= 1e-5 * ref_norm.item()
+        for (_, a), (_, b) in zip(tree_flatten(ref), tree_flatten(ours)):
+            np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5)

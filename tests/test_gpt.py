@@ -204,19 +204,35 @@ def test_checkpointed_blocks_give_the_same_loss_and_gradients():
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_relu2_projection_backward_equals_autodiff(dtype):
-    """The MLP's hand-written backward (recomputing relu² from the c_fc output) gives autodiff's
-    output and gradients for the input, the projection weight and the residual."""
-    h = mx.random.normal((2, 5, 32), key=mx.random.key(1)).astype(dtype)
-    w = (0.1 * mx.random.normal((8, 32), key=mx.random.key(2))).astype(dtype)
-    res = mx.random.normal((2, 5, 8), key=mx.random.key(4)).astype(dtype)
-    cot = mx.random.normal((2, 5, 8), key=mx.random.key(3)).astype(dtype)
-    reference = mx.vjp(lambda a, b, c: c + mx.square(nn.relu(a)) @ b.T, [h, w, res], [cot])
-    ours = mx.vjp(gpt.relu2_projection, [h, w, res], [cot])
-    tol = 1e-6 if dtype == mx.float32 else 2e-2
-    for a, b in zip(reference[0] + reference[1], ours[0] + ours[1]):
-        assert a.dtype == b.dtype and a.shape == b.shape
+def test_squared_relu_backward_from_its_output_equals_autodiff(dtype):
+    """The MLP's activation differentiated from its output (relu(h)²) gives autodiff's gradient,
+    zero where h ≤ 0, within the dtype's rounding."""
+    h = (3 * mx.random.normal((2, 5, 32), key=mx.random.key(1))).astype(dtype)
+    h[0, 0, :4] = 0.0
+    cot = mx.random.normal((2, 5, 32), key=mx.random.key(3)).astype(dtype)
+    (ref_out,), (ref_dh,) = mx.vjp(lambda a: mx.square(nn.relu(a)), [h], [cot])
+    (out,), (dh,) = mx.vjp(gpt.squared_relu, [h], [cot])
+    assert dh.dtype == dtype and dh.shape == h.shape and not dh[0, 0, :4].any()
+    tol = 1e-6 if dtype == mx.float32 else 1e-2
+    for a, b in ((ref_out, out), (ref_dh, dh)):
         np.testing.assert_allclose(np.array(b.astype(mx.float32)), np.array(a.astype(mx.float32)), atol=tol, rtol=tol)
+
+
+def test_the_mlp_backward_keeps_its_squared_activation_only():
+    """Through the projection (GEMM with the residual), the MLP's gradients equal autodiff's."""
+    cfg = gpt.GPTConfig(sequence_len=8, vocab_size=32, n_layer=1, n_head=1, n_kv_head=1, n_embd=16)
+    mlp = gpt.MLP(cfg)
+    x = mx.random.normal((2, 5, 16), key=mx.random.key(5))
+    res = mx.random.normal((2, 5, 16), key=mx.random.key(6))
+
+    def reference(m, x, res):
+        return res + mx.square(nn.relu(x @ m.c_fc.weight.T)) @ m.c_proj.weight.T
+
+    ref = nn.value_and_grad(mlp, lambda m: (reference(m, x, res) ** 2).sum())(mlp)
+    ours = nn.value_and_grad(mlp, lambda m: (m(x, res) ** 2).sum())(mlp)
+    assert abs(ref[0].item() - ours[0].item()) <= 1e-5 * abs(ref[0].item())
+    for (name, a), (_, b) in zip(tree_flatten(ref[1]), tree_flatten(ours[1])):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
