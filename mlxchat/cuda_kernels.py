@@ -24,11 +24,10 @@ ENV = "MLXCHAT_CUDA_KERNELS"  # "0" turns them off: the portable kernels run ins
 WARP = 32
 LOSS_THREADS = 512  # one block per row of logits
 NORM_ROWS_PER_BLOCK = 8  # one warp per row
-# Rows per warp of the rotary/QK-norm kernels. Measured at d12 B32 on the H200: the forward took
-# 2.78 ms a step at 1 row and 2.33 ms at 4; the backward, with twice the loads, 3.20 ms at 1 and
-# 4.38 ms at 4 (62 registers a thread: fewer warps in flight).
-ROPE_ROWS_PER_WARP = 4
-ROPE_VJP_ROWS_PER_WARP = 1
+# Rounds of rows a warp of the rotary/QK-norm kernels loads before computing (each round G rows side
+# by side; see _ROPE_NORM_SOURCE). The backward loads twice as much a row.
+ROPE_ROUNDS = 2
+ROPE_VJP_ROUNDS = 1
 
 _HEADER = """
 template <typename T, int N>
@@ -63,6 +62,14 @@ __device__ __forceinline__ float warp_sum(float x) {
 __device__ __forceinline__ float warp_max(float x) {
   #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
+  return x;
+}
+
+// The sum of x over each aligned group of L lanes (L a power of two ≤ 32), in every lane of the group.
+template <int L>
+__device__ __forceinline__ float lane_group_sum(float x) {
+  #pragma unroll
+  for (int o = L / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
   return x;
 }
 
@@ -199,26 +206,31 @@ _NORM_VJP_SOURCE = """
 # reads y through a transposed view (B × H × T × D strides of B × T × H × D), as nanochat's torch
 # hands cuDNN its q, k, v. As mx.fast.rope (non-traditional) at positions 0…T−1:
 # θ = t·inv_freq[i], (x1, x2) of a pair (i, i + D/2) → (x1·cos θ − x2·sin θ, x1·sin θ + x2·cos θ).
-# One warp per RPW rows, all loaded before any is computed (one row's 256 bytes alone left the
-# forward's loads latency-bound: 1.7 TB/s); each lane holds P consecutive pairs of a row.
+# Each lane loads 16 bytes of each half of a row (P elements of x1, P of x2), so a row takes
+# L = D / 2P lanes and a warp G = 32 / L rows side by side, RPW such rounds all loaded before any
+# is computed. (With 4-byte loads, a lane per pair of elements, a d20 step's forward and backward
+# took 5.5 and 7.9 ms on the H200, about half the memory's rate.)
 _ROPE_NORM_SOURCE = """
-  constexpr int P = D / 64;
+  constexpr int P = 16 / sizeof(T_);
+  constexpr int L = D / (2 * P);
+  constexpr int G = 32 / L;
   const int B = x_shape[0], T = x_shape[1], H = x_shape[2];
-  const int first = (blockIdx.x * (BLOCK / 32) + threadIdx.x / 32) * RPW;  // rows (b, t, h), x's order
+  const int rows = B * T * H;
   const int lane = threadIdx.x % 32;
-  const int i0 = lane * P;
+  const int g = lane / L, i0 = (lane % L) * P;
+  const int first = (blockIdx.x * (BLOCK / 32) + threadIdx.x / 32) * RPW * G;
   Pack<T_, P> a[RPW], c[RPW];
   #pragma unroll
   for (int k = 0; k < RPW; ++k) {  // all loads first: RPW rows' worth in flight per lane
-    if (first + k < B * T * H) {
-      a[k] = *reinterpret_cast<const Pack<T_, P>*>(x + (size_t)(first + k) * D + i0);
-      c[k] = *reinterpret_cast<const Pack<T_, P>*>(x + (size_t)(first + k) * D + D / 2 + i0);
+    const int row = first + k * G + g;
+    if (row < rows) {
+      a[k] = *reinterpret_cast<const Pack<T_, P>*>(x + (size_t)row * D + i0);
+      c[k] = *reinterpret_cast<const Pack<T_, P>*>(x + (size_t)row * D + D / 2 + i0);
     }
   }
   #pragma unroll
-  for (int k = 0; k < RPW; ++k) {
-    const int row = first + k;
-    if (row >= B * T * H) break;
+  for (int k = 0; k < RPW; ++k) {  // every lane runs every round: the sums shuffle across lanes
+    const int row = first + k * G + g;
     const int t = (row / H) % T;
     float r1[P], r2[P];
     float ss = 0.0f;
@@ -226,34 +238,40 @@ _ROPE_NORM_SOURCE = """
     for (int j = 0; j < P; ++j) {
       float sn, cs;
       sincosf(static_cast<float>(t) * inv_freq[i0 + j], &sn, &cs);
-      const float x1 = static_cast<float>(a[k].v[j]), x2 = static_cast<float>(c[k].v[j]);
+      const float x1 = row < rows ? static_cast<float>(a[k].v[j]) : 0.0f;
+      const float x2 = row < rows ? static_cast<float>(c[k].v[j]) : 0.0f;
       r1[j] = x1 * cs - x2 * sn;
       r2[j] = x1 * sn + x2 * cs;
       ss += r1[j] * r1[j] + r2[j] * r2[j];
     }
-    const float rs = rsqrtf(warp_sum(ss) / D + EPS);
-    Pack<T_, P> o1, o2;
-    #pragma unroll
-    for (int j = 0; j < P; ++j) { o1.v[j] = static_cast<T_>(r1[j] * rs); o2.v[j] = static_cast<T_>(r2[j] * rs); }
-    *reinterpret_cast<Pack<T_, P>*>(y + (size_t)row * D + i0) = o1;
-    *reinterpret_cast<Pack<T_, P>*>(y + (size_t)row * D + D / 2 + i0) = o2;
-    if (lane == 0) r[row] = rs;
+    const float rs = rsqrtf(lane_group_sum<L>(ss) / D + EPS);
+    if (row < rows) {
+      Pack<T_, P> o1, o2;
+      #pragma unroll
+      for (int j = 0; j < P; ++j) { o1.v[j] = static_cast<T_>(r1[j] * rs); o2.v[j] = static_cast<T_>(r2[j] * rs); }
+      *reinterpret_cast<Pack<T_, P>*>(y + (size_t)row * D + i0) = o1;
+      *reinterpret_cast<Pack<T_, P>*>(y + (size_t)row * D + D / 2 + i0) = o2;
+      if (i0 == 0) r[row] = rs;
+    }
   }
 """
 
 # Its backward: the norm's, dn = r·(dy − y·mean(dy·y)), then the inverse rotation; y, dy and dx
-# all in the projection's layout (B × T × H × D).
+# all in the projection's layout (B × T × H × D), lanes and rows as the forward.
 _ROPE_NORM_VJP_SOURCE = """
-  constexpr int P = D / 64;
+  constexpr int P = 16 / sizeof(T_);
+  constexpr int L = D / (2 * P);
+  constexpr int G = 32 / L;
   const int B = y_shape[0], T = y_shape[1], H = y_shape[2];
-  const int first = (blockIdx.x * (BLOCK / 32) + threadIdx.x / 32) * RPW;  // rows (b, t, h)
+  const int rows = B * T * H;
   const int lane = threadIdx.x % 32;
-  const int i0 = lane * P;
+  const int g = lane / L, i0 = (lane % L) * P;
+  const int first = (blockIdx.x * (BLOCK / 32) + threadIdx.x / 32) * RPW * G;
   Pack<T_, P> y1[RPW], y2[RPW], g1[RPW], g2[RPW];
   #pragma unroll
   for (int k = 0; k < RPW; ++k) {
-    const int row = first + k;
-    if (row < B * T * H) {
+    const int row = first + k * G + g;
+    if (row < rows) {
       const size_t at = (size_t)row * D + i0;
       y1[k] = *reinterpret_cast<const Pack<T_, P>*>(y + at);
       y2[k] = *reinterpret_cast<const Pack<T_, P>*>(y + at + D / 2);
@@ -263,15 +281,16 @@ _ROPE_NORM_VJP_SOURCE = """
   }
   #pragma unroll
   for (int k = 0; k < RPW; ++k) {
-    const int row = first + k;
-    if (row >= B * T * H) break;
+    const int row = first + k * G + g;
+    const bool live = row < rows;
     const int t = (row / H) % T;
     float dot = 0.0f;
     #pragma unroll
     for (int j = 0; j < P; ++j)
-      dot += static_cast<float>(y1[k].v[j]) * static_cast<float>(g1[k].v[j])
-           + static_cast<float>(y2[k].v[j]) * static_cast<float>(g2[k].v[j]);
-    const float mean = warp_sum(dot) / D;
+      if (live) dot += static_cast<float>(y1[k].v[j]) * static_cast<float>(g1[k].v[j])
+                     + static_cast<float>(y2[k].v[j]) * static_cast<float>(g2[k].v[j]);
+    const float mean = lane_group_sum<L>(dot) / D;
+    if (!live) continue;
     const float rs = r[row];
     Pack<T_, P> o1, o2;
     #pragma unroll
@@ -408,8 +427,13 @@ def decode_attention_fits(q: mx.array, keys: mx.array) -> bool:
 
 
 def rope_norm_fits(x: mx.array) -> bool:
-    """Whether `rope_norm` takes this projection (B × T × H × D): D a multiple of 64, ≤ 512."""
-    return x.ndim == 4 and x.dtype in FLOAT_TYPES and x.shape[-1] % 64 == 0 and x.shape[-1] <= 512
+    """Whether `rope_norm` takes this projection (B × T × H × D): a row's halves in whole 16-byte
+    packs, on a number of lanes that divides a warp (bf16: D of 32·2^k up to 512; fp32: up to 256)."""
+    if x.ndim != 4 or x.dtype not in FLOAT_TYPES:
+        return False
+    d, per_lane = x.shape[-1], 16 // x.dtype.size
+    lanes = d // (2 * per_lane)
+    return d % (2 * per_lane) == 0 and lanes in (1, 2, 4, 8, 16, 32) and d >= 32
 
 
 @functools.cache
@@ -519,8 +543,8 @@ def rope_norm(x: mx.array, inv_freq: mx.array, eps: float) -> tuple[mx.array, mx
     B, T, H, D = x.shape
     kernel = _kernel("mlxchat_rope_norm", ("x", "inv_freq"), ("y", "r"), _ROPE_NORM_SOURCE, EPS=eps)
     y, r = kernel(
-        inputs=[x, inv_freq.astype(mx.float32)], template=_rope_template(x.dtype, D, ROPE_ROWS_PER_WARP),
-        grid=(_rope_warps(B * T * H, ROPE_ROWS_PER_WARP) * WARP, 1, 1), threadgroup=(NORM_ROWS_PER_BLOCK * WARP, 1, 1),
+        inputs=[x, inv_freq.astype(mx.float32)], template=_rope_template(x.dtype, D, ROPE_ROUNDS),
+        grid=(_rope_warps(x.dtype, D, B * T * H, ROPE_ROUNDS) * WARP, 1, 1), threadgroup=(NORM_ROWS_PER_BLOCK * WARP, 1, 1),
         output_shapes=[x.shape, (B, T, H, 1)], output_dtypes=[x.dtype, mx.float32])
     return y, r
 
@@ -531,8 +555,8 @@ def rope_norm_vjp(y: mx.array, r: mx.array, dy: mx.array, inv_freq: mx.array) ->
     kernel = _kernel("mlxchat_rope_norm_vjp", ("y", "r", "dy", "inv_freq"), ("dx",), _ROPE_NORM_VJP_SOURCE)
     (dx,) = kernel(
         inputs=[y, r, dy.astype(y.dtype), inv_freq.astype(mx.float32)],
-        template=_rope_template(y.dtype, D, ROPE_VJP_ROWS_PER_WARP),
-        grid=(_rope_warps(B * T * H, ROPE_VJP_ROWS_PER_WARP) * WARP, 1, 1), threadgroup=(NORM_ROWS_PER_BLOCK * WARP, 1, 1),
+        template=_rope_template(y.dtype, D, ROPE_VJP_ROUNDS),
+        grid=(_rope_warps(y.dtype, D, B * T * H, ROPE_VJP_ROUNDS) * WARP, 1, 1), threadgroup=(NORM_ROWS_PER_BLOCK * WARP, 1, 1),
         output_shapes=[(B, T, H, D)], output_dtypes=[y.dtype])
     return dx
 
@@ -541,5 +565,7 @@ def _rope_template(dtype: mx.Dtype, d: int, rows_per_warp: int) -> list:
     return [("T_", dtype), ("D", d), ("BLOCK", NORM_ROWS_PER_BLOCK * WARP), ("RPW", rows_per_warp)]
 
 
-def _rope_warps(rows: int, rows_per_warp: int) -> int:
-    return -(-rows // rows_per_warp)
+def _rope_warps(dtype: mx.Dtype, d: int, rows: int, rounds: int) -> int:
+    """Warps for `rows`: each takes 32·P·2/D rows side by side, `rounds` times."""
+    side_by_side = 32 // (d // (2 * (16 // dtype.size)))
+    return -(-rows // (side_by_side * rounds))

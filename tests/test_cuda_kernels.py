@@ -41,7 +41,9 @@ def test_shapes_the_kernels_take():
     assert not cuda_kernels.norm_fits(mx.zeros((2, 64), mx.bfloat16))  # the small test models: portable
     assert not cuda_kernels.norm_fits(mx.zeros((2, 4096), mx.bfloat16))
     assert cuda_kernels.rope_norm_fits(mx.zeros((2, 5, 6, 128), mx.bfloat16))
-    assert not cuda_kernels.rope_norm_fits(mx.zeros((2, 5, 6, 32), mx.bfloat16))
+    assert cuda_kernels.rope_norm_fits(mx.zeros((2, 5, 6, 32), mx.bfloat16))  # 2 lanes a row
+    assert not cuda_kernels.rope_norm_fits(mx.zeros((2, 5, 6, 48), mx.bfloat16))  # 3 lanes: not a warp's divisor
+    assert not cuda_kernels.rope_norm_fits(mx.zeros((2, 5, 6, 512), mx.float32))  # 64 lanes
     assert not cuda_kernels.rope_norm_fits(mx.zeros((2, 6, 128), mx.bfloat16))
     assert cuda_kernels.decode_attention_fits(mx.zeros((2, 6, 1, 128), mx.bfloat16), mx.zeros((2, 3, 4096, 128), mx.bfloat16))
     assert cuda_kernels.decode_attention_fits(mx.zeros((1, 2, 1, 32), mx.float32), mx.zeros((1, 2, 96, 32), mx.float32))
@@ -98,9 +100,9 @@ def test_norm_kernels_equal_mlx_rms_norm_and_its_autodiff(dtype, width):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("heads", [1, 3])
-def test_rope_norm_kernels_equal_mlx_rope_then_norm_and_their_autodiff(dtype, heads):
-    B, T, D = 2, 37, 128
+@pytest.mark.parametrize("heads,D", [(1, 128), (3, 128), (3, 64)])
+def test_rope_norm_kernels_equal_mlx_rope_then_norm_and_their_autodiff(dtype, heads, D):
+    B, T = 2, 37  # 222 rows at 3 heads: a warp's last round part empty
     attn = gpt.CausalSelfAttention(gpt.GPTConfig(sequence_len=T, vocab_size=64, n_layer=1, n_head=heads,
                                                  n_kv_head=heads, n_embd=heads * D))
     x = (mx.random.normal((B, T, heads, D), key=mx.random.key(9)) * 3).astype(dtype)
