@@ -16,7 +16,9 @@ as such and its allocations never count against the next):
               (torch.compile'd model unless --no-torch-compile; bf16 autocast unless --dtype float32).
 
 Diagnostic variants (name them in --variants): ours-fwdbwd (compiled forward+backward only, no
-optimizer), ours-adamw (compiled step with plain AdamW in place of Muon), ours-nocompile (the
+optimizer), ours-update (the compiled step's other half alone: clipping and the optimizer update
+on one fixed set of gradients; its tok/s counts the batch's tokens, so fwdbwd + update times
+are the step's when the two do not overlap), ours-adamw (compiled step with plain AdamW in place of Muon), ours-nocompile (the
 same computation as `ours`, eager), ours-fused-loss / ours-portable-loss (`ours` with the loss
 kernel forced: `MLXCHAT_LOSS`; plain `ours` takes the cuda one on MLX's CUDA backend, the fused
 one on Metal, the portable one on CPU), ours-ckpt (`ours` with `mx.checkpoint` per block, `--checkpoint-blocks`).
@@ -52,8 +54,8 @@ from kernel_profile import print_profile, profile_kernels
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN_VARIANTS = ("ours", "mlx-naive")
-ALL_VARIANTS = ("ours", "mlx-naive", "torch", "ours-fwdbwd", "ours-adamw", "ours-nocompile", "ours-fused-loss",
-                "ours-portable-loss", "ours-ckpt")
+ALL_VARIANTS = ("ours", "mlx-naive", "torch", "ours-fwdbwd", "ours-update", "ours-adamw", "ours-nocompile",
+                "ours-fused-loss", "ours-portable-loss", "ours-ckpt")
 LOSS_VARIANTS = {"ours-fused-loss": "fused", "ours-portable-loss": "portable"}  # variant -> MLXCHAT_LOSS
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16, as nanochat's MFU
 GIB = 1024**3
@@ -245,6 +247,18 @@ def run_mlx(args, variant: str) -> dict:
             loss, grads = fwdbwd(*next(it))
             mx.eval(loss, grads)
             return loss.item()
+
+    elif variant == "ours-update":
+        optimizer = build_optimizer(model, ocfg, horizon)
+        optimizer.init(model.trainable_parameters())
+        train_step = TrainStep(model, optimizer, 1, ocfg.grad_clip, 1)
+        _, grads = train_step._grads(*next(it))
+        mx.eval(grads)
+
+        def step():
+            norm = train_step._apply(grads)
+            mx.eval(norm, model.parameters(), optimizer.state)
+            return norm.item()  # the gradient norm stands in for the loss: there is no forward
 
     elif variant == "mlx-naive":
         optimizer = optim.AdamW(learning_rate=1e-3)
