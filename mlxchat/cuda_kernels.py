@@ -446,9 +446,8 @@ def rope_norm_fits(x: mx.array) -> bool:
     packs, on a number of lanes that divides a warp (bf16: D of 32·2^k up to 512; fp32: up to 256)."""
     if x.ndim != 4 or x.dtype not in FLOAT_TYPES:
         return False
-    d, per_lane = x.shape[-1], 16 // x.dtype.size
-    lanes = d // (2 * per_lane)
-    return d % (2 * per_lane) == 0 and lanes in (1, 2, 4, 8, 16, 32) and d >= 32
+    d = x.shape[-1]
+    return d >= 32 and d % (2 * _rope_per_lane(x.dtype)) == 0 and _rope_lanes(x.dtype, d) in (1, 2, 4, 8, 16, 32)
 
 
 @functools.cache
@@ -580,7 +579,16 @@ def _rope_template(dtype: mx.Dtype, d: int, rows_per_warp: int) -> list:
     return [("T_", dtype), ("D", d), ("BLOCK", NORM_ROWS_PER_BLOCK * WARP), ("RPW", rows_per_warp)]
 
 
+def _rope_per_lane(dtype: mx.Dtype) -> int:
+    """P of the rotary kernels: elements of each half of a row a lane loads, 16 bytes."""
+    return 16 // dtype.size
+
+
+def _rope_lanes(dtype: mx.Dtype, d: int) -> int:
+    """L of the rotary kernels: the lanes one row of width d takes."""
+    return d // (2 * _rope_per_lane(dtype))
+
+
 def _rope_warps(dtype: mx.Dtype, d: int, rows: int, rounds: int) -> int:
-    """Warps for `rows`: each takes 32·P·2/D rows side by side, `rounds` times."""
-    side_by_side = 32 // (d // (2 * (16 // dtype.size)))
-    return -(-rows // (side_by_side * rounds))
+    """Warps for `rows`: each takes 32 / L rows side by side, `rounds` times."""
+    return -(-rows // (WARP // _rope_lanes(dtype, d) * rounds))

@@ -250,7 +250,7 @@ class MLP(nn.Module):
         self.c_fc = CastLinear(config.n_embd, 4 * config.n_embd)
         self.c_proj = CastLinear(4 * config.n_embd, config.n_embd)
 
-    def __call__(self, x: mx.array, residual: mx.array, cache: Any = None) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
         """residual + the MLP of x, the add inside the output projection's GEMM."""
         return project_onto(self.c_proj, squared_relu(self.c_fc(x)), residual)
 
@@ -287,7 +287,7 @@ class Block(nn.Module):
         x, xn = residual_and_norm(x, cache)
         x = self.attn(xn, cache, residual=x)
         x, xn = residual_and_norm(x, cache)
-        return self.mlp(xn, residual=x, cache=cache)
+        return self.mlp(xn, residual=x)
 
 
 class Transformer(nn.Module):
