@@ -191,7 +191,7 @@ def run_mlx(args, variant: str) -> dict:
 
     if args.loss_chunk_log2:
         gpt.FUSED_LOSS_CHUNK_ELEMENTS = gpt.LOSS_CHUNK_ELEMENTS = 1 << args.loss_chunk_log2
-    from mlxchat.optim import OptimConfig, build_optimizer, clip_gradients
+    from mlxchat.optim import NanoOptimizer, OptimConfig, build_optimizer
     from mlxchat.train import TrainStep
 
     dtype = getattr(mx, args.dtype)
@@ -219,7 +219,7 @@ def run_mlx(args, variant: str) -> dict:
         if variant != "ours-adamw":
             optimizer = build_optimizer(model, ocfg, horizon)
         else:
-            optimizer = optim.AdamW(1e-3, betas=[0.8, 0.95], eps=1e-10, weight_decay=0.0, bias_correction=True)
+            optimizer = NanoOptimizer([optim.AdamW(1e-3, betas=[0.8, 0.95], eps=1e-10, weight_decay=0.0, bias_correction=True)])
         optimizer.init(model.trainable_parameters())
         train_step = TrainStep(model, optimizer, 1, ocfg.grad_clip, 1)
 
@@ -234,8 +234,7 @@ def run_mlx(args, variant: str) -> dict:
 
         def step():
             loss, grads = loss_and_grad(model, *next(it))
-            grads, norm = clip_gradients(grads, ocfg.grad_clip)
-            optimizer.update(model, grads)
+            norm = optimizer.clip_and_update(model, grads, ocfg.grad_clip)
             mx.eval(loss, norm, model.parameters(), optimizer.state)
             return loss.item()
 

@@ -346,6 +346,33 @@ _SUM_OF_SQUARES_SOURCE = """
   if (threadIdx.x == 0) partials[b] = s;
 """
 
+# Muon's Nesterov momentum over a group of same-size matrices (`nesterov_momentum`): each block one
+# CHUNK of one matrix, 4 elements a thread; scalars = (momentum m, the gradients' clipping scale s).
+_NESTEROV_SOURCE = """
+  const int k = blockIdx.x / BLOCKS_PER_ARRAY;
+  const size_t start = (size_t)(blockIdx.x % BLOCKS_PER_ARRAY) * CHUNK;
+  const size_t end = start + CHUNK < SIZE ? start + CHUNK : SIZE;
+  const TG* g = GRADS[k];
+  const float* v = VELOCITIES[k];
+  float* v_out = NEW_VELOCITIES[k];
+  TU* u = stack + (size_t)k * SIZE;
+  const float m = scalars[0], s = scalars[1];
+  for (size_t i = start + 4 * threadIdx.x; i < end; i += 4 * BLOCK) {
+    const Pack<TG, 4> gp = *reinterpret_cast<const Pack<TG, 4>*>(g + i);
+    const Pack<float, 4> vp = *reinterpret_cast<const Pack<float, 4>*>(v + i);
+    Pack<float, 4> vn;
+    Pack<TU, 4> un;
+    #pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float gj = static_cast<float>(gp.v[j]) * s;
+      vn.v[j] = m * vp.v[j] + (1.0f - m) * gj;
+      un.v[j] = static_cast<TU>(gj * (1.0f - m) + vn.v[j] * m);
+    }
+    *reinterpret_cast<Pack<float, 4>*>(v_out + i) = vn;
+    *reinterpret_cast<Pack<TU, 4>*>(u + i) = un;
+  }
+"""
+
 # One query per row and head against the first `length[0]` keys of a whole cache buffer, one block
 # per (row, head): scores into shared memory (a thread a key), their softmax, then the weighted sum
 # of values (a thread a 16-byte pack of a value row, the rows split over BLOCK / (D / N) groups).
@@ -500,6 +527,46 @@ def sum_of_squares(arrays: list[mx.array]) -> mx.array:
         grid=(blocks * SUM_OF_SQUARES_THREADS, 1, 1), threadgroup=(SUM_OF_SQUARES_THREADS, 1, 1),
         output_shapes=[(blocks,)], output_dtypes=[mx.float32])
     return partials.sum()
+
+
+NESTEROV_THREADS = 256
+NESTEROV_CHUNK = 1 << 14  # elements a block updates: 16 per thread, 4 at a time
+NESTEROV_MAX_ARRAYS = 128  # three pointers each in the kernel's parameters (4 KB on CUDA)
+
+
+def nesterov_momentum_fits(grads: list[mx.array], velocities: list[mx.array]) -> bool:
+    """Whether `nesterov_momentum` takes this group: 1 to NESTEROV_MAX_ARRAYS gradients of one float
+    type and one shape, whose size is a multiple of 4, with fp32 velocities of that shape."""
+    if not 0 < len(grads) <= NESTEROV_MAX_ARRAYS or len(velocities) != len(grads):
+        return False
+    shape, dtype = grads[0].shape, grads[0].dtype
+    return (dtype in FLOAT_TYPES and grads[0].size % 4 == 0 and all(g.shape == shape and g.dtype == dtype for g in grads)
+            and all(v.shape == shape and v.dtype == mx.float32 for v in velocities))
+
+
+def nesterov_momentum(grads: list[mx.array], velocities: list[mx.array], momentum: mx.array, scale: mx.array,
+                      dtype: mx.Dtype) -> tuple[list[mx.array], mx.array]:
+    """Muon's momentum over a group of same-shape matrices in one kernel: with g = scale·grad,
+    v ← m·v + (1−m)·g (fp32) and the update g·(1−m) + v·m, written in `dtype` straight into one
+    (n × rows × cols) stack for the batched Newton–Schulz. Returns (new velocities, stack)."""
+    n, size = len(grads), grads[0].size
+    blocks_per = -(-size // NESTEROV_CHUNK)
+    g_names = tuple(f"g{i}" for i in range(n))
+    v_names = tuple(f"v{i}" for i in range(n))
+    o_names = tuple(f"v_out{i}" for i in range(n))
+    tables = (f"  constexpr size_t SIZE = {size};\n  constexpr int CHUNK = {NESTEROV_CHUNK};\n"
+              f"  constexpr int BLOCKS_PER_ARRAY = {blocks_per};\n"
+              f"  const TG* GRADS[{n}] = {{{', '.join(g_names)}}};\n"
+              f"  const float* VELOCITIES[{n}] = {{{', '.join(v_names)}}};\n"
+              f"  float* NEW_VELOCITIES[{n}] = {{{', '.join(o_names)}}};\n")
+    kernel = _kernel("mlxchat_nesterov_momentum", (*g_names, *v_names, "scalars"), (*o_names, "stack"),
+                     tables + _NESTEROV_SOURCE)
+    scalars = mx.stack([momentum.astype(mx.float32), scale.astype(mx.float32)])
+    outs = kernel(
+        inputs=[*grads, *velocities, scalars], template=[("TG", grads[0].dtype), ("TU", dtype), ("BLOCK", NESTEROV_THREADS)],
+        grid=(n * blocks_per * NESTEROV_THREADS, 1, 1), threadgroup=(NESTEROV_THREADS, 1, 1),
+        output_shapes=[grads[0].shape] * n + [(n, *grads[0].shape)], output_dtypes=[mx.float32] * n + [dtype])
+    return list(outs[:n]), outs[n]
 
 
 def decode_attention(q: mx.array, keys: mx.array, values: mx.array, length: mx.array, scale: float) -> mx.array:

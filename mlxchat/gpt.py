@@ -154,20 +154,72 @@ class CastLinear(nn.Linear):
     """A bias-free Linear that computes in its input's dtype.
 
     Master weights stay fp32 (so the optimizer math is fp32) while matmuls run in the
-    activation dtype (bfloat16 on GPUs): MLX's equivalent of nanochat's torch autocast.
-    """
+    activation dtype (bfloat16 on GPUs): MLX's equivalent of nanochat's torch autocast. Its
+    weight gradient comes back in that dtype too (`_linear`)."""
 
     def __init__(self, in_dims: int, out_dims: int):
         super().__init__(in_dims, out_dims, bias=False)
 
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         """x @ W.T, plus `residual` inside the GEMM (its epilogue on CUDA: no separate add pass).
-        The add runs on rows (B·T × n): with x 3-D, addmm's backward would form d W as a batched
-        product summed over B (a batched GEMM and a reduction) instead of one GEMM."""
-        w = self.weight.astype(x.dtype).T
+        Both run on rows (B·T × n), so the weight gradient is one GEMM over every row."""
+        rows = x.reshape(-1, x.shape[-1])
         if residual is None:
-            return x @ w
-        return mx.addmm(residual.reshape(-1, w.shape[1]), x.reshape(-1, w.shape[0]), w).reshape(residual.shape)
+            y = _linear(rows, self.weight)[0]
+        else:
+            y = _linear_onto(rows, self.weight, residual.reshape(-1, self.weight.shape[0]))[0]
+        return y.reshape(*x.shape[:-1], self.weight.shape[0])
+
+
+@mx.custom_function
+def _linear(x: mx.array, w: mx.array) -> tuple[mx.array, mx.array]:
+    """(x @ Wᵀ in x's dtype, W cast to it), differentiated by hand (`_linear_backward`)."""
+    wc = w.astype(x.dtype)
+    return x @ wc.T, wc
+
+
+@_linear.vjp
+def _linear_vjp(primals, cotangents, outputs):
+    return _linear_backward(primals[0], outputs[1], cotangents[0])
+
+
+@mx.custom_function
+def _linear_onto(x: mx.array, w: mx.array, residual: mx.array) -> tuple[mx.array, mx.array]:
+    """(residual + x @ Wᵀ through `mx.addmm`, W cast), differentiated as `_linear`."""
+    wc = w.astype(x.dtype)
+    return mx.addmm(residual, x, wc.T), wc
+
+
+@_linear_onto.vjp
+def _linear_onto_vjp(primals, cotangents, outputs):
+    return (*_linear_backward(primals[0], outputs[1], cotangents[0]), cotangents[0])
+
+
+def _linear_backward(x: mx.array, wc: mx.array, dy: mx.array) -> tuple[mx.array, mx.array]:
+    """(d x, d W) of y = x @ Wᵀ. d W = dyᵀ·x is one GEMM into W's own (out × in) layout, left in
+    the compute dtype: autodiff forms (xᵀ·dy)ᵀ, a transposed view that the cast back to W's fp32
+    then copies twice (a cast and a transposing copy per matrix, 6 ms of a d20 step on an H100).
+    The bf16 values are what autodiff casts up exactly, so the optimizer sees the same numbers
+    (`optim.add_gradients` sums micro-batches in fp32)."""
+    return dy @ wc, dy.T @ x
+
+
+@mx.custom_function
+def _qkv(x: mx.array, wq: mx.array, wk: mx.array, wv: mx.array) -> tuple[mx.array, ...]:
+    """(q, k, v) = x @ Wq/k/vᵀ on rows, and the three weights cast (`_linear`). Its backward
+    chains x's three gradient products through `mx.addmm` (each added in the next GEMM's
+    epilogue) instead of summing them in a separate pass over the residual width."""
+    ws = [w.astype(x.dtype) for w in (wq, wk, wv)]
+    return (*(x @ w.T for w in ws), *ws)
+
+
+@_qkv.vjp
+def _qkv_vjp(primals, cotangents, outputs):
+    x, ws, dys = primals[0], outputs[3:], cotangents[:3]
+    dx = dys[0] @ ws[0]
+    for dy, w in zip(dys[1:], ws[1:]):
+        dx = mx.addmm(dx, dy, w)
+    return (dx, *(dy.T @ x for dy in dys))
 
 
 @dataclass(frozen=True)
@@ -208,9 +260,10 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x: mx.array, cache: Any = None, residual: mx.array | None = None) -> mx.array:
         """Attention of x; with `residual`, residual + that (added by the output projection's GEMM)."""
         B, T, _ = x.shape
-        q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim).transpose(0, 2, 1, 3)
+        q, k, v = self._project(x)
+        q = q.reshape(B, T, self.n_head, self.head_dim)
+        k = k.reshape(B, T, self.n_kv_head, self.head_dim)
+        v = v.reshape(B, T, self.n_kv_head, self.head_dim).transpose(0, 2, 1, 3)
         q, k = self._rope_norm(q, cache), self._rope_norm(k, cache)  # rotary, then QK norm
         mask = "causal"
         if cache is not None:  # the cache knows which of what it returns this step may see
@@ -219,6 +272,13 @@ class CausalSelfAttention(nn.Module):
         y = attend(q, k, v, self.head_dim**-0.5, mask)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
         return self.c_proj(y) if residual is None else project_onto(self.c_proj, y, residual)
+
+    def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """q, k, v of x: one custom function for CastLinears (`_qkv`), else each layer (quantized)."""
+        layers = (self.c_q, self.c_k, self.c_v)
+        if all(type(layer) is CastLinear for layer in layers):
+            return _qkv(x.reshape(-1, x.shape[-1]), *(layer.weight for layer in layers))[:3]
+        return tuple(layer(x) for layer in layers)
 
     def _rope_norm(self, x: mx.array, cache: Any) -> mx.array:
         """Rotary embedding then QK norm of a projection (B, T, heads, head_dim), returned as

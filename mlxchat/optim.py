@@ -22,7 +22,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_reduce
+from mlx.utils import tree_flatten, tree_map, tree_merge
 
 from mlxchat import cuda_kernels
 
@@ -113,25 +113,36 @@ class NanoMuon(optim.Muon):
     def momentum(self, value):
         self.state["momentum"] = mx.array(value)
 
-    def apply_gradients(self, gradients: dict, parameters: dict):
-        """`Optimizer.apply_gradients` with `Muon.apply_single`'s arithmetic, split in two passes:
-        the momentum update per matrix, then Newton–Schulz per shape group."""
+    def apply_gradients(self, gradients: dict, parameters: dict, gradient_scale: mx.array | None = None):
+        """`Optimizer.apply_gradients` with `Muon.apply_single`'s arithmetic, per shape group: the
+        momentum update of every member, then one batched Newton–Schulz. `gradient_scale`
+        (clipping's, `NanoOptimizer.clip_and_update`) multiplies the gradients inside the momentum
+        pass, so a clipped gradient is never written out."""
         if not self._initialized:
             self.init(gradients)
         for param, scheduler in self._schedulers.items():
             self.state[param] = scheduler(self.step)
         self.state["step"] = self.step + 1
 
-        updates: list[mx.array] = []
+        members: list[tuple[mx.array, dict]] = []
 
-        def nesterov_update(gradient, state):
-            v = self.momentum * state["v"] + (1 - self.momentum) * gradient
-            state["v"] = v
-            updates.append((gradient * (1 - self.momentum) + v * self.momentum).astype(self.ns_dtype))
-            return len(updates) - 1
+        def collect(gradient, state):
+            members.append((gradient, state))
+            return len(members) - 1
 
-        slots = tree_map(nesterov_update, gradients, self.state)
-        orthogonal = self._orthogonalize(updates)
+        slots = tree_map(collect, gradients, self.state)
+        if any(g.ndim != 2 for g, _ in members):
+            raise ValueError("NanoMuon orthogonalises matrices only; give it 2-D parameters")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (g, _) in enumerate(members):
+            groups.setdefault(g.shape, []).append(i)
+        orthogonal: list[mx.array] = [None] * len(members)  # type: ignore[list-item]
+        for group in groups.values():
+            X = newton_schulz(self._nesterov_stack([members[i] for i in group], gradient_scale), self.ns_steps)
+            # split, not X[j]: an integer index is a gather kernel per matrix (72 a d12 step on
+            # the H200, 2.2 ms), a split only views the stack.
+            for x, i in zip(mx.split(X, len(group)), group):
+                orthogonal[i] = x.squeeze(0)
 
         def apply(slot, parameter):
             update = orthogonal[slot].astype(parameter.dtype)
@@ -140,20 +151,26 @@ class NanoMuon(optim.Muon):
 
         return tree_map(apply, slots, parameters)
 
-    def _orthogonalize(self, updates: list[mx.array]) -> list[mx.array]:
-        if any(u.ndim != 2 for u in updates):
-            raise ValueError("NanoMuon orthogonalises matrices only; give it 2-D parameters")
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, u in enumerate(updates):
-            groups.setdefault(u.shape, []).append(i)
-        out: list[mx.array] = [None] * len(updates)  # type: ignore[list-item]
-        for members in groups.values():
-            X = newton_schulz(mx.stack([updates[i] for i in members]), self.ns_steps)
-            # split, not X[j]: an integer index is a gather kernel per matrix (72 a d12 step on
-            # the H200, 2.2 ms), a split only views the stack.
-            for x, i in zip(mx.split(X, len(members)), members):
-                out[i] = x.squeeze(0)
-        return out
+    def _nesterov_stack(self, members: list[tuple[mx.array, dict]], scale: mx.array | None) -> mx.array:
+        """Update each member's momentum v ← m·v + (1−m)·g and return the stack of their Nesterov
+        updates g·(1−m) + v·m in `ns_dtype` (n × rows × cols). On CUDA one kernel does a whole
+        group (`cuda_kernels.nesterov_momentum`): MLX fuses each matrix's arithmetic into a kernel
+        of its own, 3× slower than the bytes it moves, and then copies the updates into the stack."""
+        grads, velocities = [g for g, _ in members], [s["v"] for _, s in members]
+        m = self.momentum
+        if cuda_kernels.available() and cuda_kernels.nesterov_momentum_fits(grads, velocities):
+            velocities, stack = cuda_kernels.nesterov_momentum(
+                grads, velocities, m, mx.array(1.0) if scale is None else scale, self.ns_dtype)
+        else:
+            updates = []
+            for i, g in enumerate(grads):
+                g = g if scale is None else g * scale
+                velocities[i] = m * velocities[i] + (1 - m) * g
+                updates.append((g * (1 - m) + velocities[i] * m).astype(self.ns_dtype))
+            stack = mx.stack(updates)
+        for (_, state), v in zip(members, velocities):
+            state["v"] = v
+        return stack
 
 
 def newton_schulz(X: mx.array, steps: int) -> mx.array:
@@ -174,6 +191,26 @@ def newton_schulz(X: mx.array, steps: int) -> mx.array:
     return X
 
 
+class NanoOptimizer(optim.MultiOptimizer):
+    """nanochat's three optimizers (`build_optimizer`), updated through `clip_and_update`, which
+    hands clipping's scale to Muon's momentum pass instead of scaling every gradient first."""
+
+    def clip_and_update(self, model: nn.Module, gradients: dict, max_norm: float) -> mx.array:
+        """Global-norm clipping at `max_norm` (0: none; nanochat clips at 1.0, with the formula
+        of `optim.clip_grad_norm`), then one update; returns the norm before clipping."""
+        norm = global_norm(gradients)
+        scale = mx.minimum(max_norm / (norm + 1e-6), 1.0) if max_norm > 0 else None
+        tree: dict = {}
+        for opt, grads in zip(self.optimizers, self._split_dictionary(gradients)):
+            if isinstance(opt, NanoMuon):
+                tree = tree_merge(tree, opt.apply_gradients(grads, model, gradient_scale=scale))
+            else:
+                scaled = grads if scale is None else tree_map(lambda g: g * scale, grads)
+                tree = tree_merge(tree, opt.apply_gradients(scaled, model))
+        model.update(tree)
+        return norm
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, num_iterations: int) -> optim.MultiOptimizer:
     """AdamW(lm_head), AdamW(wte), Muon(block matrices) with nanochat's LRs; the AdamW LRs are
     scaled by (n_embd/768)^-0.5 because they were tuned at width 768. Newton–Schulz runs in
@@ -192,23 +229,31 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, num_iterations: int) -> 
         momentum=lambda step: muon_momentum(step.astype(mx.float32), cfg.momentum_warmup_steps),
         ns_dtype=mx.bfloat16 if model.compute_dtype == mx.bfloat16 else mx.float32,
     )
-    return optim.MultiOptimizer(
+    return NanoOptimizer(
         [lm_head, embedding, muon],
         [lambda name, _: param_group(name) == "lm_head", lambda name, _: param_group(name) == "embedding"],
     )
 
 
-def clip_gradients(grads: dict, max_norm: float):
-    """Global-norm clipping (nanochat clips at 1.0, as `optim.clip_grad_norm`); returns (grads,
-    norm before clipping). On CUDA the norm is one kernel over every gradient
+def global_norm(grads: dict) -> mx.array:
+    """√(Σ g²) over every gradient, in fp32. On CUDA one kernel per gradient dtype
     (`cuda_kernels.sum_of_squares`): per array, MLX runs a squaring pass and a two-pass
     reduction, ~370 kernels a d20 step (5 ms on an H100)."""
     leaves = [g for _, g in tree_flatten(grads)]
-    if cuda_kernels.available() and cuda_kernels.sum_of_squares_fits(leaves):
-        norm = mx.sqrt(cuda_kernels.sum_of_squares(leaves))
-    else:
-        norm = mx.sqrt(tree_reduce(lambda acc, g: acc + (g * g).sum(), grads, 0.0))
-    if max_norm <= 0:
-        return grads, norm
-    scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
-    return tree_map(lambda g: g * scale, grads), norm
+    by_dtype: dict[mx.Dtype, list[mx.array]] = {}
+    for g in leaves:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    if cuda_kernels.available() and all(cuda_kernels.sum_of_squares_fits(gs) for gs in by_dtype.values()):
+        return mx.sqrt(sum(cuda_kernels.sum_of_squares(gs) for gs in by_dtype.values()))
+    total = mx.array(0.0)
+    for g in (g.astype(mx.float32) for g in leaves):
+        total = total + (g * g).sum()
+    return mx.sqrt(total)
+
+
+def add_gradients(total: dict | None, grads: dict) -> dict:
+    """total + grads in fp32 (the master weights' dtype): the block matrices' gradients arrive in
+    the compute dtype (`gpt._linear_backward`), and micro-batches summed in bf16 would lose bits."""
+    if total is None:
+        return tree_map(lambda g: g.astype(mx.float32), grads)
+    return tree_map(lambda t, g: t + g.astype(mx.float32), total, grads)

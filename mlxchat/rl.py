@@ -28,12 +28,11 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_map
 
 from mlxchat import checkpoint as ckpt_lib
 from mlxchat.common import MlxchatError, default_dtype, get_logger
 from mlxchat.gpt import GPT, GPTConfig
-from mlxchat.optim import OptimConfig, WithOptim, build_optimizer
+from mlxchat.optim import OptimConfig, WithOptim, add_gradients, build_optimizer
 from mlxchat.rundir import METRICS_FILE, run_dir
 
 log = get_logger()
@@ -160,7 +159,7 @@ def policy_gradient_step(model, optimizer, batch: list[Rollouts], device_batch_s
             normalizer = mx.maximum((targets >= 0).sum(), 1).astype(mx.float32) * passes * len(batch)
             loss, grads = loss_and_grad(model, ro.inputs[b0:b0 + device_batch_size], targets,
                                         ro.advantages[b0:b0 + device_batch_size], normalizer)
-            total = grads if total is None else tree_map(mx.add, total, grads)
+            total = add_gradients(total, grads)
             mx.eval(loss, total)
             loss_sum += loss.item()
     optimizer.update(model, total)

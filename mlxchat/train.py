@@ -34,7 +34,7 @@ from mlxchat.dataloader import DataLoader
 from mlxchat.distributed import RankShare, agree, sum_over_ranks, world
 from mlxchat.evaluation.bpb import evaluate_bpb, evaluate_loss
 from mlxchat.gpt import GPT, GPTConfig
-from mlxchat.optim import OptimConfig, WithOptim, build_optimizer, clip_gradients
+from mlxchat.optim import OptimConfig, WithOptim, add_gradients, build_optimizer
 from mlxchat.prefetch import Prefetched
 from mlxchat.rundir import METRICS_FILE, RunDir, run_dir
 
@@ -192,11 +192,9 @@ class TrainStep:
             return loss_and_grad(model, x, y)
 
         def apply(grads):
-            if world_size > 1:
-                grads = nn.average_gradients(grads)
-            grads, norm = clip_gradients(grads, grad_clip)
-            optimizer.update(model, grads)
-            return norm
+            if world_size > 1:  # averaged in fp32, as nanochat's all-reduce of its fp32 .grad
+                grads = nn.average_gradients(add_gradients(None, grads))
+            return optimizer.clip_and_update(model, grads, grad_clip)
 
         def fused(x, y):
             loss, grads = grads_of(x, y)
@@ -226,7 +224,7 @@ class TrainStep:
             x, y = next(batches)
             self.tokens += x.size
             loss, grads = self._grads(x, y)
-            total = grads if total is None else tree_map(mx.add, total, grads)
+            total = add_gradients(total, grads)
             total_loss = loss if total_loss is None else total_loss + loss
             mx.async_eval(total_loss, total)  # one micro-batch's activations alive at a time
         norm = self._apply(tree_map(lambda g: g / self.accum, total))

@@ -175,15 +175,43 @@ def test_sum_of_squares_equals_the_sum_over_arrays(dtype):
 
 
 @needs_cuda
-def test_clipping_on_cuda_equals_mlx_clip_grad_norm():
+def test_global_norm_on_cuda_equals_mlx_clip_grad_norm():
+    """Gradients of two dtypes (bf16 block matrices, fp32 rest): a sum-of-squares kernel each."""
     import mlx.optimizers as optim
 
-    from mlxchat.optim import clip_gradients
+    from mlxchat.optim import global_norm
 
-    grads = {"a": mx.random.normal((40, 30), key=mx.random.key(1)), "b": [mx.random.normal((7,), key=mx.random.key(2))]}
-    for max_norm in (0.5, 1e6):
-        ours, norm = clip_gradients(grads, max_norm)
-        ref, ref_norm = optim.clip_grad_norm(grads, max_norm)
-        assert abs(norm.item() - ref_norm.item()) <= 1e-5 * ref_norm.item()
-        for (_, a), (_, b) in zip(tree_flatten(ref), tree_flatten(ours)):
-            np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5)
+    grads = {"a": mx.random.normal((40, 30), key=mx.random.key(1)).astype(mx.bfloat16),
+             "b": [mx.random.normal((7,), key=mx.random.key(2))]}
+    _, ref_norm = optim.clip_grad_norm({"a": grads["a"].astype(mx.float32), "b": grads["b"]}, 1.0)
+    assert abs(global_norm(grads).item() - ref_norm.item()) <= 1e-5 * ref_norm.item()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_nesterov_momentum_kernel_equals_muons_arithmetic(dtype):
+    """A group of matrices spanning several blocks with a partial last one: new velocities and
+    the stacked updates against Muon's formula in MLX ops."""
+    shape, n = (96, cuda_kernels.NESTEROV_CHUNK // 64 + 4), 5
+    grads = [mx.random.normal(shape, key=mx.random.key(i)).astype(dtype) for i in range(n)]
+    vs = [mx.random.normal(shape, key=mx.random.key(10 + i)) for i in range(n)]
+    m, scale = mx.array(0.9), mx.array(0.25)
+    assert cuda_kernels.nesterov_momentum_fits(grads, vs)
+    new_vs, stack = cuda_kernels.nesterov_momentum(grads, vs, m, scale, mx.bfloat16)
+    assert stack.shape == (n, *shape) and stack.dtype == mx.bfloat16
+    for i in range(n):
+        g = grads[i].astype(mx.float32) * scale
+        v = m * vs[i] + (1 - m) * g
+        np.testing.assert_allclose(np.array(new_vs[i]), np.array(v), rtol=1e-6, atol=1e-6)
+        u = (g * (1 - m) + v * m).astype(mx.bfloat16).astype(mx.float32)
+        np.testing.assert_allclose(np.array(stack[i].astype(mx.float32)), np.array(u), rtol=2**-8, atol=1e-6)
+
+
+def test_nesterov_momentum_fits_one_dtype_and_shape():
+    g, v = mx.zeros((4, 8), mx.bfloat16), mx.zeros((4, 8))
+    assert cuda_kernels.nesterov_momentum_fits([g, g], [v, v])
+    assert not cuda_kernels.nesterov_momentum_fits([g, g.astype(mx.float32)], [v, v])  # one dtype
+    assert not cuda_kernels.nesterov_momentum_fits([g, mx.zeros((8, 4), mx.bfloat16)], [v, v])  # one shape
+    assert not cuda_kernels.nesterov_momentum_fits([g], [v.astype(mx.bfloat16)])  # fp32 velocities
+    assert not cuda_kernels.nesterov_momentum_fits([mx.zeros((3, 5))], [mx.zeros((3, 5))])  # 4 a thread
+    assert not cuda_kernels.nesterov_momentum_fits([], [])

@@ -142,3 +142,53 @@ def test_bfloat16_newton_schulz_stays_near_the_fp32_iteration():
     for i in range(3):
         np.testing.assert_allclose(X[i], _ns_reference(np.array(G[i], dtype=np.float64)), atol=0.05)
     assert not X[3].any()
+
+
+def _model_and_grads(seed: int, matrix_dtype=mx.float32):
+    cfg = GPTConfig(sequence_len=8, vocab_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+    m = GPT(cfg)
+    m.init_weights(0)
+    grads = [(k, mx.random.normal(v.shape, key=mx.random.key(seed + i)).astype(matrix_dtype if param_group(k) == "matrix" else mx.float32))
+             for i, (k, v) in enumerate(tree_flatten(m.parameters()))]
+    return m, nn.utils.tree_unflatten(grads)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6, 0.0])
+def test_clip_and_update_equals_clip_grad_norm_then_update(max_norm):
+    """Clipping's scale handed to Muon's momentum pass gives the parameters and the norm of
+    mlx's `clip_grad_norm` followed by a plain update (max_norm 0: no clipping)."""
+    import mlx.optimizers as optim
+
+    ours, grads = _model_and_grads(1)
+    ref, _ = _model_and_grads(1)
+    opt_ours, opt_ref = build_optimizer(ours, OptimConfig(), 10), build_optimizer(ref, OptimConfig(), 10)
+    for _ in range(2):
+        norm = opt_ours.clip_and_update(ours, grads, max_norm)
+        clipped, ref_norm = optim.clip_grad_norm(grads, max_norm) if max_norm > 0 else (grads, norm)
+        opt_ref.update(ref, clipped)
+        assert norm.item() == pytest.approx(ref_norm.item(), rel=1e-6)
+    for (k, a), (_, b) in zip(tree_flatten(ours.parameters()), tree_flatten(ref.parameters())):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_matrix_gradients_in_bfloat16_update_as_their_fp32_values():
+    """The block matrices' gradients arrive in bf16 on GPUs (gpt._linear_backward): their values
+    cast up exactly, so the update must equal the one from the same values in fp32; summing
+    micro-batches (`add_gradients`) happens in fp32."""
+    from mlxchat.optim import add_gradients
+
+    low, grads = _model_and_grads(2, mx.bfloat16)
+    high, _ = _model_and_grads(2)
+    grads32 = add_gradients(None, grads)
+    assert {g.dtype for _, g in tree_flatten(grads32)} == {mx.float32}
+    build_optimizer(low, OptimConfig(), 10).clip_and_update(low, grads, 1.0)
+    build_optimizer(high, OptimConfig(), 10).clip_and_update(high, grads32, 1.0)
+    for (k, a), (_, b) in zip(tree_flatten(low.parameters()), tree_flatten(high.parameters())):
+        assert a.dtype == mx.float32
+        np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=k)
+    twice = add_gradients(grads32, grads)
+    tiny = mx.array(1e-3, mx.bfloat16)  # bf16 + bf16 would round it away next to 1.0
+    summed = add_gradients(add_gradients(None, {"g": mx.array(1.0, mx.bfloat16)}), {"g": tiny})
+    assert summed["g"].item() == pytest.approx(1.0 + float(tiny.item()), rel=1e-7)
+    for (_, t), (_, g) in zip(tree_flatten(twice), tree_flatten(grads32)):
+        np.testing.assert_array_equal(np.array(t), 2 * np.array(g))
