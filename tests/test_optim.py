@@ -126,7 +126,7 @@ def test_batched_newton_schulz_equals_muon_per_matrix():
         p_per_matrix = optim.Optimizer.apply_gradients(per_matrix, grads, p_per_matrix)  # Muon.apply_single
     for k in shapes:
         np.testing.assert_allclose(np.array(p_batched[k]), np.array(p_per_matrix[k]), rtol=1e-5, atol=1e-6, err_msg=k)
-        np.testing.assert_allclose(np.array(batched.state[k]["v"]), np.array(per_matrix.state[k]["v"]), rtol=1e-6, err_msg=k)
+        np.testing.assert_allclose(np.array(batched.state[k]["v"]), np.array(per_matrix.state[k]["v"]), rtol=1e-5, atol=1e-7, err_msg=k)
     assert not np.allclose(np.array(p_batched["a"]), np.array(params["a"]))
 
 
@@ -185,7 +185,8 @@ def test_matrix_gradients_in_bfloat16_update_as_their_fp32_values():
     build_optimizer(high, OptimConfig(), 10).clip_and_update(high, grads32, 1.0)
     for (k, a), (_, b) in zip(tree_flatten(low.parameters()), tree_flatten(high.parameters())):
         assert a.dtype == mx.float32
-        np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=k)
+        # equal up to the norm's summation order (on CUDA one kernel per gradient dtype)
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-8, err_msg=k)
     twice = add_gradients(grads32, grads)
     tiny = mx.array(1e-3, mx.bfloat16)  # bf16 + bf16 would round it away next to 1.0
     summed = add_gradients(add_gradients(None, {"g": mx.array(1.0, mx.bfloat16)}), {"g": tiny})
