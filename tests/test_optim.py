@@ -186,7 +186,7 @@ def test_matrix_gradients_in_bfloat16_update_as_their_fp32_values():
     for (k, a), (_, b) in zip(tree_flatten(low.parameters()), tree_flatten(high.parameters())):
         assert a.dtype == mx.float32
         # equal up to the norm's summation order (on CUDA one kernel per gradient dtype)
-        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-8, err_msg=k)
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-8, err_msg=k)
     twice = add_gradients(grads32, grads)
     tiny = mx.array(1e-3, mx.bfloat16)  # bf16 + bf16 would round it away next to 1.0
     summed = add_gradients(add_gradients(None, {"g": mx.array(1.0, mx.bfloat16)}), {"g": tiny})
