@@ -158,8 +158,11 @@ class CastLinear(nn.Linear):
     """A bias-free Linear that computes in its input's dtype.
 
     Master weights stay fp32 (so the optimizer math is fp32) while matmuls run in the
-    activation dtype (bfloat16 on GPUs): MLX's equivalent of nanochat's torch autocast. Its
-    weight gradient comes back in that dtype too (`_linear`)."""
+    activation dtype (bfloat16 on GPUs): MLX's equivalent of nanochat's torch autocast. In
+    training mode (nn.Module's default) it is differentiated by hand and its weight gradient comes
+    back in that dtype (`_linear`); in eval mode (`model.eval()`, as the inference loaders set)
+    the same ops run plain, without a custom function's per-call host work (~20–50 µs, which a
+    small model's eager per-token forward feels)."""
 
     def __init__(self, in_dims: int, out_dims: int):
         super().__init__(in_dims, out_dims, bias=False)
@@ -169,29 +172,32 @@ class CastLinear(nn.Linear):
         Both run on rows (B·T × n), so the weight gradient is one GEMM over every row."""
         rows = x.reshape(-1, x.shape[-1])
         if residual is None:
-            y = _linear(rows, self.weight)[0]
+            y = (_linear if self.training else _cast_matmul)(rows, self.weight)[0]
         else:
-            y = _linear_onto(rows, self.weight, residual.reshape(-1, self.weight.shape[0]))[0]
+            onto = _linear_onto if self.training else _cast_matmul_onto
+            y = onto(rows, self.weight, residual.reshape(-1, self.weight.shape[0]))[0]
         return y.reshape(*x.shape[:-1], self.weight.shape[0])
 
 
-@mx.custom_function
-def _linear(x: mx.array, w: mx.array) -> tuple[mx.array, mx.array]:
-    """(x @ Wᵀ in x's dtype, W cast to it), differentiated by hand (`_linear_backward`)."""
+def _cast_matmul(x: mx.array, w: mx.array) -> tuple[mx.array, mx.array]:
+    """(x @ Wᵀ in x's dtype, W cast to it)."""
     wc = w.astype(x.dtype)
     return x @ wc.T, wc
+
+
+def _cast_matmul_onto(x: mx.array, w: mx.array, residual: mx.array) -> tuple[mx.array, mx.array]:
+    """(residual + x @ Wᵀ through `mx.addmm`, W cast)."""
+    wc = w.astype(x.dtype)
+    return mx.addmm(residual, x, wc.T), wc
+
+
+_linear = mx.custom_function(_cast_matmul)  # differentiated by hand (`_linear_backward`)
+_linear_onto = mx.custom_function(_cast_matmul_onto)  # differentiated as `_linear`
 
 
 @_linear.vjp
 def _linear_vjp(primals, cotangents, outputs):
     return _linear_backward(primals[0], outputs[1], cotangents[0])
-
-
-@mx.custom_function
-def _linear_onto(x: mx.array, w: mx.array, residual: mx.array) -> tuple[mx.array, mx.array]:
-    """(residual + x @ Wᵀ through `mx.addmm`, W cast), differentiated as `_linear`."""
-    wc = w.astype(x.dtype)
-    return mx.addmm(residual, x, wc.T), wc
 
 
 @_linear_onto.vjp
@@ -208,13 +214,15 @@ def _linear_backward(x: mx.array, wc: mx.array, dy: mx.array) -> tuple[mx.array,
     return dy @ wc, dy.T @ x
 
 
-@mx.custom_function
-def _qkv(x: mx.array, wq: mx.array, wk: mx.array, wv: mx.array) -> tuple[mx.array, ...]:
-    """(q, k, v) = x @ Wq/k/vᵀ on rows, and the three weights cast (`_linear`). Its backward
-    chains x's three gradient products through `mx.addmm` (each added in the next GEMM's
-    epilogue) instead of summing them in a separate pass over the residual width."""
+def _cast_qkv(x: mx.array, wq: mx.array, wk: mx.array, wv: mx.array) -> tuple[mx.array, ...]:
+    """(q, k, v) = x @ Wq/k/vᵀ on rows, and the three weights cast (`_cast_matmul`)."""
     ws = [w.astype(x.dtype) for w in (wq, wk, wv)]
     return (*(x @ w.T for w in ws), *ws)
+
+
+# Its backward chains x's three gradient products through `mx.addmm` (each added in the next
+# GEMM's epilogue) instead of summing them in a separate pass over the residual width.
+_qkv = mx.custom_function(_cast_qkv)
 
 
 @_qkv.vjp
@@ -278,10 +286,12 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y) if residual is None else project_onto(self.c_proj, y, residual)
 
     def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """q, k, v of x: one custom function for CastLinears (`_qkv`), else each layer (quantized)."""
+        """q, k, v of x: one custom function for CastLinears in training (`_qkv`), the same ops
+        plain in eval mode (see CastLinear), else each layer (quantized)."""
         layers = (self.c_q, self.c_k, self.c_v)
         if all(type(layer) is CastLinear for layer in layers):
-            return _qkv(x.reshape(-1, x.shape[-1]), *(layer.weight for layer in layers))[:3]
+            project = _qkv if self.training else _cast_qkv
+            return project(x.reshape(-1, x.shape[-1]), *(layer.weight for layer in layers))[:3]
         return tuple(layer(x) for layer in layers)
 
     def _rope_norm(self, x: mx.array, cache: Any) -> mx.array:

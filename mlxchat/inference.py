@@ -34,6 +34,7 @@ def load_model(stage_dir: Path, hint: str):
     dtype = ck.state["config"].get("dtype")  # any stage's config (TrainConfig, RLConfig) has one
     model = GPT(GPTConfig(**ck.state["model_config"]), compute_dtype=getattr(mx, dtype or default_dtype()))
     ckpt_lib.load_model_weights(model, ck)
+    model.eval()  # plain ops, no hand-written backward's custom functions (gpt.CastLinear)
     return model, ck
 
 

@@ -125,6 +125,7 @@ def load_published(out_dir: Path) -> tuple[GPT, Tokenizer]:
     except (ValueError, RuntimeError, OSError) as e:
         raise MlxchatError(f"cannot load {out_dir / 'model.safetensors'} ({e}); publish the model again") from None
     mx.eval(model.parameters())
+    model.eval()  # inference mode, as inference.load_model
     return model, Tokenizer.load(out_dir)
 
 

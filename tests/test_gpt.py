@@ -188,6 +188,25 @@ def test_bfloat16_compute_keeps_fp32_master_weights():
     assert math.isfinite(loss.item())
 
 
+def test_eval_mode_gives_the_same_logits_and_autodiff_gradients():
+    """model.eval() (the inference loaders') swaps the hand-written backward's custom functions
+    for the same ops: the same logits, and autodiff still differentiates them (in fp32)."""
+    m = _random_model()
+    m.compute_dtype = mx.bfloat16
+    idx = mx.random.randint(0, 256, (2, 8))
+    loss_grad = nn.value_and_grad(m, lambda mm: mm(idx, idx))
+    logits, (loss, grads) = m(idx), loss_grad(m)
+    m.eval()
+    assert not m.transformer.h[0].attn.c_q.training
+    np.testing.assert_array_equal(np.array(m(idx)), np.array(logits))
+    eval_loss, eval_grads = loss_grad(m)
+    assert eval_loss.item() == loss.item()
+    for (name, a), (_, b) in zip(tree_flatten(grads), tree_flatten(eval_grads)):
+        assert b.dtype == mx.float32
+        scale = mx.abs(b).max().item() + 1e-6
+        assert mx.abs(a.astype(mx.float32) - b).max().item() <= 2**-6 * scale, name
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_hand_written_linear_backward_equals_autodiff(dtype):
     """CastLinear (with and without the residual in its GEMM) and the q/k/v projection are

@@ -57,6 +57,7 @@ def test_mlx_lm_logits_match(run):
     assert float(mx.abs(expected).max()) > 0.1  # the comparison is not between zeros
     np.testing.assert_allclose(np.array(got), np.array(expected), atol=1e-4)
     ours, ours_tok = load_published(out)
+    assert not ours.training  # inference mode: CastLinear's plain ops, the training model's logits
     np.testing.assert_allclose(np.array(ours(ids)), np.array(expected), atol=1e-6)
     assert ours_tok.encode(TEXT) == tok.encode(TEXT)
 
