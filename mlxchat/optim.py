@@ -97,8 +97,8 @@ class NanoMuon(optim.Muon):
     768×3072 ×12 each), so stacking them turns ~70 small matmul chains into 3 batched ones. Tall
     matrices iterate on XᵀX instead of being transposed into the wide group: the same result
     (Muon's transpose, undone), without two transposing copies per matrix a step. `ns_dtype` is
-    the dtype Newton–Schulz runs in (nanochat: bfloat16 on GPUs); each update is cast to it
-    in the momentum's own pass, so the stack is built in bf16 on GPUs."""
+    the dtype Newton–Schulz runs in (nanochat: bfloat16 on GPUs); the momentum pass writes each
+    update in it, on CUDA straight into the group's stack (`_nesterov_stack`)."""
 
     def __init__(self, learning_rate, momentum: float | Callable, ns_dtype: mx.Dtype = mx.float32):
         super().__init__(learning_rate, momentum=0.95, weight_decay=0.0, nesterov=True, ns_steps=5)
