@@ -498,9 +498,19 @@ def softcap_cross_entropy(z: mx.array, targets: mx.array, weights: mx.array, cap
     return losses, dz
 
 
+# Arrays a kernel may take as pointers: CUDA passes a kernel's parameters in 4 KB (8 bytes a pointer).
+KERNEL_POINTERS = 400
+
+
+def _pointer_table(ctype: str, table: str, names: tuple[str, ...]) -> str:
+    """A kernel-source line gathering array parameters into an indexable table, so one launch can
+    serve many arrays (a block finds its array by index)."""
+    return f"  {ctype}* {table}[{len(names)}] = {{{', '.join(names)}}};\n"
+
+
 SUM_OF_SQUARES_THREADS = 256
 SUM_OF_SQUARES_CHUNK = 1 << 16  # elements a block sums: 256 KB of fp32, a few µs of a GPU's bandwidth
-SUM_OF_SQUARES_MAX_ARRAYS = 400  # a pointer each in the kernel's parameters (4 KB on CUDA)
+SUM_OF_SQUARES_MAX_ARRAYS = KERNEL_POINTERS  # a pointer each
 
 
 def sum_of_squares_fits(arrays: list[mx.array]) -> bool:
@@ -520,7 +530,7 @@ def sum_of_squares(arrays: list[mx.array]) -> mx.array:
     tables = (f"  constexpr int COUNT = {len(arrays)};\n  constexpr int CHUNK = {chunk};\n"
               f"  const int FIRST_BLOCK[COUNT] = {{{', '.join(map(str, first))}}};\n"
               f"  const size_t SIZES[COUNT] = {{{', '.join(map(str, sizes))}}};\n"
-              f"  const T* ARRAYS[COUNT] = {{{', '.join(names)}}};\n")
+              + _pointer_table("const T", "ARRAYS", names))
     kernel = _kernel("mlxchat_sum_of_squares", names, ("partials",), tables + _SUM_OF_SQUARES_SOURCE)
     (partials,) = kernel(
         inputs=arrays, template=[("T", arrays[0].dtype), ("BLOCK", SUM_OF_SQUARES_THREADS)],
@@ -531,7 +541,7 @@ def sum_of_squares(arrays: list[mx.array]) -> mx.array:
 
 NESTEROV_THREADS = 256
 NESTEROV_CHUNK = 1 << 14  # elements a block updates: 16 per thread, 4 at a time
-NESTEROV_MAX_ARRAYS = 128  # three pointers each in the kernel's parameters (4 KB on CUDA)
+NESTEROV_MAX_ARRAYS = 128  # three pointers each (gradient, velocity, new velocity): under KERNEL_POINTERS
 
 
 def nesterov_momentum_fits(grads: list[mx.array], velocities: list[mx.array]) -> bool:
@@ -556,9 +566,8 @@ def nesterov_momentum(grads: list[mx.array], velocities: list[mx.array], momentu
     o_names = tuple(f"v_out{i}" for i in range(n))
     tables = (f"  constexpr size_t SIZE = {size};\n  constexpr int CHUNK = {NESTEROV_CHUNK};\n"
               f"  constexpr int BLOCKS_PER_ARRAY = {blocks_per};\n"
-              f"  const TG* GRADS[{n}] = {{{', '.join(g_names)}}};\n"
-              f"  const float* VELOCITIES[{n}] = {{{', '.join(v_names)}}};\n"
-              f"  float* NEW_VELOCITIES[{n}] = {{{', '.join(o_names)}}};\n")
+              + _pointer_table("const TG", "GRADS", g_names) + _pointer_table("const float", "VELOCITIES", v_names)
+              + _pointer_table("float", "NEW_VELOCITIES", o_names))
     kernel = _kernel("mlxchat_nesterov_momentum", (*g_names, *v_names, "scalars"), (*o_names, "stack"),
                      tables + _NESTEROV_SOURCE)
     scalars = mx.stack([momentum.astype(mx.float32), scale.astype(mx.float32)])

@@ -206,12 +206,17 @@ def _linear_onto_vjp(primals, cotangents, outputs):
 
 
 def _linear_backward(x: mx.array, wc: mx.array, dy: mx.array) -> tuple[mx.array, mx.array]:
-    """(d x, d W) of y = x @ Wᵀ. d W = dyᵀ·x is one GEMM into W's own (out × in) layout, left in
-    the compute dtype: autodiff forms (xᵀ·dy)ᵀ, a transposed view that the cast back to W's fp32
-    then copies twice (a cast and a transposing copy per matrix, 6 ms of a d20 step on an H100).
-    The bf16 values are what autodiff casts up exactly, so the optimizer sees the same numbers
-    (`optim.add_gradients` sums micro-batches in fp32)."""
-    return dy @ wc, dy.T @ x
+    """(d x, d W) of y = x @ Wᵀ."""
+    return dy @ wc, _weight_gradient(dy, x)
+
+
+def _weight_gradient(dy: mx.array, x: mx.array) -> mx.array:
+    """d W = dyᵀ·x: one GEMM into W's own (out × in) layout, left in the compute dtype. Autodiff
+    forms (xᵀ·dy)ᵀ, a transposed view that the cast back to W's fp32 then copies twice (a cast and
+    a transposing copy per matrix, 6 ms of a d20 step on an H100). The bf16 values are what
+    autodiff casts up exactly, so the optimizer sees the same numbers (`optim.add_gradients` sums
+    micro-batches in fp32)."""
+    return dy.T @ x
 
 
 def _cast_qkv(x: mx.array, wq: mx.array, wk: mx.array, wv: mx.array) -> tuple[mx.array, ...]:
@@ -231,7 +236,7 @@ def _qkv_vjp(primals, cotangents, outputs):
     dx = dys[0] @ ws[0]
     for dy, w in zip(dys[1:], ws[1:]):
         dx = mx.addmm(dx, dy, w)
-    return (dx, *(dy.T @ x for dy in dys))
+    return (dx, *(_weight_gradient(dy, x) for dy in dys))
 
 
 @dataclass(frozen=True)

@@ -253,7 +253,7 @@ def global_norm(grads: dict) -> mx.array:
 
 def add_gradients(total: dict | None, grads: dict) -> dict:
     """total + grads in fp32 (the master weights' dtype): the block matrices' gradients arrive in
-    the compute dtype (`gpt._linear_backward`), and micro-batches summed in bf16 would lose bits."""
+    the compute dtype (`gpt._weight_gradient`), and micro-batches summed in bf16 would lose bits."""
     if total is None:
         return tree_map(lambda g: g.astype(mx.float32), grads)
     return tree_map(lambda t, g: t + g.astype(mx.float32), total, grads)

@@ -181,7 +181,7 @@ def test_bfloat16_compute_keeps_fp32_master_weights():
     loss, grads = nn.value_and_grad(m, lambda mm: mm(idx, idx))(m)
     assert m.hidden(idx).dtype == mx.bfloat16
     assert all(p.dtype == mx.float32 for _, p in tree_flatten(m.parameters()))
-    # the block matrices' gradients stay in the compute dtype (gpt._linear_backward), the rest fp32
+    # the block matrices' gradients stay in the compute dtype (gpt._weight_gradient), the rest fp32
     dtypes = {name: g.dtype for name, g in tree_flatten(grads)}
     assert {d for n, d in dtypes.items() if n.startswith("transformer.h.")} == {mx.bfloat16}
     assert {d for n, d in dtypes.items() if not n.startswith("transformer.h.")} == {mx.float32}

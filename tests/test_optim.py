@@ -172,7 +172,7 @@ def test_clip_and_update_equals_clip_grad_norm_then_update(max_norm):
 
 
 def test_matrix_gradients_in_bfloat16_update_as_their_fp32_values():
-    """The block matrices' gradients arrive in bf16 on GPUs (gpt._linear_backward): their values
+    """The block matrices' gradients arrive in bf16 on GPUs (gpt._weight_gradient): their values
     cast up exactly, so the update must equal the one from the same values in fp32; summing
     micro-batches (`add_gradients`) happens in fp32."""
     from mlxchat.optim import add_gradients
