@@ -63,3 +63,15 @@ def test_step_timeline_splits_a_steps_wall_time_around_its_kernels():
     assert t == pytest.approx({"wall_ms": 1.0, "before_first_ms": (0.1 + 0.05) / 2, "after_last_ms": (0.1 + 0.05) / 2,
                                "idle_ms": (0.3 + 0.1) / 2})  # step 1: 1000 - (500 + 200) busy; step 2: 1000 - 900
     assert kernel_profile.step_timeline([span("kernel", 0, 10)]) == {}  # no annotated steps: nothing to say
+
+
+def test_host_dispatch_times_every_block_it_can_run_here(tmp_path):
+    out = tmp_path / "host.json"
+    subprocess.run([sys.executable, str(REPO / "bench" / "host_dispatch.py"), "--depth", "1", "--batch", "1",
+                    "--seq-len", "64", "--vocab", "256", "--steps", "2", "--warmup", "1", "--queued", "2",
+                    "--json", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert {"warmup", "timed", "timed-again"} <= set(report["blocks"])
+    assert all(len(b["step_times_s"]) == (1 if name == "warmup" else 2) for name, b in report["blocks"].items())
+    assert report["dispatch"]["host_ms"] > 0 and report["queued"]["steps"] == 2
+    assert "torch" in report or {"torch-init", "profiler", "after"} <= set(report["blocks"])
