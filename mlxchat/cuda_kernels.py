@@ -373,26 +373,6 @@ _NESTEROV_SOURCE = """
   }
 """
 
-# Muon's parameter step over the same group (`orthogonal_step`): p ← p − lr·u for each matrix p and
-# its slice u of the Newton–Schulz stack, in fp32 arithmetic; the same blocks as the momentum pass.
-_ORTHOGONAL_STEP_SOURCE = """
-  const int k = blockIdx.x / BLOCKS_PER_ARRAY;
-  const size_t start = (size_t)(blockIdx.x % BLOCKS_PER_ARRAY) * CHUNK;
-  const size_t end = start + CHUNK < SIZE ? start + CHUNK : SIZE;
-  const TP* p = PARAMS[k];
-  TP* p_out = NEW_PARAMS[k];
-  const TU* u = stack + (size_t)k * SIZE;
-  const float lr = scalars[0];
-  for (size_t i = start + 4 * threadIdx.x; i < end; i += 4 * BLOCK) {
-    const Pack<TP, 4> pp = *reinterpret_cast<const Pack<TP, 4>*>(p + i);
-    const Pack<TU, 4> up = *reinterpret_cast<const Pack<TU, 4>*>(u + i);
-    Pack<TP, 4> out;
-    #pragma unroll
-    for (int j = 0; j < 4; ++j) out.v[j] = static_cast<TP>(static_cast<float>(pp.v[j]) - lr * static_cast<float>(up.v[j]));
-    *reinterpret_cast<Pack<TP, 4>*>(p_out + i) = out;
-  }
-"""
-
 # One query per row and head against the first `length[0]` keys of a whole cache buffer, one block
 # per (row, head): scores into shared memory (a thread a key), their softmax, then the weighted sum
 # of values (a thread a 16-byte pack of a value row, the rows split over BLOCK / (D / N) groups).
@@ -559,43 +539,19 @@ def sum_of_squares(arrays: list[mx.array]) -> mx.array:
     return partials.sum()
 
 
-# Muon's per-group kernels (`nesterov_momentum`, `orthogonal_step`): one launch for a group of
-# same-shape matrices, each block one chunk of one matrix.
-GROUP_THREADS = 256
-GROUP_CHUNK = 1 << 14  # elements a block updates: 16 per thread, 4 at a time
-GROUP_MAX_ARRAYS = 128  # at most three pointers each: under KERNEL_POINTERS
-
-
-def _same_group(arrays: list[mx.array], shape: tuple, dtypes: tuple) -> bool:
-    return all(a.shape == shape and a.dtype in dtypes for a in arrays)
+NESTEROV_THREADS = 256
+NESTEROV_CHUNK = 1 << 14  # elements a block updates: 16 per thread, 4 at a time
+NESTEROV_MAX_ARRAYS = 128  # three pointers each (gradient, velocity, new velocity): under KERNEL_POINTERS
 
 
 def nesterov_momentum_fits(grads: list[mx.array], velocities: list[mx.array]) -> bool:
-    """Whether `nesterov_momentum` takes this group: 1 to GROUP_MAX_ARRAYS gradients of one float
+    """Whether `nesterov_momentum` takes this group: 1 to NESTEROV_MAX_ARRAYS gradients of one float
     type and one shape, whose size is a multiple of 4, with fp32 velocities of that shape."""
-    if not 0 < len(grads) <= GROUP_MAX_ARRAYS or len(velocities) != len(grads):
+    if not 0 < len(grads) <= NESTEROV_MAX_ARRAYS or len(velocities) != len(grads):
         return False
     shape, dtype = grads[0].shape, grads[0].dtype
-    return (dtype in FLOAT_TYPES and grads[0].size % 4 == 0 and _same_group(grads, shape, (dtype,))
-            and _same_group(velocities, shape, (mx.float32,)))
-
-
-def orthogonal_step_fits(params: list[mx.array], stack: mx.array) -> bool:
-    """Whether `orthogonal_step` takes this group: 1 to GROUP_MAX_ARRAYS float matrices of one type
-    and one shape, whose size is a multiple of 4, and their (n × rows × cols) float stack."""
-    if not 0 < len(params) <= GROUP_MAX_ARRAYS:
-        return False
-    shape, dtype = params[0].shape, params[0].dtype
-    return (dtype in FLOAT_TYPES and params[0].size % 4 == 0 and _same_group(params, shape, (dtype,))
-            and stack.shape == (len(params), *shape) and stack.dtype in FLOAT_TYPES)
-
-
-def _group_launch(n: int, size: int) -> tuple[str, tuple[int, int, int]]:
-    """The size constants a group kernel's source starts with, and its grid."""
-    blocks_per = -(-size // GROUP_CHUNK)
-    constants = (f"  constexpr size_t SIZE = {size};\n  constexpr int CHUNK = {GROUP_CHUNK};\n"
-                 f"  constexpr int BLOCKS_PER_ARRAY = {blocks_per};\n")
-    return constants, (n * blocks_per * GROUP_THREADS, 1, 1)
+    return (dtype in FLOAT_TYPES and grads[0].size % 4 == 0 and all(g.shape == shape and g.dtype == dtype for g in grads)
+            and all(v.shape == shape and v.dtype == mx.float32 for v in velocities))
 
 
 def nesterov_momentum(grads: list[mx.array], velocities: list[mx.array], momentum: mx.array, scale: mx.array,
@@ -603,39 +559,23 @@ def nesterov_momentum(grads: list[mx.array], velocities: list[mx.array], momentu
     """Muon's momentum over a group of same-shape matrices in one kernel: with g = scale·grad,
     v ← m·v + (1−m)·g (fp32) and the update g·(1−m) + v·m, written in `dtype` straight into one
     (n × rows × cols) stack for the batched Newton–Schulz. Returns (new velocities, stack)."""
-    n = len(grads)
-    constants, grid = _group_launch(n, grads[0].size)
+    n, size = len(grads), grads[0].size
+    blocks_per = -(-size // NESTEROV_CHUNK)
     g_names = tuple(f"g{i}" for i in range(n))
     v_names = tuple(f"v{i}" for i in range(n))
     o_names = tuple(f"v_out{i}" for i in range(n))
-    tables = (constants + _pointer_table("const TG", "GRADS", g_names) + _pointer_table("const float", "VELOCITIES", v_names)
+    tables = (f"  constexpr size_t SIZE = {size};\n  constexpr int CHUNK = {NESTEROV_CHUNK};\n"
+              f"  constexpr int BLOCKS_PER_ARRAY = {blocks_per};\n"
+              + _pointer_table("const TG", "GRADS", g_names) + _pointer_table("const float", "VELOCITIES", v_names)
               + _pointer_table("float", "NEW_VELOCITIES", o_names))
     kernel = _kernel("mlxchat_nesterov_momentum", (*g_names, *v_names, "scalars"), (*o_names, "stack"),
                      tables + _NESTEROV_SOURCE)
     scalars = mx.stack([momentum.astype(mx.float32), scale.astype(mx.float32)])
     outs = kernel(
-        inputs=[*grads, *velocities, scalars], template=[("TG", grads[0].dtype), ("TU", dtype), ("BLOCK", GROUP_THREADS)],
-        grid=grid, threadgroup=(GROUP_THREADS, 1, 1),
+        inputs=[*grads, *velocities, scalars], template=[("TG", grads[0].dtype), ("TU", dtype), ("BLOCK", NESTEROV_THREADS)],
+        grid=(n * blocks_per * NESTEROV_THREADS, 1, 1), threadgroup=(NESTEROV_THREADS, 1, 1),
         output_shapes=[grads[0].shape] * n + [(n, *grads[0].shape)], output_dtypes=[mx.float32] * n + [dtype])
     return list(outs[:n]), outs[n]
-
-
-def orthogonal_step(params: list[mx.array], stack: mx.array, lr: mx.array) -> list[mx.array]:
-    """Muon's step over a group of same-shape matrices in one kernel: params[k] − lr·stack[k], in
-    fp32 arithmetic and the parameters' dtype. MLX runs one kernel per matrix (120 a d20 step, 2.3 ms
-    on an H100, for 1.2 ms worth of bytes)."""
-    n = len(params)
-    constants, grid = _group_launch(n, params[0].size)
-    p_names = tuple(f"p{i}" for i in range(n))
-    o_names = tuple(f"p_out{i}" for i in range(n))
-    tables = constants + _pointer_table("const TP", "PARAMS", p_names) + _pointer_table("TP", "NEW_PARAMS", o_names)
-    kernel = _kernel("mlxchat_orthogonal_step", (*p_names, "stack", "scalars"), o_names, tables + _ORTHOGONAL_STEP_SOURCE)
-    outs = kernel(
-        inputs=[*params, stack, lr.astype(mx.float32).reshape(1)],
-        template=[("TP", params[0].dtype), ("TU", stack.dtype), ("BLOCK", GROUP_THREADS)],
-        grid=grid, threadgroup=(GROUP_THREADS, 1, 1),
-        output_shapes=[params[0].shape] * n, output_dtypes=[params[0].dtype] * n)
-    return list(outs)
 
 
 def decode_attention(q: mx.array, keys: mx.array, values: mx.array, length: mx.array, scale: float) -> mx.array:
