@@ -73,6 +73,16 @@ def compile_kernel(tmp_path, index, name, source):
     return done.returncode, done.stderr
 
 
+def assert_recorded_kernels_compile_and_fit(tmp_path):
+    """Compile every recorded launch (4 at a time) and check its registers against its block size."""
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: compile_kernel(tmp_path, i, *Recorder.launches[i][:2]), range(len(Recorder.launches))))
+    for (name, _, block), (code, log) in zip(Recorder.launches, results):
+        assert code == 0, f"{name} does not compile:\n{log[-3000:]}"
+        registers = int(re.findall(r"Used (\d+) registers", log)[-1])
+        assert registers * block <= REGISTERS_PER_BLOCK, f"{name}: {registers} registers × {block} threads cannot launch"
+
+
 def test_every_kernel_compiles_for_sm90_and_fits_its_block(monkeypatch, tmp_path):
     monkeypatch.setattr(mx.fast, "cuda_kernel", Recorder)
     cuda_kernels._kernel.cache_clear()
@@ -97,9 +107,30 @@ def test_every_kernel_compiles_for_sm90_and_fits_its_block(monkeypatch, tmp_path
     finally:
         cuda_kernels._kernel.cache_clear()
     assert len(Recorder.launches) == 18
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda i: compile_kernel(tmp_path, i, *Recorder.launches[i][:2]), range(len(Recorder.launches))))
-    for (name, _, block), (code, log) in zip(Recorder.launches, results):
-        assert code == 0, f"{name} does not compile:\n{log[-3000:]}"
-        registers = int(re.findall(r"Used (\d+) registers", log)[-1])
-        assert registers * block <= REGISTERS_PER_BLOCK, f"{name}: {registers} registers × {block} threads cannot launch"
+    assert_recorded_kernels_compile_and_fit(tmp_path)
+
+
+def test_the_group_kernel_variants_in_bench_compile_and_fit_their_blocks(monkeypatch, tmp_path):
+    """bench/group_kernels.py's variants are measured only on a GPU: a compile error there would
+    cost a device session its one call."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import group_kernels
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", Recorder)
+    cuda_kernels._kernel.cache_clear()
+    Recorder.launches = []
+    try:
+        grads, velocities = [mx.zeros((1280, 5120), mx.bfloat16)] * 20, [mx.zeros((1280, 5120))] * 20
+        packs = max(group_kernels.ROUNDS)  # the most registers
+        group_kernels.sum_of_squares(grads, group_kernels.rounds(group_kernels.SUM_OF_SQUARES_PACKED, packs))
+        group_kernels.nesterov(grads, velocities, mx.array(0.9), mx.array(1.0), mx.bfloat16,
+                               group_kernels.rounds(group_kernels.NESTEROV_ROUNDS, packs))
+        for source in (group_kernels.ORTHOGONAL_STEP_STREAM, group_kernels.rounds(group_kernels.ORTHOGONAL_STEP_ROUNDS, packs)):
+            group_kernels.orthogonal_step(velocities, mx.zeros((20, 1280, 5120), mx.bfloat16), mx.array(0.02), source)
+    finally:
+        cuda_kernels._kernel.cache_clear()
+    assert len(Recorder.launches) == 4
+    assert_recorded_kernels_compile_and_fit(tmp_path)

@@ -1,0 +1,289 @@
+"""The optimizer's multi-array CUDA kernels against variants that issue several loads before any store.
+
+    python bench/group_kernels.py --json results/gpu_group_kernels.json     # MLX's CUDA backend only
+
+Why: in the thirteenth session's d20 profile (H100) these kernels move their bytes at a fraction of
+HBM's ~3.3 TB/s: `sum_of_squares` over the bf16 gradients 1.92 ms for 1.12 GB (0.6 TB/s, a 2-byte
+load per element), `nesterov_momentum` 3.94 ms for 4.7 GB (1.2 TB/s), and a one-launch Muon parameter
+step 2.89 ms for 3.9 GB (1.4 TB/s, slower than MLX's 120 per-matrix kernels at 2.29 ms, so it was
+reverted). Their loops store through pointers the compiler cannot prove apart from the next
+iteration's loads, so each thread waits out one load's latency per 4 elements. The variants here run
+in rounds: a thread loads ROUND packs (16-byte packs for the norm), then computes and stores them
+(loading a thread's whole share of its chunk at once took 144–255 registers: one block an SM).
+Shapes are d20's Muon groups (80 of 1280×1280, 20 of 1280×5120, 20 of 5120×1280). Outputs are
+compared with the current kernels' (the norm: relative difference, another summation order); nothing
+asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlx.core as mx  # noqa: E402
+from benchjson import write_json  # noqa: E402
+
+from mlxchat import cuda_kernels as ck  # noqa: E402
+
+# Rounds of ROUND packs of 4 elements a thread, each round's loads issued before its stores.
+NESTEROV_ROUNDS = """
+  const int k = blockIdx.x / BLOCKS_PER_ARRAY;
+  const size_t start = (size_t)(blockIdx.x % BLOCKS_PER_ARRAY) * CHUNK;
+  const size_t end = start + CHUNK < SIZE ? start + CHUNK : SIZE;
+  const TG* g = GRADS[k];
+  const float* v = VELOCITIES[k];
+  float* v_out = NEW_VELOCITIES[k];
+  TU* u = stack + (size_t)k * SIZE;
+  const float m = scalars[0], s = scalars[1];
+  for (size_t base = start + 4 * threadIdx.x; base < end; base += 4 * BLOCK * ROUND) {
+    Pack<TG, 4> gp[ROUND];
+    Pack<float, 4> vp[ROUND];
+    #pragma unroll
+    for (int r = 0; r < ROUND; ++r) {
+      const size_t i = base + 4 * BLOCK * r;
+      if (i < end) {
+        gp[r] = *reinterpret_cast<const Pack<TG, 4>*>(g + i);
+        vp[r] = *reinterpret_cast<const Pack<float, 4>*>(v + i);
+      }
+    }
+    #pragma unroll
+    for (int r = 0; r < ROUND; ++r) {
+      const size_t i = base + 4 * BLOCK * r;
+      if (i < end) {
+        Pack<float, 4> vn;
+        Pack<TU, 4> un;
+        #pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float gj = static_cast<float>(gp[r].v[j]) * s;
+          vn.v[j] = m * vp[r].v[j] + (1.0f - m) * gj;
+          un.v[j] = static_cast<TU>(gj * (1.0f - m) + vn.v[j] * m);
+        }
+        *reinterpret_cast<Pack<float, 4>*>(v_out + i) = vn;
+        *reinterpret_cast<Pack<TU, 4>*>(u + i) = un;
+      }
+    }
+  }
+"""
+
+ORTHOGONAL_STEP = """
+  const int k = blockIdx.x / BLOCKS_PER_ARRAY;
+  const size_t start = (size_t)(blockIdx.x % BLOCKS_PER_ARRAY) * CHUNK;
+  const size_t end = start + CHUNK < SIZE ? start + CHUNK : SIZE;
+  const TP* p = PARAMS[k];
+  TP* p_out = NEW_PARAMS[k];
+  const TU* u = stack + (size_t)k * SIZE;
+  const float lr = scalars[0];
+"""
+ORTHOGONAL_STEP_STREAM = ORTHOGONAL_STEP + """
+  for (size_t i = start + 4 * threadIdx.x; i < end; i += 4 * BLOCK) {
+    const Pack<TP, 4> pp = *reinterpret_cast<const Pack<TP, 4>*>(p + i);
+    const Pack<TU, 4> up = *reinterpret_cast<const Pack<TU, 4>*>(u + i);
+    Pack<TP, 4> out;
+    #pragma unroll
+    for (int j = 0; j < 4; ++j) out.v[j] = static_cast<TP>(static_cast<float>(pp.v[j]) - lr * static_cast<float>(up.v[j]));
+    *reinterpret_cast<Pack<TP, 4>*>(p_out + i) = out;
+  }
+"""
+ORTHOGONAL_STEP_ROUNDS = ORTHOGONAL_STEP + """
+  for (size_t base = start + 4 * threadIdx.x; base < end; base += 4 * BLOCK * ROUND) {
+    Pack<TP, 4> pp[ROUND];
+    Pack<TU, 4> up[ROUND];
+    #pragma unroll
+    for (int r = 0; r < ROUND; ++r) {
+      const size_t i = base + 4 * BLOCK * r;
+      if (i < end) {
+        pp[r] = *reinterpret_cast<const Pack<TP, 4>*>(p + i);
+        up[r] = *reinterpret_cast<const Pack<TU, 4>*>(u + i);
+      }
+    }
+    #pragma unroll
+    for (int r = 0; r < ROUND; ++r) {
+      const size_t i = base + 4 * BLOCK * r;
+      if (i < end) {
+        Pack<TP, 4> out;
+        #pragma unroll
+        for (int j = 0; j < 4; ++j) out.v[j] = static_cast<TP>(static_cast<float>(pp[r].v[j]) - lr * static_cast<float>(up[r].v[j]));
+        *reinterpret_cast<Pack<TP, 4>*>(p_out + i) = out;
+      }
+    }
+  }
+"""
+
+# The current kernel's blocks and reduction, with 16-byte packs in rounds of ROUND a thread where the
+# array is 16-byte aligned and its chunk whole packs; elements one by one otherwise.
+SUM_OF_SQUARES_PACKED = """
+  constexpr int N = 16 / sizeof(T);
+  const int b = blockIdx.x;
+  int k = 0, hi = COUNT;
+  while (hi - k > 1) {
+    const int mid = (k + hi) / 2;
+    if (FIRST_BLOCK[mid] <= b) k = mid; else hi = mid;
+  }
+  const T* x = ARRAYS[k];
+  const size_t start = (size_t)(b - FIRST_BLOCK[k]) * CHUNK;
+  const size_t end = start + CHUNK < SIZES[k] ? start + CHUNK : SIZES[k];
+  float s = 0.0f;
+  if (reinterpret_cast<size_t>(x) % 16 == 0 && (end - start) % N == 0) {
+    for (size_t base = start + N * threadIdx.x; base < end; base += N * BLOCK * ROUND) {
+      Pack<T, N> xp[ROUND];
+      #pragma unroll
+      for (int r = 0; r < ROUND; ++r) {
+        const size_t i = base + N * BLOCK * r;
+        if (i < end) xp[r] = *reinterpret_cast<const Pack<T, N>*>(x + i);
+      }
+      #pragma unroll
+      for (int r = 0; r < ROUND; ++r) {
+        if (base + N * BLOCK * r < end) {
+          #pragma unroll
+          for (int j = 0; j < N; ++j) {
+            const float v = static_cast<float>(xp[r].v[j]);
+            s += v * v;
+          }
+        }
+      }
+    }
+  } else {
+    for (size_t i = start + threadIdx.x; i < end; i += BLOCK) {
+      const float v = static_cast<float>(x[i]);
+      s += v * v;
+    }
+  }
+  __shared__ float scratch[BLOCK / 32];
+  s = block_reduce<BLOCK, false>(s, scratch);
+  if (threadIdx.x == 0) partials[b] = s;
+"""
+
+
+def rounds(source: str, packs: int) -> str:
+    """A variant's source with ROUND packs a thread a round."""
+    return f"  constexpr int ROUND = {packs};\n" + source
+
+
+def nesterov(grads, velocities, momentum, scale, dtype, source: str):
+    """`cuda_kernels.nesterov_momentum` with another kernel body."""
+    original = ck._NESTEROV_SOURCE
+    ck._NESTEROV_SOURCE = source
+    try:
+        return ck.nesterov_momentum(grads, velocities, momentum, scale, dtype)
+    finally:
+        ck._NESTEROV_SOURCE = original
+
+
+def sum_of_squares(arrays, source: str):
+    """`cuda_kernels.sum_of_squares` with another kernel body."""
+    original = ck._SUM_OF_SQUARES_SOURCE
+    ck._SUM_OF_SQUARES_SOURCE = source
+    try:
+        return ck.sum_of_squares(arrays)
+    finally:
+        ck._SUM_OF_SQUARES_SOURCE = original
+
+
+def orthogonal_step(params, stack, lr, source: str | None):
+    """Each params[k] − lr·stack[k]: one kernel over the group (`source`), or MLX's ops per matrix (None)."""
+    n = len(params)
+    if source is None:
+        return [p - lr * x.squeeze(0).astype(p.dtype) for p, x in zip(params, mx.split(stack, n))]
+    chunk, threads = ck.NESTEROV_CHUNK, ck.NESTEROV_THREADS
+    blocks_per = -(-params[0].size // chunk)
+    p_names, o_names = tuple(f"p{i}" for i in range(n)), tuple(f"p_out{i}" for i in range(n))
+    tables = (f"  constexpr size_t SIZE = {params[0].size};\n  constexpr int CHUNK = {chunk};\n"
+              f"  constexpr int BLOCKS_PER_ARRAY = {blocks_per};\n"
+              + ck._pointer_table("const TP", "PARAMS", p_names) + ck._pointer_table("TP", "NEW_PARAMS", o_names))
+    kernel = ck._kernel("bench_orthogonal_step", (*p_names, "stack", "scalars"), o_names, tables + source)
+    return list(kernel(inputs=[*params, stack, lr.astype(mx.float32).reshape(1)],
+                       template=[("TP", params[0].dtype), ("TU", stack.dtype), ("BLOCK", threads)],
+                       grid=(n * blocks_per * threads, 1, 1), threadgroup=(threads, 1, 1),
+                       output_shapes=[params[0].shape] * n, output_dtypes=[params[0].dtype] * n))
+
+
+ROUNDS = (2, 4, 8)  # packs a thread loads before it stores
+
+
+def timed(f, reps: int = 20) -> float:
+    """Median milliseconds of `mx.eval(f())` after 3 untimed calls."""
+    for _ in range(3):
+        mx.eval(f())
+    mx.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mx.eval(f())
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[reps // 2]
+
+
+def max_difference(a: list[mx.array], b: list[mx.array]) -> float:
+    return max(float(mx.abs(x.astype(mx.float32) - y.astype(mx.float32)).max()) for x, y in zip(a, b))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if not ck.available():
+        print("needs MLX's CUDA backend (mlx-cuda) with the GPU as the default device: nothing measured")
+        return {}
+    groups = [((1280, 1280), 80), ((1280, 5120), 20), ((5120, 1280), 20)]  # d20's Muon groups
+    key = iter(range(10**6))
+
+    def normal(shape, dtype=mx.float32):
+        return mx.random.normal(shape, key=mx.random.key(next(key))).astype(dtype)
+
+    data = [(shape, [normal(shape, mx.bfloat16) for _ in range(n)], [normal(shape) for _ in range(n)],
+             [normal(shape) for _ in range(n)], normal((n, *shape), mx.bfloat16)) for shape, n in groups]
+    mx.eval(data)
+    m, scale, lr = mx.array(0.95), mx.array(0.5), mx.array(0.02)
+    elements = sum(n * shape[0] * shape[1] for shape, n in groups)
+    res: dict = {"elements": elements}
+
+    def row(name, f, bytes_per_element, reference=None, relative=False):
+        try:
+            ms = timed(lambda: f())
+            out = {"ms": ms, "TB_per_s": elements * bytes_per_element / ms / 1e9}
+            if reference is not None:
+                a, b = f(), reference()
+                d = max_difference(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b])
+                out["max_difference"] = d / (float(mx.abs(b).max()) if relative else 1.0)
+        except Exception as e:  # a variant that cannot launch is a result too
+            out = {"error": str(e)[:300]}
+        res[name] = out
+        print(f"{name:32s} {out}", flush=True)
+
+    all_grads = [g for _, gs, _, _, _ in data for g in gs]
+    row("sum_of_squares current", lambda: ck.sum_of_squares(all_grads), 2)
+    for packs in ROUNDS:
+        row(f"sum_of_squares packed, {packs}", lambda: sum_of_squares(all_grads, rounds(SUM_OF_SQUARES_PACKED, packs)), 2,
+            reference=lambda: ck.sum_of_squares(all_grads), relative=True)
+
+    def each_group(f):
+        return lambda: [x for _, gs, vs, ps, st in data for x in f(gs, vs, ps, st)]
+
+    def nest(source):
+        def one(gs, vs, ps, st):
+            velocities, stack = nesterov(gs, vs, m, scale, mx.bfloat16, source)
+            return [*velocities, stack]
+        return each_group(one)
+
+    row("nesterov current", nest(ck._NESTEROV_SOURCE), 12)
+    for packs in ROUNDS:
+        row(f"nesterov rounds of {packs}", nest(rounds(NESTEROV_ROUNDS, packs)), 12, reference=nest(ck._NESTEROV_SOURCE))
+
+    def ortho(source):
+        return each_group(lambda gs, vs, ps, st: orthogonal_step(ps, st, lr, source))
+
+    row("orthogonal step, MLX per matrix", ortho(None), 10)
+    row("orthogonal step, stream kernel", ortho(ORTHOGONAL_STEP_STREAM), 10, reference=ortho(None))
+    for packs in ROUNDS:
+        row(f"orthogonal step, rounds of {packs}", ortho(rounds(ORTHOGONAL_STEP_ROUNDS, packs)), 10, reference=ortho(None))
+    write_json(args.json, {"device": mx.device_info().get("device_name"), "results": res})
+    return res
+
+
+if __name__ == "__main__":
+    main()
