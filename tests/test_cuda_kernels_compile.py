@@ -110,14 +110,15 @@ def test_every_kernel_compiles_for_sm90_and_fits_its_block(monkeypatch, tmp_path
     assert_recorded_kernels_compile_and_fit(tmp_path)
 
 
-def test_the_group_kernel_variants_in_bench_compile_and_fit_their_blocks(monkeypatch, tmp_path):
-    """bench/group_kernels.py's variants are measured only on a GPU: a compile error there would
-    cost a device session its one call."""
+def test_the_kernel_variants_in_bench_compile_and_fit_their_blocks(monkeypatch, tmp_path):
+    """bench/group_kernels.py's and bench/loss_kernel.py's variants are measured only on a GPU: a
+    compile error there would cost a device session its one call."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     import group_kernels
+    import loss_kernel
 
     monkeypatch.setattr(mx.fast, "cuda_kernel", Recorder)
     cuda_kernels._kernel.cache_clear()
@@ -130,7 +131,11 @@ def test_the_group_kernel_variants_in_bench_compile_and_fit_their_blocks(monkeyp
                                group_kernels.rounds(group_kernels.NESTEROV_ROUNDS, packs))
         for source in (group_kernels.ORTHOGONAL_STEP_STREAM, group_kernels.rounds(group_kernels.ORTHOGONAL_STEP_ROUNDS, packs)):
             group_kernels.orthogonal_step(velocities, mx.zeros((20, 1280, 5120), mx.bfloat16), mx.array(0.02), source)
+        z, targets, weights = mx.zeros((4, 65536), mx.bfloat16), mx.zeros((4,), mx.int32), mx.ones((4,))
+        for call in (loss_kernel.current_kernel(1024), loss_kernel.rounds_kernel(512, 4), loss_kernel.rounds_kernel(1024, 2),
+                     loss_kernel.held_kernel(512, 4, 65536, 2), loss_kernel.held_kernel(256, 16, 65536, 2)):
+            call(z, targets, weights)
     finally:
         cuda_kernels._kernel.cache_clear()
-    assert len(Recorder.launches) == 4
+    assert len(Recorder.launches) == 9
     assert_recorded_kernels_compile_and_fit(tmp_path)

@@ -1,13 +1,17 @@
-"""The CUDA loss kernel reading each row of logits once against `cuda_kernels.softcap_cross_entropy`,
-which reads it twice (the sum, then the gradient), on one loss chunk (4096 x 65536 bf16).
+"""The CUDA loss kernel (`cuda_kernels.softcap_cross_entropy`) against variants, on one loss chunk
+(4096 x 65536 bf16, 1/97 of the rows ignored).
 
-    python bench/loss_kernel_held.py --json results/gpu_loss_held_s13.json     # MLX's CUDA backend only
+    python bench/loss_kernel.py --json results/gpu_loss_kernel.json     # MLX's CUDA backend only
 
-Each row's 16-byte packs stay on chip between the two passes: the first REGS of a thread's packs in
-registers, the rest in dynamic shared memory (`mx.fast.cuda_kernel(shared_memory=...)`, up to 227 KB
-a block on sm_90), for BLOCK threads a row. The eleventh session's all-in-registers kernel could not
-launch (no launch bounds: over 64K registers a block); these fit (ptxas: 31-164 registers). Outputs
-are compared with the current kernel's; nothing asserts.
+  current   the kernel as the model runs it, at 256, 512 (its LOSS_THREADS) and 1024 threads a row
+  held      each row read once: its 16-byte packs stay on chip between the two passes, the first REGS
+            of a thread's packs in registers, the rest in dynamic shared memory
+            (`mx.fast.cuda_kernel(shared_memory=...)`, up to 227 KB a block on sm_90). The eleventh
+            session's all-in-registers kernel could not launch (no launch bounds: over 64K registers a
+            block); these fit (ptxas: 31-164 registers). Thirteenth session: no faster.
+  rounds    the current kernel's two passes, each loading ROUND packs a thread before it computes on
+            them (more loads in flight, a thread's exps independent of its next loads)
+Outputs are compared with the current kernel's; nothing asserts.
 """
 import argparse
 import sys
@@ -68,6 +72,86 @@ HELD = r"""
 """
 
 
+ROUNDS = r"""
+  constexpr int N = 16 / sizeof(T);
+  const int row = blockIdx.x;
+  const int tid = threadIdx.x;
+  const T* zr = z + (size_t)row * V;
+  T* dr = dz + (size_t)row * V;
+  const int target = targets[row];
+  __shared__ float partial[BLOCK / 32];
+  float s = 0.0f;
+  for (int base = tid * N; base < V; base += BLOCK * N * ROUND) {
+    Pack<T, N> x[ROUND];
+    #pragma unroll
+    for (int r = 0; r < ROUND; ++r) {
+      const int i = base + r * BLOCK * N;
+      if (i < V) x[r] = *reinterpret_cast<const Pack<T, N>*>(zr + i);
+    }
+    #pragma unroll
+    for (int r = 0; r < ROUND; ++r) {
+      if (base + r * BLOCK * N < V) {
+        #pragma unroll
+        for (int j = 0; j < N; ++j) s += __expf(CAP * softcap_tanh<T>(static_cast<float>(x[r].v[j]) / CAP));
+      }
+    }
+  }
+  const float lse = logf(block_reduce<BLOCK, false>(s, partial));
+  const float g = target < 0 ? 0.0f : weights[row];
+  if (tid == 0) losses[row] = target < 0 ? 0.0f : lse - CAP * softcap_tanh<T>(static_cast<float>(zr[target]) / CAP);
+  for (int base = tid * N; base < V; base += BLOCK * N * ROUND) {
+    Pack<T, N> x[ROUND];
+    #pragma unroll
+    for (int r = 0; r < ROUND; ++r) {
+      const int i = base + r * BLOCK * N;
+      if (i < V) x[r] = *reinterpret_cast<const Pack<T, N>*>(zr + i);
+    }
+    #pragma unroll
+    for (int r = 0; r < ROUND; ++r) {
+      const int i = base + r * BLOCK * N;
+      if (i < V) {
+        Pack<T, N> out;
+        #pragma unroll
+        for (int j = 0; j < N; ++j) {
+          const float t = gradient_tanh<T>(static_cast<float>(x[r].v[j]) / CAP);
+          const float q = __expf(CAP * t - lse) - (i + j == target ? 1.0f : 0.0f);
+          out.v[j] = static_cast<T>(q * g * (1.0f - t * t));
+        }
+        *reinterpret_cast<Pack<T, N>*>(dr + i) = out;
+      }
+    }
+  }
+"""
+
+
+def rounds_kernel(block: int, packs: int):
+    """(kernel call) for BLOCK threads a row loading ROUND = packs packs before computing."""
+    kernel = mx.fast.cuda_kernel(name="xent_rounds", input_names=["z", "targets", "weights"], output_names=["losses", "dz"],
+                                 source=f"  constexpr float CAP = {gpt.SOFTCAP!r}f;\n  constexpr int ROUND = {packs};\n" + ROUNDS,
+                                 header=ck._HEADER)
+
+    def call(z, t, w):
+        rows, v = z.shape
+        return kernel(inputs=[z, t, w], template=[("T", z.dtype), ("V", v), ("BLOCK", block)],
+                      grid=(rows * block, 1, 1), threadgroup=(block, 1, 1),
+                      output_shapes=[(rows,), z.shape], output_dtypes=[mx.float32, z.dtype])
+
+    return call
+
+
+def current_kernel(block: int):
+    """`cuda_kernels.softcap_cross_entropy` at BLOCK threads a row."""
+    def call(z, t, w):
+        original = ck.LOSS_THREADS
+        ck.LOSS_THREADS = block
+        try:
+            return ck.softcap_cross_entropy(z, t, w, gpt.SOFTCAP)
+        finally:
+            ck.LOSS_THREADS = original
+
+    return call
+
+
 def held_kernel(block: int, regs: int, vocab: int, itemsize: int):
     """(kernel, its call) for BLOCK threads a row, REGS packs a thread in registers, the rest in shared memory."""
     items = (vocab // (16 // itemsize) + block - 1) // block
@@ -112,7 +196,11 @@ def main(argv=None) -> dict:
     mx.eval(z, t, w)
     cur_loss, cur_dz = ck.softcap_cross_entropy(z, t, w, gpt.SOFTCAP)
     mx.eval(cur_loss, cur_dz)
-    calls = {"current": lambda z, t, w: ck.softcap_cross_entropy(z, t, w, gpt.SOFTCAP)}
+    calls = {"current": current_kernel(ck.LOSS_THREADS)}
+    for block in (256, 1024):
+        calls[f"current{block}"] = current_kernel(block)
+    for block, packs in [(512, 2), (512, 4), (256, 4), (1024, 2)]:
+        calls[f"rounds{block}_p{packs}"] = rounds_kernel(block, packs)
     for block, regs in [(1024, 0), (1024, 2), (1024, 4), (512, 0), (512, 4), (512, 8), (256, 8), (256, 16)]:
         calls[f"held{block}_r{regs}"] = held_kernel(block, regs, vocab, z.dtype.size)
     res = {}
