@@ -17,9 +17,8 @@ asserts.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,30 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
 from benchjson import write_json  # noqa: E402
+from loss_kernel import HEADER, cuda_bench_args, median_ms  # noqa: E402
 
 from mlxchat import cuda_kernels as ck  # noqa: E402
 
 # Rounds of ROUND packs of 4 elements a thread, each round's loads issued before its stores.
-NESTEROV_ROUNDS = """
-  const int k = blockIdx.x / BLOCKS_PER_ARRAY;
-  const size_t start = (size_t)(blockIdx.x % BLOCKS_PER_ARRAY) * CHUNK;
-  const size_t end = start + CHUNK < SIZE ? start + CHUNK : SIZE;
-  const TG* g = GRADS[k];
-  const float* v = VELOCITIES[k];
-  float* v_out = NEW_VELOCITIES[k];
-  TU* u = stack + (size_t)k * SIZE;
-  const float m = scalars[0], s = scalars[1];
+NESTEROV_ROUNDS = ck._NESTEROV_SOURCE[: ck._NESTEROV_SOURCE.index("  for (size_t i")] + """
   for (size_t base = start + 4 * threadIdx.x; base < end; base += 4 * BLOCK * ROUND) {
     Pack<TG, 4> gp[ROUND];
     Pack<float, 4> vp[ROUND];
-    #pragma unroll
-    for (int r = 0; r < ROUND; ++r) {
-      const size_t i = base + 4 * BLOCK * r;
-      if (i < end) {
-        gp[r] = *reinterpret_cast<const Pack<TG, 4>*>(g + i);
-        vp[r] = *reinterpret_cast<const Pack<float, 4>*>(v + i);
-      }
-    }
+    load_round<ROUND>(gp, g, base, 4 * BLOCK, end);
+    load_round<ROUND>(vp, v, base, 4 * BLOCK, end);
     #pragma unroll
     for (int r = 0; r < ROUND; ++r) {
       const size_t i = base + 4 * BLOCK * r;
@@ -93,14 +79,8 @@ ORTHOGONAL_STEP_ROUNDS = ORTHOGONAL_STEP + """
   for (size_t base = start + 4 * threadIdx.x; base < end; base += 4 * BLOCK * ROUND) {
     Pack<TP, 4> pp[ROUND];
     Pack<TU, 4> up[ROUND];
-    #pragma unroll
-    for (int r = 0; r < ROUND; ++r) {
-      const size_t i = base + 4 * BLOCK * r;
-      if (i < end) {
-        pp[r] = *reinterpret_cast<const Pack<TP, 4>*>(p + i);
-        up[r] = *reinterpret_cast<const Pack<TU, 4>*>(u + i);
-      }
-    }
+    load_round<ROUND>(pp, p, base, 4 * BLOCK, end);
+    load_round<ROUND>(up, u, base, 4 * BLOCK, end);
     #pragma unroll
     for (int r = 0; r < ROUND; ++r) {
       const size_t i = base + 4 * BLOCK * r;
@@ -116,26 +96,12 @@ ORTHOGONAL_STEP_ROUNDS = ORTHOGONAL_STEP + """
 
 # The current kernel's blocks and reduction, with 16-byte packs in rounds of ROUND a thread where the
 # array is 16-byte aligned and its chunk whole packs; elements one by one otherwise.
-SUM_OF_SQUARES_PACKED = """
+SUM_OF_SQUARES_PACKED = ck._SUM_OF_SQUARES_SOURCE[: ck._SUM_OF_SQUARES_SOURCE.index("  #pragma unroll 4")] + """
   constexpr int N = 16 / sizeof(T);
-  const int b = blockIdx.x;
-  int k = 0, hi = COUNT;
-  while (hi - k > 1) {
-    const int mid = (k + hi) / 2;
-    if (FIRST_BLOCK[mid] <= b) k = mid; else hi = mid;
-  }
-  const T* x = ARRAYS[k];
-  const size_t start = (size_t)(b - FIRST_BLOCK[k]) * CHUNK;
-  const size_t end = start + CHUNK < SIZES[k] ? start + CHUNK : SIZES[k];
-  float s = 0.0f;
   if (reinterpret_cast<size_t>(x) % 16 == 0 && (end - start) % N == 0) {
     for (size_t base = start + N * threadIdx.x; base < end; base += N * BLOCK * ROUND) {
       Pack<T, N> xp[ROUND];
-      #pragma unroll
-      for (int r = 0; r < ROUND; ++r) {
-        const size_t i = base + N * BLOCK * r;
-        if (i < end) xp[r] = *reinterpret_cast<const Pack<T, N>*>(x + i);
-      }
+      load_round<ROUND>(xp, x, base, N * BLOCK, end);
       #pragma unroll
       for (int r = 0; r < ROUND; ++r) {
         if (base + N * BLOCK * r < end) {
@@ -148,15 +114,8 @@ SUM_OF_SQUARES_PACKED = """
       }
     }
   } else {
-    for (size_t i = start + threadIdx.x; i < end; i += BLOCK) {
-      const float v = static_cast<float>(x[i]);
-      s += v * v;
-    }
-  }
-  __shared__ float scratch[BLOCK / 32];
-  s = block_reduce<BLOCK, false>(s, scratch);
-  if (threadIdx.x == 0) partials[b] = s;
-"""
+""" + ck._SUM_OF_SQUARES_SOURCE[ck._SUM_OF_SQUARES_SOURCE.index("  #pragma unroll 4"): ck._SUM_OF_SQUARES_SOURCE.index("  __shared__")] + """  }
+""" + ck._SUM_OF_SQUARES_SOURCE[ck._SUM_OF_SQUARES_SOURCE.index("  __shared__"):]
 
 
 def rounds(source: str, packs: int) -> str:
@@ -164,24 +123,31 @@ def rounds(source: str, packs: int) -> str:
     return f"  constexpr int ROUND = {packs};\n" + source
 
 
+@contextlib.contextmanager
+def kernel_sources(**sources: str):
+    """`cuda_kernels`' module-level kernel sources replaced while inside, and its header by
+    `loss_kernel.HEADER` (its own plus `load_round`): the kernels compile from whatever is there
+    when first called (each source its own module)."""
+    originals = {name: getattr(ck, name) for name in ("_HEADER", *sources)}
+    for name, value in {"_HEADER": HEADER, **sources}.items():
+        setattr(ck, name, value)
+    try:
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(ck, name, value)
+
+
 def nesterov(grads, velocities, momentum, scale, dtype, source: str):
     """`cuda_kernels.nesterov_momentum` with another kernel body."""
-    original = ck._NESTEROV_SOURCE
-    ck._NESTEROV_SOURCE = source
-    try:
+    with kernel_sources(_NESTEROV_SOURCE=source):
         return ck.nesterov_momentum(grads, velocities, momentum, scale, dtype)
-    finally:
-        ck._NESTEROV_SOURCE = original
 
 
 def sum_of_squares(arrays, source: str):
     """`cuda_kernels.sum_of_squares` with another kernel body."""
-    original = ck._SUM_OF_SQUARES_SOURCE
-    ck._SUM_OF_SQUARES_SOURCE = source
-    try:
+    with kernel_sources(_SUM_OF_SQUARES_SOURCE=source):
         return ck.sum_of_squares(arrays)
-    finally:
-        ck._SUM_OF_SQUARES_SOURCE = original
 
 
 def orthogonal_step(params, stack, lr, source: str | None):
@@ -195,7 +161,8 @@ def orthogonal_step(params, stack, lr, source: str | None):
     tables = (f"  constexpr size_t SIZE = {params[0].size};\n  constexpr int CHUNK = {chunk};\n"
               f"  constexpr int BLOCKS_PER_ARRAY = {blocks_per};\n"
               + ck._pointer_table("const TP", "PARAMS", p_names) + ck._pointer_table("TP", "NEW_PARAMS", o_names))
-    kernel = ck._kernel("bench_orthogonal_step", (*p_names, "stack", "scalars"), o_names, tables + source)
+    with kernel_sources():
+        kernel = ck._kernel("bench_orthogonal_step", (*p_names, "stack", "scalars"), o_names, tables + source)
     return list(kernel(inputs=[*params, stack, lr.astype(mx.float32).reshape(1)],
                        template=[("TP", params[0].dtype), ("TU", stack.dtype), ("BLOCK", threads)],
                        grid=(n * blocks_per * threads, 1, 1), threadgroup=(threads, 1, 1),
@@ -205,29 +172,13 @@ def orthogonal_step(params, stack, lr, source: str | None):
 ROUNDS = (2, 4, 8)  # packs a thread loads before it stores
 
 
-def timed(f, reps: int = 20) -> float:
-    """Median milliseconds of `mx.eval(f())` after 3 untimed calls."""
-    for _ in range(3):
-        mx.eval(f())
-    mx.synchronize()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        mx.eval(f())
-        times.append(time.perf_counter() - t0)
-    return 1e3 * sorted(times)[reps // 2]
-
-
 def max_difference(a: list[mx.array], b: list[mx.array]) -> float:
     return max(float(mx.abs(x.astype(mx.float32) - y.astype(mx.float32)).max()) for x, y in zip(a, b))
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    if not ck.available():
-        print("needs MLX's CUDA backend (mlx-cuda) with the GPU as the default device: nothing measured")
+    args = cuda_bench_args(argv, __doc__)
+    if args is None:
         return {}
     groups = [((1280, 1280), 80), ((1280, 5120), 20), ((5120, 1280), 20)]  # d20's Muon groups
     key = iter(range(10**6))
@@ -244,7 +195,7 @@ def main(argv=None) -> dict:
 
     def row(name, f, bytes_per_element, reference=None, relative=False):
         try:
-            ms = timed(lambda: f())
+            ms, _ = median_ms(f)
             out = {"ms": ms, "TB_per_s": elements * bytes_per_element / ms / 1e9}
             if reference is not None:
                 a, b = f(), reference()

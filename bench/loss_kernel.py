@@ -72,22 +72,26 @@ HELD = r"""
 """
 
 
-ROUNDS = r"""
-  constexpr int N = 16 / sizeof(T);
-  const int row = blockIdx.x;
-  const int tid = threadIdx.x;
-  const T* zr = z + (size_t)row * V;
-  T* dr = dz + (size_t)row * V;
-  const int target = targets[row];
-  __shared__ float partial[BLOCK / 32];
+# The variants' header: `cuda_kernels`' own and one load of a round of packs.
+HEADER = ck._HEADER + """
+// The packs at p + base + r·stride (r < R) that lie below end, into out[r]: a thread's loads of a
+// round, issued together before it computes on any of them.
+template <int R, typename T, int N>
+__device__ __forceinline__ void load_round(Pack<T, N>* out, const T* p, size_t base, size_t stride, size_t end) {
+  #pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const size_t i = base + r * stride;
+    if (i < end) out[r] = *reinterpret_cast<const Pack<T, N>*>(p + i);
+  }
+}
+"""
+
+# The current kernel's start (its ignored rows included), then its two passes in rounds.
+ROUNDS = ck._LOSS_SOURCE[: ck._LOSS_SOURCE.index("  float s = 0.0f;")] + r"""
   float s = 0.0f;
   for (int base = tid * N; base < V; base += BLOCK * N * ROUND) {
     Pack<T, N> x[ROUND];
-    #pragma unroll
-    for (int r = 0; r < ROUND; ++r) {
-      const int i = base + r * BLOCK * N;
-      if (i < V) x[r] = *reinterpret_cast<const Pack<T, N>*>(zr + i);
-    }
+    load_round<ROUND>(x, zr, base, BLOCK * N, V);
     #pragma unroll
     for (int r = 0; r < ROUND; ++r) {
       if (base + r * BLOCK * N < V) {
@@ -97,15 +101,11 @@ ROUNDS = r"""
     }
   }
   const float lse = logf(block_reduce<BLOCK, false>(s, partial));
-  const float g = target < 0 ? 0.0f : weights[row];
-  if (tid == 0) losses[row] = target < 0 ? 0.0f : lse - CAP * softcap_tanh<T>(static_cast<float>(zr[target]) / CAP);
+  if (tid == 0) losses[row] = lse - CAP * softcap_tanh<T>(static_cast<float>(zr[target]) / CAP);
+  const float g = weights[row];
   for (int base = tid * N; base < V; base += BLOCK * N * ROUND) {
     Pack<T, N> x[ROUND];
-    #pragma unroll
-    for (int r = 0; r < ROUND; ++r) {
-      const int i = base + r * BLOCK * N;
-      if (i < V) x[r] = *reinterpret_cast<const Pack<T, N>*>(zr + i);
-    }
+    load_round<ROUND>(x, zr, base, BLOCK * N, V);
     #pragma unroll
     for (int r = 0; r < ROUND; ++r) {
       const int i = base + r * BLOCK * N;
@@ -124,19 +124,22 @@ ROUNDS = r"""
 """
 
 
-def rounds_kernel(block: int, packs: int):
-    """(kernel call) for BLOCK threads a row loading ROUND = packs packs before computing."""
-    kernel = mx.fast.cuda_kernel(name="xent_rounds", input_names=["z", "targets", "weights"], output_names=["losses", "dz"],
-                                 source=f"  constexpr float CAP = {gpt.SOFTCAP!r}f;\n  constexpr int ROUND = {packs};\n" + ROUNDS,
-                                 header=ck._HEADER)
-
+def launcher(kernel, block: int, template: list):
+    """A call of `kernel` as the model calls its loss kernel: a block of BLOCK threads a row."""
     def call(z, t, w):
         rows, v = z.shape
-        return kernel(inputs=[z, t, w], template=[("T", z.dtype), ("V", v), ("BLOCK", block)],
+        return kernel(inputs=[z, t, w], template=[("T", z.dtype), ("V", v), ("BLOCK", block), *template],
                       grid=(rows * block, 1, 1), threadgroup=(block, 1, 1),
                       output_shapes=[(rows,), z.shape], output_dtypes=[mx.float32, z.dtype])
 
     return call
+
+
+def rounds_kernel(block: int, packs: int):
+    """The `rounds` variant: BLOCK threads a row, each loading `packs` packs before computing on them."""
+    return launcher(mx.fast.cuda_kernel(name="xent_rounds", input_names=["z", "targets", "weights"], output_names=["losses", "dz"],
+                                        source=f"  constexpr float CAP = {gpt.SOFTCAP!r}f;\n  constexpr int ROUND = {packs};\n" + ROUNDS,
+                                        header=HEADER), block, [])
 
 
 def current_kernel(block: int):
@@ -153,19 +156,12 @@ def current_kernel(block: int):
 
 
 def held_kernel(block: int, regs: int, vocab: int, itemsize: int):
-    """(kernel, its call) for BLOCK threads a row, REGS packs a thread in registers, the rest in shared memory."""
+    """The `held` variant: BLOCK threads a row, REGS packs a thread in registers, the rest in shared memory."""
     items = (vocab // (16 // itemsize) + block - 1) // block
     kernel = mx.fast.cuda_kernel(name=f"xent_held_{block}_{regs}", input_names=["z", "targets", "weights"],
                                  output_names=["losses", "dz"], source=f"  constexpr float CAP = {gpt.SOFTCAP!r}f;\n" + HELD,
                                  header=ck._HEADER, shared_memory=max(0, items - regs) * block * 16)
-
-    def call(z, t, w):
-        rows, v = z.shape
-        return kernel(inputs=[z, t, w], template=[("T", z.dtype), ("V", v), ("BLOCK", block), ("REGS", regs)],
-                      grid=(rows * block, 1, 1), threadgroup=(block, 1, 1),
-                      output_shapes=[(rows,), z.shape], output_dtypes=[mx.float32, z.dtype])
-
-    return call
+    return launcher(kernel, block, [("REGS", regs)])
 
 
 def median_ms(f, reps: int = 30) -> tuple[float, float]:
@@ -181,12 +177,20 @@ def median_ms(f, reps: int = 30) -> tuple[float, float]:
     return 1e3 * sorted(times)[reps // 2], 1e3 * min(times)
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def cuda_bench_args(argv, doc: str) -> argparse.Namespace | None:
+    """A kernel benchmark's `--json` argument, or None (said in one line) where there is no CUDA GPU."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not ck.available():
         print("needs MLX's CUDA backend (mlx-cuda) with the GPU as the default device: nothing measured")
+        return None
+    return args
+
+
+def main(argv=None) -> dict:
+    args = cuda_bench_args(argv, __doc__)
+    if args is None:
         return {}
     rows, vocab = 4096, 65536
     z = (mx.random.normal((rows, vocab), key=mx.random.key(1)) * 4).astype(mx.bfloat16)
