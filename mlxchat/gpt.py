@@ -456,8 +456,9 @@ def loss_kernel() -> str:
     'fused': `mx.fast.cross_entropy` (one kernel, fp32 accumulation, on Metal and CUDA) on the
     softcapped logits, and a backward that is one elementwise pass over the logits (the
     log-sum-exp comes from the forward's loss, so no softmax reduction is recomputed).
-    'portable': MLX ops only (logsumexp; softmax in the backward), which is what the CPU runs:
-    there `mx.fast.cross_entropy` falls back to the same unfused ops.
+    'portable': MLX ops only, which is what the CPU runs (there `mx.fast.cross_entropy` falls back to
+    the same unfused ops): the training loss forms a chunk's losses and gradient together
+    (`_portable_losses_and_dlogits`), per-token losses take logsumexp and softmax in the backward.
     `MLXCHAT_LOSS=cuda|fused|portable` overrides the choice (benchmarks, tests)."""
     forced = os.environ.get(LOSS_ENV, "")
     if forced:
@@ -643,10 +644,11 @@ def _portable_losses_and_dlogits(z: mx.array, targets: mx.array) -> tuple[mx.arr
     """One chunk's losses and d Σ losses / d z from MLX ops, with one tanh and one exp a logit: the
     training loss on the CPU, where `_portable_losses` then `_portable_dlogits` computed both twice.
 
-    Why: MLX's CPU transcendentals are scalar on Linux (tanh ~10–18 ns a logit on a 2-core EPYC), so
-    they were most of a d4 step: one 2048 × 8192 chunk took 876 ms as the two passes, 475 ms so.
-    As the CUDA kernel, the softcap bounds the logits to ±SOFTCAP, so the sum of their exps needs no
-    running maximum (at most 65536·e^15 ≈ 2e11 in fp32). Ignored rows (targets < 0) give 0 and zeros."""
+    Why: without Apple's Accelerate, MLX's CPU kernels run one lane at a time (`mlx/backend/cpu/simd`
+    on Linux: tanh ~10–18 ns a logit on a 2-core EPYC), so the transcendentals were most of a d4 step
+    there: one 2048 × 8192 chunk took 876 ms as the two passes, 475 ms so. As in the CUDA kernel, the
+    softcap bounds the logits to ±SOFTCAP, so the sum of their exps needs no running maximum (at most
+    vocab·e^SOFTCAP: 2e11 at 65,536, far inside fp32). Ignored rows (targets < 0) give 0 and zeros."""
     valid = targets >= 0
     safe = mx.where(valid, targets, 0)
     t = mx.tanh(z.astype(mx.float32) / SOFTCAP)
