@@ -634,9 +634,15 @@ def _portable_dlogits(z: mx.array, targets: mx.array, cotangent: mx.array, losse
     valid = targets >= 0
     t = mx.tanh(z.astype(mx.float32) / SOFTCAP)
     p = mx.softmax(SOFTCAP * t, axis=-1, precise=True)
-    onehot = mx.arange(z.shape[-1])[None, :] == mx.where(valid, targets, 0)[:, None]
     g = mx.where(valid, cotangent, 0.0).astype(mx.float32)
-    return ((p - onehot) * g[:, None] * (1 - t * t)).astype(z.dtype)  # d softcap(z)/dz = 1 - tanh^2
+    return _softcap_softmax_gradient(p, t, mx.where(valid, targets, 0), g, z.dtype)
+
+
+def _softcap_softmax_gradient(p: mx.array, t: mx.array, targets: mx.array, g: mx.array, dtype: mx.Dtype) -> mx.array:
+    """d loss / d z = (softmax − onehot(targets))·g[row]·(1 − tanh²), given the softmax p of the
+    softcapped logits and t = tanh(z / SOFTCAP) (d softcap(z)/dz = 1 − t²), in `dtype`."""
+    onehot = mx.arange(p.shape[-1])[None, :] == targets[:, None]
+    return ((p - onehot) * g[:, None] * (1 - t * t)).astype(dtype)
 
 
 @mx.compile
@@ -656,9 +662,7 @@ def _portable_losses_and_dlogits(z: mx.array, targets: mx.array) -> tuple[mx.arr
     total = e.sum(axis=-1, keepdims=True)
     picked = SOFTCAP * mx.take_along_axis(t, safe[:, None], axis=-1)[:, 0]
     losses = mx.where(valid, mx.log(total[:, 0]) - picked, 0.0)
-    onehot = mx.arange(z.shape[-1])[None, :] == safe[:, None]
-    g = valid.astype(mx.float32)[:, None]
-    return losses, ((e / total - onehot) * g * (1 - t * t)).astype(z.dtype)
+    return losses, _softcap_softmax_gradient(e / total, t, safe, valid.astype(mx.float32), z.dtype)
 
 
 @mx.compile
@@ -680,9 +684,8 @@ def _fused_dlogits(z: mx.array, targets: mx.array, cotangent: mx.array, losses: 
     lse = mx.where(valid[:, None], losses[:, None] + picked, mx.inf)
     t = mx.tanh(z.astype(mx.float32) / SOFTCAP)
     p = mx.exp(SOFTCAP * t - lse)
-    onehot = mx.arange(z.shape[-1])[None, :] == safe[:, None]
     g = mx.where(valid, cotangent, 0.0).astype(mx.float32)
-    return ((p - onehot) * g[:, None] * (1 - t * t)).astype(z.dtype)
+    return _softcap_softmax_gradient(p, t, safe, g, z.dtype)
 
 
 def _cuda_dlogits(z: mx.array, targets: mx.array, cotangent: mx.array, losses: mx.array) -> mx.array:
