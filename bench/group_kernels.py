@@ -1,18 +1,17 @@
-"""The optimizer's multi-array CUDA kernels against variants that issue several loads before any store.
+"""The optimizer's multi-array CUDA kernels at ROUND = 1, 2, 4 and 8 packs a thread loaded before it stores.
 
     python bench/group_kernels.py --json results/gpu_group_kernels.json     # MLX's CUDA backend only
 
-Why: in the thirteenth session's d20 profile (H100) these kernels move their bytes at a fraction of
+Why: in the thirteenth session's d20 profile (H100) these kernels moved their bytes at a fraction of
 HBM's ~3.3 TB/s: `sum_of_squares` over the bf16 gradients 1.92 ms for 1.12 GB (0.6 TB/s, a 2-byte
 load per element), `nesterov_momentum` 3.94 ms for 4.7 GB (1.2 TB/s), and a one-launch Muon parameter
 step 2.89 ms for 3.9 GB (1.4 TB/s, slower than MLX's 120 per-matrix kernels at 2.29 ms, so it was
-reverted). Their loops store through pointers the compiler cannot prove apart from the next
-iteration's loads, so each thread waits out one load's latency per 4 elements. The variants here run
-in rounds: a thread loads ROUND packs (16-byte packs for the norm), then computes and stores them
-(loading a thread's whole share of its chunk at once took 144–255 registers: one block an SM).
+reverted). Their loops stored through pointers the compiler cannot prove apart from the next
+iteration's loads, so each thread waited out one load's latency per pack. `cuda_kernels` now loads
+ROUND packs (16-byte packs for the norm) before it computes on or stores any (`load_round`); this
+measures its ROUND constants' values (ROUND 1 is the streaming loop) and the parameter step in rounds.
 Shapes are d20's Muon groups (80 of 1280×1280, 20 of 1280×5120, 20 of 5120×1280). Outputs are
-compared with the current kernels' (the norm: relative difference, another summation order); nothing
-asserts.
+compared with ROUND 1's (the norm: relative difference, another summation order); nothing asserts.
 """
 
 from __future__ import annotations
@@ -26,36 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
 from benchjson import write_json  # noqa: E402
-from loss_kernel import HEADER, cuda_bench_args, median_ms  # noqa: E402
+from loss_kernel import cuda_bench_args, median_ms  # noqa: E402
 
 from mlxchat import cuda_kernels as ck  # noqa: E402
 
-# Rounds of ROUND packs of 4 elements a thread, each round's loads issued before its stores.
-NESTEROV_ROUNDS = ck._NESTEROV_SOURCE[: ck._NESTEROV_SOURCE.index("  for (size_t i")] + """
-  for (size_t base = start + 4 * threadIdx.x; base < end; base += 4 * BLOCK * ROUND) {
-    Pack<TG, 4> gp[ROUND];
-    Pack<float, 4> vp[ROUND];
-    load_round<ROUND>(gp, g, base, 4 * BLOCK, end);
-    load_round<ROUND>(vp, v, base, 4 * BLOCK, end);
-    #pragma unroll
-    for (int r = 0; r < ROUND; ++r) {
-      const size_t i = base + 4 * BLOCK * r;
-      if (i < end) {
-        Pack<float, 4> vn;
-        Pack<TU, 4> un;
-        #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float gj = static_cast<float>(gp[r].v[j]) * s;
-          vn.v[j] = m * vp[r].v[j] + (1.0f - m) * gj;
-          un.v[j] = static_cast<TU>(gj * (1.0f - m) + vn.v[j] * m);
-        }
-        *reinterpret_cast<Pack<float, 4>*>(v_out + i) = vn;
-        *reinterpret_cast<Pack<TU, 4>*>(u + i) = un;
-      }
-    }
-  }
-"""
-
+# Muon's parameter step p − lr·u over a group in one launch, blocks laid out as `nesterov_momentum`'s.
 ORTHOGONAL_STEP = """
   const int k = blockIdx.x / BLOCKS_PER_ARRAY;
   const size_t start = (size_t)(blockIdx.x % BLOCKS_PER_ARRAY) * CHUNK;
@@ -64,18 +38,6 @@ ORTHOGONAL_STEP = """
   TP* p_out = NEW_PARAMS[k];
   const TU* u = stack + (size_t)k * SIZE;
   const float lr = scalars[0];
-"""
-ORTHOGONAL_STEP_STREAM = ORTHOGONAL_STEP + """
-  for (size_t i = start + 4 * threadIdx.x; i < end; i += 4 * BLOCK) {
-    const Pack<TP, 4> pp = *reinterpret_cast<const Pack<TP, 4>*>(p + i);
-    const Pack<TU, 4> up = *reinterpret_cast<const Pack<TU, 4>*>(u + i);
-    Pack<TP, 4> out;
-    #pragma unroll
-    for (int j = 0; j < 4; ++j) out.v[j] = static_cast<TP>(static_cast<float>(pp.v[j]) - lr * static_cast<float>(up.v[j]));
-    *reinterpret_cast<Pack<TP, 4>*>(p_out + i) = out;
-  }
-"""
-ORTHOGONAL_STEP_ROUNDS = ORTHOGONAL_STEP + """
   for (size_t base = start + 4 * threadIdx.x; base < end; base += 4 * BLOCK * ROUND) {
     Pack<TP, 4> pp[ROUND];
     Pack<TU, 4> up[ROUND];
@@ -94,66 +56,36 @@ ORTHOGONAL_STEP_ROUNDS = ORTHOGONAL_STEP + """
   }
 """
 
-# The current kernel's blocks and reduction, with 16-byte packs in rounds of ROUND a thread where the
-# array is 16-byte aligned and its chunk whole packs; elements one by one otherwise.
-SUM_OF_SQUARES_PACKED = ck._SUM_OF_SQUARES_SOURCE[: ck._SUM_OF_SQUARES_SOURCE.index("  #pragma unroll 4")] + """
-  constexpr int N = 16 / sizeof(T);
-  if (reinterpret_cast<size_t>(x) % 16 == 0 && (end - start) % N == 0) {
-    for (size_t base = start + N * threadIdx.x; base < end; base += N * BLOCK * ROUND) {
-      Pack<T, N> xp[ROUND];
-      load_round<ROUND>(xp, x, base, N * BLOCK, end);
-      #pragma unroll
-      for (int r = 0; r < ROUND; ++r) {
-        if (base + N * BLOCK * r < end) {
-          #pragma unroll
-          for (int j = 0; j < N; ++j) {
-            const float v = static_cast<float>(xp[r].v[j]);
-            s += v * v;
-          }
-        }
-      }
-    }
-  } else {
-""" + ck._SUM_OF_SQUARES_SOURCE[ck._SUM_OF_SQUARES_SOURCE.index("  #pragma unroll 4"): ck._SUM_OF_SQUARES_SOURCE.index("  __shared__")] + """  }
-""" + ck._SUM_OF_SQUARES_SOURCE[ck._SUM_OF_SQUARES_SOURCE.index("  __shared__"):]
-
-
-def rounds(source: str, packs: int) -> str:
-    """A variant's source with ROUND packs a thread a round."""
-    return f"  constexpr int ROUND = {packs};\n" + source
+ROUNDS = (1, 2, 4, 8)  # packs a thread loads before it stores
 
 
 @contextlib.contextmanager
-def kernel_sources(**sources: str):
-    """`cuda_kernels`' module-level kernel sources replaced while inside, and its header by
-    `loss_kernel.HEADER` (its own plus `load_round`): the kernels compile from whatever is there
-    when first called (each source its own module)."""
-    originals = {name: getattr(ck, name) for name in ("_HEADER", *sources)}
-    for name, value in {"_HEADER": HEADER, **sources}.items():
-        setattr(ck, name, value)
+def round_of(name: str, packs: int):
+    """`cuda_kernels`' constant `name` (a kernel's ROUND template argument) set to `packs` while inside."""
+    original = getattr(ck, name)
+    setattr(ck, name, packs)
     try:
         yield
     finally:
-        for name, value in originals.items():
-            setattr(ck, name, value)
+        setattr(ck, name, original)
 
 
-def nesterov(grads, velocities, momentum, scale, dtype, source: str):
-    """`cuda_kernels.nesterov_momentum` with another kernel body."""
-    with kernel_sources(_NESTEROV_SOURCE=source):
+def nesterov(grads, velocities, momentum, scale, dtype, packs: int):
+    """`cuda_kernels.nesterov_momentum` at ROUND = packs."""
+    with round_of("NESTEROV_ROUND", packs):
         return ck.nesterov_momentum(grads, velocities, momentum, scale, dtype)
 
 
-def sum_of_squares(arrays, source: str):
-    """`cuda_kernels.sum_of_squares` with another kernel body."""
-    with kernel_sources(_SUM_OF_SQUARES_SOURCE=source):
+def sum_of_squares(arrays, packs: int):
+    """`cuda_kernels.sum_of_squares` at ROUND = packs."""
+    with round_of("SUM_OF_SQUARES_ROUND", packs):
         return ck.sum_of_squares(arrays)
 
 
-def orthogonal_step(params, stack, lr, source: str | None):
-    """Each params[k] − lr·stack[k]: one kernel over the group (`source`), or MLX's ops per matrix (None)."""
+def orthogonal_step(params, stack, lr, packs: int | None):
+    """Each params[k] − lr·stack[k]: one kernel over the group in rounds of `packs`, or MLX's ops per matrix (None)."""
     n = len(params)
-    if source is None:
+    if packs is None:
         return [p - lr * x.squeeze(0).astype(p.dtype) for p, x in zip(params, mx.split(stack, n))]
     chunk, threads = ck.NESTEROV_CHUNK, ck.NESTEROV_THREADS
     blocks_per = -(-params[0].size // chunk)
@@ -161,15 +93,11 @@ def orthogonal_step(params, stack, lr, source: str | None):
     tables = (f"  constexpr size_t SIZE = {params[0].size};\n  constexpr int CHUNK = {chunk};\n"
               f"  constexpr int BLOCKS_PER_ARRAY = {blocks_per};\n"
               + ck._pointer_table("const TP", "PARAMS", p_names) + ck._pointer_table("TP", "NEW_PARAMS", o_names))
-    with kernel_sources():
-        kernel = ck._kernel("bench_orthogonal_step", (*p_names, "stack", "scalars"), o_names, tables + source)
+    kernel = ck._kernel("bench_orthogonal_step", (*p_names, "stack", "scalars"), o_names, tables + ORTHOGONAL_STEP)
     return list(kernel(inputs=[*params, stack, lr.astype(mx.float32).reshape(1)],
-                       template=[("TP", params[0].dtype), ("TU", stack.dtype), ("BLOCK", threads)],
+                       template=[("TP", params[0].dtype), ("TU", stack.dtype), ("BLOCK", threads), ("ROUND", packs)],
                        grid=(n * blocks_per * threads, 1, 1), threadgroup=(threads, 1, 1),
                        output_shapes=[params[0].shape] * n, output_dtypes=[params[0].dtype] * n))
-
-
-ROUNDS = (2, 4, 8)  # packs a thread loads before it stores
 
 
 def max_difference(a: list[mx.array], b: list[mx.array]) -> float:
@@ -207,31 +135,28 @@ def main(argv=None) -> dict:
         print(f"{name:32s} {out}", flush=True)
 
     all_grads = [g for _, gs, _, _, _ in data for g in gs]
-    row("sum_of_squares current", lambda: ck.sum_of_squares(all_grads), 2)
     for packs in ROUNDS:
-        row(f"sum_of_squares packed, {packs}", lambda: sum_of_squares(all_grads, rounds(SUM_OF_SQUARES_PACKED, packs)), 2,
-            reference=lambda: ck.sum_of_squares(all_grads), relative=True)
+        row(f"sum_of_squares, rounds of {packs}", lambda: sum_of_squares(all_grads, packs), 2,
+            reference=lambda: sum_of_squares(all_grads, 1), relative=True)
 
     def each_group(f):
         return lambda: [x for _, gs, vs, ps, st in data for x in f(gs, vs, ps, st)]
 
-    def nest(source):
+    def nest(packs):
         def one(gs, vs, ps, st):
-            velocities, stack = nesterov(gs, vs, m, scale, mx.bfloat16, source)
+            velocities, stack = nesterov(gs, vs, m, scale, mx.bfloat16, packs)
             return [*velocities, stack]
         return each_group(one)
 
-    row("nesterov current", nest(ck._NESTEROV_SOURCE), 12)
     for packs in ROUNDS:
-        row(f"nesterov rounds of {packs}", nest(rounds(NESTEROV_ROUNDS, packs)), 12, reference=nest(ck._NESTEROV_SOURCE))
+        row(f"nesterov, rounds of {packs}", nest(packs), 12, reference=nest(1))
 
-    def ortho(source):
-        return each_group(lambda gs, vs, ps, st: orthogonal_step(ps, st, lr, source))
+    def ortho(packs):
+        return each_group(lambda gs, vs, ps, st: orthogonal_step(ps, st, lr, packs))
 
     row("orthogonal step, MLX per matrix", ortho(None), 10)
-    row("orthogonal step, stream kernel", ortho(ORTHOGONAL_STEP_STREAM), 10, reference=ortho(None))
     for packs in ROUNDS:
-        row(f"orthogonal step, rounds of {packs}", ortho(rounds(ORTHOGONAL_STEP_ROUNDS, packs)), 10, reference=ortho(None))
+        row(f"orthogonal step, rounds of {packs}", ortho(packs), 10, reference=ortho(None))
     write_json(args.json, {"device": mx.device_info().get("device_name"), "results": res})
     return res
 

@@ -72,20 +72,6 @@ HELD = r"""
 """
 
 
-# The variants' header: `cuda_kernels`' own and one load of a round of packs.
-HEADER = ck._HEADER + """
-// The packs at p + base + r·stride (r < R) that lie below end, into out[r]: a thread's loads of a
-// round, issued together before it computes on any of them.
-template <int R, typename T, int N>
-__device__ __forceinline__ void load_round(Pack<T, N>* out, const T* p, size_t base, size_t stride, size_t end) {
-  #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const size_t i = base + r * stride;
-    if (i < end) out[r] = *reinterpret_cast<const Pack<T, N>*>(p + i);
-  }
-}
-"""
-
 # The current kernel's start (its ignored rows included), then its two passes in rounds.
 ROUNDS = ck._LOSS_SOURCE[: ck._LOSS_SOURCE.index("  float s = 0.0f;")] + r"""
   float s = 0.0f;
@@ -139,7 +125,7 @@ def rounds_kernel(block: int, packs: int):
     """The `rounds` variant: BLOCK threads a row, each loading `packs` packs before computing on them."""
     return launcher(mx.fast.cuda_kernel(name="xent_rounds", input_names=["z", "targets", "weights"], output_names=["losses", "dz"],
                                         source=f"  constexpr float CAP = {gpt.SOFTCAP!r}f;\n  constexpr int ROUND = {packs};\n" + ROUNDS,
-                                        header=HEADER), block, [])
+                                        header=ck._HEADER), block, [])
 
 
 def current_kernel(block: int):

@@ -102,6 +102,18 @@ __device__ __forceinline__ float block_reduce(float x, float* scratch) {
   __syncthreads();
   return x;
 }
+
+// The packs at p + base + r·stride (r < R) that lie below end, into out[r]: a thread's loads of a
+// round, issued together before it computes on or stores any of them. Streaming one pack at a time,
+// a thread's next load waits behind its last store (the compiler cannot prove the pointers apart).
+template <int R, typename T, int N>
+__device__ __forceinline__ void load_round(Pack<T, N>* out, const T* p, size_t base, size_t stride, size_t end) {
+  #pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const size_t i = base + r * stride;
+    if (i < end) out[r] = *reinterpret_cast<const Pack<T, N>*>(p + i);
+  }
+}
 """
 
 # Rows of logits z (R × V) against targets: per row the loss lse(c) − c[target] of the softcapped
@@ -324,7 +336,8 @@ _ROPE_NORM_VJP_SOURCE = """
 
 # Σ x² over many arrays in one launch (the gradient norm that clipping needs): each block sums one
 # CHUNK-element slice of one array, found from the block offsets baked into the source, and writes
-# its partial sum, so the total (a sum of the partials) comes out the same on every run.
+# its partial sum, so the total (a sum of the partials) comes out the same on every run. A thread
+# reads 16-byte packs, ROUND of them at a time, where its array is aligned and the slice whole packs.
 _SUM_OF_SQUARES_SOURCE = """
   const int b = blockIdx.x;
   int k = 0, hi = COUNT;  // the last array whose first block is ≤ b
@@ -336,10 +349,28 @@ _SUM_OF_SQUARES_SOURCE = """
   const size_t start = (size_t)(b - FIRST_BLOCK[k]) * CHUNK;
   const size_t end = start + CHUNK < SIZES[k] ? start + CHUNK : SIZES[k];
   float s = 0.0f;
-  #pragma unroll 4
-  for (size_t i = start + threadIdx.x; i < end; i += BLOCK) {
-    const float v = static_cast<float>(x[i]);
-    s += v * v;
+  constexpr int N = 16 / sizeof(T);
+  if (reinterpret_cast<size_t>(x) % 16 == 0 && (end - start) % N == 0) {
+    for (size_t base = start + N * threadIdx.x; base < end; base += N * BLOCK * ROUND) {
+      Pack<T, N> xp[ROUND];
+      load_round<ROUND>(xp, x, base, N * BLOCK, end);
+      #pragma unroll
+      for (int r = 0; r < ROUND; ++r) {
+        if (base + N * BLOCK * r < end) {
+          #pragma unroll
+          for (int j = 0; j < N; ++j) {
+            const float v = static_cast<float>(xp[r].v[j]);
+            s += v * v;
+          }
+        }
+      }
+    }
+  } else {
+    #pragma unroll 4
+    for (size_t i = start + threadIdx.x; i < end; i += BLOCK) {
+      const float v = static_cast<float>(x[i]);
+      s += v * v;
+    }
   }
   __shared__ float scratch[BLOCK / 32];
   s = block_reduce<BLOCK, false>(s, scratch);
@@ -347,7 +378,8 @@ _SUM_OF_SQUARES_SOURCE = """
 """
 
 # Muon's Nesterov momentum over a group of same-size matrices (`nesterov_momentum`): each block one
-# CHUNK of one matrix, 4 elements a thread; scalars = (momentum m, the gradients' clipping scale s).
+# CHUNK of one matrix, 4 elements a pack and ROUND packs a thread at a time; scalars = (momentum m,
+# the gradients' clipping scale s).
 _NESTEROV_SOURCE = """
   const int k = blockIdx.x / BLOCKS_PER_ARRAY;
   const size_t start = (size_t)(blockIdx.x % BLOCKS_PER_ARRAY) * CHUNK;
@@ -357,19 +389,27 @@ _NESTEROV_SOURCE = """
   float* v_out = NEW_VELOCITIES[k];
   TU* u = stack + (size_t)k * SIZE;
   const float m = scalars[0], s = scalars[1];
-  for (size_t i = start + 4 * threadIdx.x; i < end; i += 4 * BLOCK) {
-    const Pack<TG, 4> gp = *reinterpret_cast<const Pack<TG, 4>*>(g + i);
-    const Pack<float, 4> vp = *reinterpret_cast<const Pack<float, 4>*>(v + i);
-    Pack<float, 4> vn;
-    Pack<TU, 4> un;
+  for (size_t base = start + 4 * threadIdx.x; base < end; base += 4 * BLOCK * ROUND) {
+    Pack<TG, 4> gp[ROUND];
+    Pack<float, 4> vp[ROUND];
+    load_round<ROUND>(gp, g, base, 4 * BLOCK, end);
+    load_round<ROUND>(vp, v, base, 4 * BLOCK, end);
     #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float gj = static_cast<float>(gp.v[j]) * s;
-      vn.v[j] = m * vp.v[j] + (1.0f - m) * gj;
-      un.v[j] = static_cast<TU>(gj * (1.0f - m) + vn.v[j] * m);
+    for (int r = 0; r < ROUND; ++r) {
+      const size_t i = base + 4 * BLOCK * r;
+      if (i < end) {
+        Pack<float, 4> vn;
+        Pack<TU, 4> un;
+        #pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float gj = static_cast<float>(gp[r].v[j]) * s;
+          vn.v[j] = m * vp[r].v[j] + (1.0f - m) * gj;
+          un.v[j] = static_cast<TU>(gj * (1.0f - m) + vn.v[j] * m);
+        }
+        *reinterpret_cast<Pack<float, 4>*>(v_out + i) = vn;
+        *reinterpret_cast<Pack<TU, 4>*>(u + i) = un;
+      }
     }
-    *reinterpret_cast<Pack<float, 4>*>(v_out + i) = vn;
-    *reinterpret_cast<Pack<TU, 4>*>(u + i) = un;
   }
 """
 
@@ -511,6 +551,7 @@ def _pointer_table(ctype: str, table: str, names: tuple[str, ...]) -> str:
 SUM_OF_SQUARES_THREADS = 256
 SUM_OF_SQUARES_CHUNK = 1 << 16  # elements a block sums: 256 KB of fp32, a few µs of a GPU's bandwidth
 SUM_OF_SQUARES_MAX_ARRAYS = KERNEL_POINTERS  # a pointer each
+SUM_OF_SQUARES_ROUND = 4  # 16-byte packs a thread loads before it adds them up
 
 
 def sum_of_squares_fits(arrays: list[mx.array]) -> bool:
@@ -533,7 +574,8 @@ def sum_of_squares(arrays: list[mx.array]) -> mx.array:
               + _pointer_table("const T", "ARRAYS", names))
     kernel = _kernel("mlxchat_sum_of_squares", names, ("partials",), tables + _SUM_OF_SQUARES_SOURCE)
     (partials,) = kernel(
-        inputs=arrays, template=[("T", arrays[0].dtype), ("BLOCK", SUM_OF_SQUARES_THREADS)],
+        inputs=arrays,
+        template=[("T", arrays[0].dtype), ("BLOCK", SUM_OF_SQUARES_THREADS), ("ROUND", SUM_OF_SQUARES_ROUND)],
         grid=(blocks * SUM_OF_SQUARES_THREADS, 1, 1), threadgroup=(SUM_OF_SQUARES_THREADS, 1, 1),
         output_shapes=[(blocks,)], output_dtypes=[mx.float32])
     return partials.sum()
@@ -542,6 +584,7 @@ def sum_of_squares(arrays: list[mx.array]) -> mx.array:
 NESTEROV_THREADS = 256
 NESTEROV_CHUNK = 1 << 14  # elements a block updates: 16 per thread, 4 at a time
 NESTEROV_MAX_ARRAYS = 128  # three pointers each (gradient, velocity, new velocity): under KERNEL_POINTERS
+NESTEROV_ROUND = 4  # packs a thread loads before it stores any
 
 
 def nesterov_momentum_fits(grads: list[mx.array], velocities: list[mx.array]) -> bool:
@@ -572,7 +615,8 @@ def nesterov_momentum(grads: list[mx.array], velocities: list[mx.array], momentu
                      tables + _NESTEROV_SOURCE)
     scalars = mx.stack([momentum.astype(mx.float32), scale.astype(mx.float32)])
     outs = kernel(
-        inputs=[*grads, *velocities, scalars], template=[("TG", grads[0].dtype), ("TU", dtype), ("BLOCK", NESTEROV_THREADS)],
+        inputs=[*grads, *velocities, scalars],
+        template=[("TG", grads[0].dtype), ("TU", dtype), ("BLOCK", NESTEROV_THREADS), ("ROUND", NESTEROV_ROUND)],
         grid=(n * blocks_per * NESTEROV_THREADS, 1, 1), threadgroup=(NESTEROV_THREADS, 1, 1),
         output_shapes=[grads[0].shape] * n + [(n, *grads[0].shape)], output_dtypes=[mx.float32] * n + [dtype])
     return list(outs[:n]), outs[n]

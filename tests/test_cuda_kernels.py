@@ -164,10 +164,12 @@ def test_training_loss_and_gradients_equal_the_portable_kernels(monkeypatch, dty
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_sum_of_squares_equals_the_sum_over_arrays(dtype):
     """Arrays smaller than a block's chunk, one spanning several chunks with a partial last one,
-    and a model's worth of them (122 at d20): the one-launch sum against MLX's per-array sums."""
+    one whose data starts off a 16-byte boundary (a slice: read element by element), and a model's
+    worth of them (122 at d20): the one-launch sum against MLX's per-array sums."""
     chunk = cuda_kernels.SUM_OF_SQUARES_CHUNK
-    shapes = [(3,), (17, 5), (2 * chunk + 123,), (chunk,), *[(64, 48)] * 118]
+    shapes = [(3,), (17, 5), (2 * chunk + 123,), (chunk,), *[(64, 48)] * 117]
     arrays = [mx.random.normal(s, key=mx.random.key(i)).astype(dtype) for i, s in enumerate(shapes)]
+    arrays.append(mx.random.normal((chunk + 9,), key=mx.random.key(999)).astype(dtype)[1:])
     ours = cuda_kernels.sum_of_squares(arrays)
     ref = sum((a.astype(mx.float32) ** 2).sum() for a in arrays)
     assert ours.dtype == mx.float32 and ours.shape == ()
