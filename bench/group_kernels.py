@@ -31,11 +31,8 @@ from mlxchat import cuda_kernels as ck  # noqa: E402
 
 # Muon's parameter step p − lr·u over a group in one launch, blocks laid out as `nesterov_momentum`'s.
 ORTHOGONAL_STEP = """
-  const int k = blockIdx.x / BLOCKS_PER_ARRAY;
-  const size_t start = (size_t)(blockIdx.x % BLOCKS_PER_ARRAY) * CHUNK;
+  const size_t start = (size_t)(blockIdx.x - first) * CHUNK;
   const size_t end = start + CHUNK < SIZE ? start + CHUNK : SIZE;
-  const TP* p = PARAMS[k];
-  TP* p_out = NEW_PARAMS[k];
   const TU* u = stack + (size_t)k * SIZE;
   const float lr = scalars[0];
   for (size_t base = start + 4 * threadIdx.x; base < end; base += 4 * BLOCK * ROUND) {
@@ -90,10 +87,10 @@ def orthogonal_step(params, stack, lr, packs: int | None):
     chunk, threads = ck.NESTEROV_CHUNK, ck.NESTEROV_THREADS
     blocks_per = -(-params[0].size // chunk)
     p_names, o_names = tuple(f"p{i}" for i in range(n)), tuple(f"p_out{i}" for i in range(n))
-    tables = (f"  constexpr size_t SIZE = {params[0].size};\n  constexpr int CHUNK = {chunk};\n"
-              f"  constexpr int BLOCKS_PER_ARRAY = {blocks_per};\n"
-              + ck._pointer_table("const TP", "PARAMS", p_names) + ck._pointer_table("TP", "NEW_PARAMS", o_names))
-    kernel = ck._kernel("bench_orthogonal_step", (*p_names, "stack", "scalars"), o_names, tables + ORTHOGONAL_STEP)
+    owner = ck._block_owner([k * blocks_per for k in range(n)], "const TP* p; TP* p_out; unsigned int first; int k;",
+                            lambda k: f"p = {p_names[k]}; p_out = {o_names[k]}; first = {k * blocks_per}u; k = {k};")
+    kernel = ck._kernel("bench_orthogonal_step", (*p_names, "stack", "scalars"), o_names,
+                        f"  constexpr size_t SIZE = {params[0].size};\n  constexpr int CHUNK = {chunk};\n" + owner + ORTHOGONAL_STEP)
     return list(kernel(inputs=[*params, stack, lr.astype(mx.float32).reshape(1)],
                        template=[("TP", params[0].dtype), ("TU", stack.dtype), ("BLOCK", threads), ("ROUND", packs)],
                        grid=(n * blocks_per * threads, 1, 1), threadgroup=(threads, 1, 1),

@@ -335,19 +335,12 @@ _ROPE_NORM_VJP_SOURCE = """
 """
 
 # Σ x² over many arrays in one launch (the gradient norm that clipping needs): each block sums one
-# CHUNK-element slice of one array, found from the block offsets baked into the source, and writes
+# CHUNK-element slice of one array x (`_block_owner` sets x, its first block and its size) and writes
 # its partial sum, so the total (a sum of the partials) comes out the same on every run. A thread
 # reads 16-byte packs, ROUND of them at a time, where its array is aligned and the slice whole packs.
 _SUM_OF_SQUARES_SOURCE = """
-  const int b = blockIdx.x;
-  int k = 0, hi = COUNT;  // the last array whose first block is ≤ b
-  while (hi - k > 1) {
-    const int mid = (k + hi) / 2;
-    if (FIRST_BLOCK[mid] <= b) k = mid; else hi = mid;
-  }
-  const T* x = ARRAYS[k];
-  const size_t start = (size_t)(b - FIRST_BLOCK[k]) * CHUNK;
-  const size_t end = start + CHUNK < SIZES[k] ? start + CHUNK : SIZES[k];
+  const size_t start = (size_t)(blockIdx.x - first) * CHUNK;
+  const size_t end = start + CHUNK < size ? start + CHUNK : size;
   float s = 0.0f;
   constexpr int N = 16 / sizeof(T);
   if (reinterpret_cast<size_t>(x) % 16 == 0 && (end - start) % N == 0) {
@@ -374,19 +367,16 @@ _SUM_OF_SQUARES_SOURCE = """
   }
   __shared__ float scratch[BLOCK / 32];
   s = block_reduce<BLOCK, false>(s, scratch);
-  if (threadIdx.x == 0) partials[b] = s;
+  if (threadIdx.x == 0) partials[blockIdx.x] = s;
 """
 
 # Muon's Nesterov momentum over a group of same-size matrices (`nesterov_momentum`): each block one
-# CHUNK of one matrix, 4 elements a pack and ROUND packs a thread at a time; scalars = (momentum m,
-# the gradients' clipping scale s).
+# CHUNK of one matrix k (`_block_owner` sets k, its gradient g, velocity v and new velocity v_out and
+# its first block), 4 elements a pack and ROUND packs a thread at a time; scalars = (momentum m, the
+# gradients' clipping scale s).
 _NESTEROV_SOURCE = """
-  const int k = blockIdx.x / BLOCKS_PER_ARRAY;
-  const size_t start = (size_t)(blockIdx.x % BLOCKS_PER_ARRAY) * CHUNK;
+  const size_t start = (size_t)(blockIdx.x - first) * CHUNK;
   const size_t end = start + CHUNK < SIZE ? start + CHUNK : SIZE;
-  const TG* g = GRADS[k];
-  const float* v = VELOCITIES[k];
-  float* v_out = NEW_VELOCITIES[k];
   TU* u = stack + (size_t)k * SIZE;
   const float m = scalars[0], s = scalars[1];
   for (size_t base = start + 4 * threadIdx.x; base < end; base += 4 * BLOCK * ROUND) {
@@ -542,10 +532,21 @@ def softcap_cross_entropy(z: mx.array, targets: mx.array, weights: mx.array, cap
 KERNEL_POINTERS = 400
 
 
-def _pointer_table(ctype: str, table: str, names: tuple[str, ...]) -> str:
-    """A kernel-source line gathering array parameters into an indexable table, so one launch can
-    serve many arrays (a block finds its array by index)."""
-    return f"  {ctype}* {table}[{len(names)}] = {{{', '.join(names)}}};\n"
+def _block_owner(first_blocks: list[int], declarations: str, leaf) -> str:
+    """Kernel source that finds which of several arrays a block works on, from the first block of
+    each (ascending): a binary tree of comparisons of blockIdx.x whose leaf i is `leaf(i)`, a few
+    statements setting the declared variables (that array's pointers, first block, size).
+    Why not a table of the pointers indexed by the array's number: a local array indexed at run time
+    lives in each thread's stack, so every thread stores the whole table before its first load (2.4 KB
+    a thread for d20's 122 gradients, more bytes than its share of the data)."""
+    def tree(lo: int, hi: int, indent: str) -> str:
+        if hi - lo == 1:
+            return f"{indent}{leaf(lo)}\n"
+        mid = (lo + hi) // 2
+        return (f"{indent}if (blockIdx.x < {first_blocks[mid]}u) {{\n" + tree(lo, mid, indent + "  ")
+                + f"{indent}}} else {{\n" + tree(mid, hi, indent + "  ") + f"{indent}}}\n")
+
+    return f"  {declarations}\n" + tree(0, len(first_blocks), "  ")
 
 
 SUM_OF_SQUARES_THREADS = 256
@@ -568,11 +569,10 @@ def sum_of_squares(arrays: list[mx.array]) -> mx.array:
         first.append(blocks)
         blocks += -(-n // chunk)
     names = tuple(f"x{i}" for i in range(len(arrays)))
-    tables = (f"  constexpr int COUNT = {len(arrays)};\n  constexpr int CHUNK = {chunk};\n"
-              f"  const int FIRST_BLOCK[COUNT] = {{{', '.join(map(str, first))}}};\n"
-              f"  const size_t SIZES[COUNT] = {{{', '.join(map(str, sizes))}}};\n"
-              + _pointer_table("const T", "ARRAYS", names))
-    kernel = _kernel("mlxchat_sum_of_squares", names, ("partials",), tables + _SUM_OF_SQUARES_SOURCE)
+    owner = _block_owner(first, "const T* x; unsigned int first; size_t size;",
+                         lambda i: f"x = {names[i]}; first = {first[i]}u; size = {sizes[i]};")
+    kernel = _kernel("mlxchat_sum_of_squares", names, ("partials",),
+                     f"  constexpr int CHUNK = {chunk};\n" + owner + _SUM_OF_SQUARES_SOURCE)
     (partials,) = kernel(
         inputs=arrays,
         template=[("T", arrays[0].dtype), ("BLOCK", SUM_OF_SQUARES_THREADS), ("ROUND", SUM_OF_SQUARES_ROUND)],
@@ -607,12 +607,10 @@ def nesterov_momentum(grads: list[mx.array], velocities: list[mx.array], momentu
     g_names = tuple(f"g{i}" for i in range(n))
     v_names = tuple(f"v{i}" for i in range(n))
     o_names = tuple(f"v_out{i}" for i in range(n))
-    tables = (f"  constexpr size_t SIZE = {size};\n  constexpr int CHUNK = {NESTEROV_CHUNK};\n"
-              f"  constexpr int BLOCKS_PER_ARRAY = {blocks_per};\n"
-              + _pointer_table("const TG", "GRADS", g_names) + _pointer_table("const float", "VELOCITIES", v_names)
-              + _pointer_table("float", "NEW_VELOCITIES", o_names))
+    owner = _block_owner([k * blocks_per for k in range(n)], "const TG* g; const float* v; float* v_out; unsigned int first; int k;",
+                         lambda k: f"g = {g_names[k]}; v = {v_names[k]}; v_out = {o_names[k]}; first = {k * blocks_per}u; k = {k};")
     kernel = _kernel("mlxchat_nesterov_momentum", (*g_names, *v_names, "scalars"), (*o_names, "stack"),
-                     tables + _NESTEROV_SOURCE)
+                     f"  constexpr size_t SIZE = {size};\n  constexpr int CHUNK = {NESTEROV_CHUNK};\n" + owner + _NESTEROV_SOURCE)
     scalars = mx.stack([momentum.astype(mx.float32), scale.astype(mx.float32)])
     outs = kernel(
         inputs=[*grads, *velocities, scalars],
