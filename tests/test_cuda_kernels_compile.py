@@ -144,3 +144,23 @@ def test_the_kernel_variants_in_bench_compile_and_fit_their_blocks(monkeypatch, 
         cuda_kernels._kernel.cache_clear()
     assert len(Recorder.launches) == 8
     assert_recorded_kernels_compile_and_fit(tmp_path)
+
+
+@pytest.mark.parametrize("first_blocks", [[0], [0, 3], [0, 3, 4, 9, 10, 20, 21]])
+def test_block_owner_tree_finds_each_blocks_array(tmp_path, first_blocks):
+    """`cuda_kernels._block_owner`'s comparison tree, compiled for the host with blockIdx.x stubbed:
+    every block lands on the last array whose first block is ≤ it."""
+    import bisect
+
+    total = first_blocks[-1] + 5
+    tree = cuda_kernels._block_owner(first_blocks, "int k; unsigned int first;", lambda i: f"k = {i}; first = {first_blocks[i]}u;")
+    path = tmp_path / "owner.cpp"
+    path.write_text("#include <cstdio>\nstruct { unsigned int x; } blockIdx;\nint main() {\n"
+                    f"  for (blockIdx.x = 0; blockIdx.x < {total}u; ++blockIdx.x) {{\n{tree}"
+                    '  std::printf("%d %u\\n", k, first);\n  }\n}\n')
+    built = subprocess.run([NVCC, "-x", "c++", "-o", str(tmp_path / "owner"), str(path)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    out = subprocess.run([str(tmp_path / "owner")], capture_output=True, text=True, check=True).stdout.split("\n")
+    for b in range(total):
+        k = bisect.bisect_right(first_blocks, b) - 1
+        assert out[b] == f"{k} {first_blocks[k]}", f"block {b}"
