@@ -3,15 +3,15 @@
     python bench/group_kernels.py --json results/gpu_group_kernels.json     # MLX's CUDA backend only
 
 Why: in the thirteenth session's d20 profile (H100) these kernels moved their bytes at a fraction of
-HBM's ~3.3 TB/s: `sum_of_squares` over the bf16 gradients 1.92 ms for 1.12 GB (0.6 TB/s, a 2-byte
-load per element), `nesterov_momentum` 3.94 ms for 4.7 GB (1.2 TB/s), and a one-launch Muon parameter
-step 2.89 ms for 3.9 GB (1.4 TB/s, slower than MLX's 120 per-matrix kernels at 2.29 ms, so it was
-reverted). Their loops stored through pointers the compiler cannot prove apart from the next
-iteration's loads, so each thread waited out one load's latency per pack. `cuda_kernels` now loads
-ROUND packs (16-byte packs for the norm) before it computes on or stores any (`load_round`); this
-measures its ROUND constants' values (ROUND 1 is the streaming loop) and the parameter step in rounds.
-Shapes are d20's Muon groups (80 of 1280×1280, 20 of 1280×5120, 20 of 5120×1280). Outputs are
-compared with ROUND 1's (the norm: relative difference, another summation order); nothing asserts.
+HBM's ~3.3 TB/s: `sum_of_squares` over the bf16 gradients 1.92 ms for 1.12 GB (0.6 TB/s), `nesterov_momentum`
+3.94 ms for 4.7 GB (1.2 TB/s), and a one-launch Muon parameter step 2.89 ms for 3.9 GB (1.4 TB/s, slower
+than MLX's 120 per-matrix kernels at 2.29 ms, so it was reverted). Loading ROUND packs (16-byte packs for
+the norm) before storing any did not help (fourteenth session: ROUND 1 was as fast as any). What ptxas
+showed instead: each kernel built its array-pointer table in every thread's stack (2.4 KB a thread), now
+replaced by `cuda_kernels._block_owner`'s tree of comparisons; this measures ROUND again with that fix,
+and the parameter step with it. Shapes are d20's Muon groups (80 of 1280×1280, 20 of 1280×5120, 20 of
+5120×1280). Outputs are compared with ROUND 1's (the norm: relative difference, another summation
+order) or MLX's ops; nothing asserts. Times are the wall time of one `mx.eval` (host work included).
 """
 
 from __future__ import annotations

@@ -104,8 +104,8 @@ __device__ __forceinline__ float block_reduce(float x, float* scratch) {
 }
 
 // The packs at p + base + r·stride (r < R) that lie below end, into out[r]: a thread's loads of a
-// round, issued together before it computes on or stores any of them. Streaming one pack at a time,
-// a thread's next load waits behind its last store (the compiler cannot prove the pointers apart).
+// round, issued together before it computes on or stores any of them (the compiler cannot move a load
+// above a store through another pointer). R is a tuning constant; R = 1 streams.
 template <int R, typename T, int N>
 __device__ __forceinline__ void load_round(Pack<T, N>* out, const T* p, size_t base, size_t stride, size_t end) {
   #pragma unroll
@@ -552,7 +552,9 @@ def _block_owner(first_blocks: list[int], declarations: str, leaf) -> str:
 SUM_OF_SQUARES_THREADS = 256
 SUM_OF_SQUARES_CHUNK = 1 << 16  # elements a block sums: 256 KB of fp32, a few µs of a GPU's bandwidth
 SUM_OF_SQUARES_MAX_ARRAYS = KERNEL_POINTERS  # a pointer each
-SUM_OF_SQUARES_ROUND = 4  # 16-byte packs a thread loads before it adds them up
+# 16-byte packs a thread loads before it adds them up: 1, 2, 4 and 8 took 1.85 / 1.90 / 1.99 / 1.92 ms over d20's
+# gradients on an H100, pointer tables still in the stack (bench/group_kernels.py; 2-byte loads 2.41 ms)
+SUM_OF_SQUARES_ROUND = 1
 
 
 def sum_of_squares_fits(arrays: list[mx.array]) -> bool:
@@ -584,7 +586,9 @@ def sum_of_squares(arrays: list[mx.array]) -> mx.array:
 NESTEROV_THREADS = 256
 NESTEROV_CHUNK = 1 << 14  # elements a block updates: 16 per thread, 4 at a time
 NESTEROV_MAX_ARRAYS = 128  # three pointers each (gradient, velocity, new velocity): under KERNEL_POINTERS
-NESTEROV_ROUND = 4  # packs a thread loads before it stores any
+# packs a thread loads before it stores any: 1, 2, 4 and 8 took 4.73 / 5.03 / 4.77 / 5.35 ms for d20's groups
+# on an H100, pointer tables still in the stack (bench/group_kernels.py)
+NESTEROV_ROUND = 1
 
 
 def nesterov_momentum_fits(grads: list[mx.array], velocities: list[mx.array]) -> bool:
