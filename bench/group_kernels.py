@@ -29,7 +29,7 @@ from loss_kernel import cuda_bench_args, median_ms  # noqa: E402
 
 from mlxchat import cuda_kernels as ck  # noqa: E402
 
-# Muon's parameter step p − lr·u over a group in one launch, blocks laid out as `nesterov_momentum`'s.
+# Muon's parameter step p − lr·u over a group in one launch, after `cuda_kernels.matrix_group_start`.
 ORTHOGONAL_STEP = """
   const size_t start = (size_t)(blockIdx.x - first) * CHUNK;
   const size_t end = start + CHUNK < SIZE ? start + CHUNK : SIZE;
@@ -84,16 +84,13 @@ def orthogonal_step(params, stack, lr, packs: int | None):
     n = len(params)
     if packs is None:
         return [p - lr * x.squeeze(0).astype(p.dtype) for p, x in zip(params, mx.split(stack, n))]
-    chunk, threads = ck.NESTEROV_CHUNK, ck.NESTEROV_THREADS
-    blocks_per = -(-params[0].size // chunk)
+    threads = ck.NESTEROV_THREADS
     p_names, o_names = tuple(f"p{i}" for i in range(n)), tuple(f"p_out{i}" for i in range(n))
-    owner = ck._block_owner([k * blocks_per for k in range(n)], "const TP* p; TP* p_out; unsigned int first; int k;",
-                            lambda k: f"p = {p_names[k]}; p_out = {o_names[k]}; first = {k * blocks_per}u; k = {k};")
-    kernel = ck._kernel("bench_orthogonal_step", (*p_names, "stack", "scalars"), o_names,
-                        f"  constexpr size_t SIZE = {params[0].size};\n  constexpr int CHUNK = {chunk};\n" + owner + ORTHOGONAL_STEP)
+    start, blocks = ck.matrix_group_start(n, params[0].size, "const TP* p; TP* p_out;", lambda k: f"p = {p_names[k]}; p_out = {o_names[k]};")
+    kernel = ck._kernel("bench_orthogonal_step", (*p_names, "stack", "scalars"), o_names, start + ORTHOGONAL_STEP)
     return list(kernel(inputs=[*params, stack, lr.astype(mx.float32).reshape(1)],
                        template=[("TP", params[0].dtype), ("TU", stack.dtype), ("BLOCK", threads), ("ROUND", packs)],
-                       grid=(n * blocks_per * threads, 1, 1), threadgroup=(threads, 1, 1),
+                       grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1),
                        output_shapes=[params[0].shape] * n, output_dtypes=[params[0].dtype] * n))
 
 

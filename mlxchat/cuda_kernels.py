@@ -591,6 +591,16 @@ NESTEROV_MAX_ARRAYS = 128  # three pointers each (gradient, velocity, new veloci
 NESTEROV_ROUND = 1
 
 
+def matrix_group_start(n: int, size: int, pointers: str, leaf) -> tuple[str, int]:
+    """The start of a kernel over a group of n same-size matrices, one NESTEROV_CHUNK of one matrix a
+    block (Muon's per-group kernels): the constants SIZE and CHUNK, and the block's matrix k, its first
+    block and `pointers` (declarations that leaf(k) sets); with the number of blocks the group needs."""
+    blocks_per = -(-size // NESTEROV_CHUNK)
+    owner = _block_owner([k * blocks_per for k in range(n)], f"{pointers} unsigned int first; int k;",
+                         lambda k: f"{leaf(k)} first = {k * blocks_per}u; k = {k};")
+    return f"  constexpr size_t SIZE = {size};\n  constexpr int CHUNK = {NESTEROV_CHUNK};\n" + owner, n * blocks_per
+
+
 def nesterov_momentum_fits(grads: list[mx.array], velocities: list[mx.array]) -> bool:
     """Whether `nesterov_momentum` takes this group: 1 to NESTEROV_MAX_ARRAYS gradients of one float
     type and one shape, whose size is a multiple of 4, with fp32 velocities of that shape."""
@@ -606,20 +616,18 @@ def nesterov_momentum(grads: list[mx.array], velocities: list[mx.array], momentu
     """Muon's momentum over a group of same-shape matrices in one kernel: with g = scale·grad,
     v ← m·v + (1−m)·g (fp32) and the update g·(1−m) + v·m, written in `dtype` straight into one
     (n × rows × cols) stack for the batched Newton–Schulz. Returns (new velocities, stack)."""
-    n, size = len(grads), grads[0].size
-    blocks_per = -(-size // NESTEROV_CHUNK)
+    n = len(grads)
     g_names = tuple(f"g{i}" for i in range(n))
     v_names = tuple(f"v{i}" for i in range(n))
     o_names = tuple(f"v_out{i}" for i in range(n))
-    owner = _block_owner([k * blocks_per for k in range(n)], "const TG* g; const float* v; float* v_out; unsigned int first; int k;",
-                         lambda k: f"g = {g_names[k]}; v = {v_names[k]}; v_out = {o_names[k]}; first = {k * blocks_per}u; k = {k};")
-    kernel = _kernel("mlxchat_nesterov_momentum", (*g_names, *v_names, "scalars"), (*o_names, "stack"),
-                     f"  constexpr size_t SIZE = {size};\n  constexpr int CHUNK = {NESTEROV_CHUNK};\n" + owner + _NESTEROV_SOURCE)
+    start, blocks = matrix_group_start(n, grads[0].size, "const TG* g; const float* v; float* v_out;",
+                                       lambda k: f"g = {g_names[k]}; v = {v_names[k]}; v_out = {o_names[k]};")
+    kernel = _kernel("mlxchat_nesterov_momentum", (*g_names, *v_names, "scalars"), (*o_names, "stack"), start + _NESTEROV_SOURCE)
     scalars = mx.stack([momentum.astype(mx.float32), scale.astype(mx.float32)])
     outs = kernel(
         inputs=[*grads, *velocities, scalars],
         template=[("TG", grads[0].dtype), ("TU", dtype), ("BLOCK", NESTEROV_THREADS), ("ROUND", NESTEROV_ROUND)],
-        grid=(n * blocks_per * NESTEROV_THREADS, 1, 1), threadgroup=(NESTEROV_THREADS, 1, 1),
+        grid=(blocks * NESTEROV_THREADS, 1, 1), threadgroup=(NESTEROV_THREADS, 1, 1),
         output_shapes=[grads[0].shape] * n + [(n, *grads[0].shape)], output_dtypes=[mx.float32] * n + [dtype])
     return list(outs[:n]), outs[n]
 
