@@ -371,9 +371,9 @@ _SUM_OF_SQUARES_SOURCE = """
 """
 
 # Muon's Nesterov momentum over a group of same-size matrices (`nesterov_momentum`): each block one
-# CHUNK of one matrix k (`_block_owner` sets k, its gradient g, velocity v and new velocity v_out and
-# its first block), 4 elements a pack and ROUND packs a thread at a time; scalars = (momentum m, the
-# gradients' clipping scale s).
+# CHUNK of one matrix k (`matrix_group_start` sets k, its gradient g, velocity v and new velocity
+# v_out and its first block), 4 elements a pack and ROUND packs a thread at a time; scalars =
+# (momentum m, the gradients' clipping scale s).
 _NESTEROV_SOURCE = """
   const size_t start = (size_t)(blockIdx.x - first) * CHUNK;
   const size_t end = start + CHUNK < SIZE ? start + CHUNK : SIZE;
