@@ -403,6 +403,24 @@ _NESTEROV_SOURCE = """
   }
 """
 
+# Muon's parameter step over the same group (`orthogonal_step`): p ← p − lr·u for each matrix p and
+# its slice u of the Newton–Schulz stack, in fp32 arithmetic; the same blocks as the momentum pass.
+_ORTHOGONAL_STEP_SOURCE = """
+  const size_t start = (size_t)(blockIdx.x - first) * CHUNK;
+  const size_t end = start + CHUNK < SIZE ? start + CHUNK : SIZE;
+  const TU* u = stack + (size_t)k * SIZE;
+  const float lr = scalars[0];
+  for (size_t i = start + 4 * threadIdx.x; i < end; i += 4 * BLOCK) {
+    const Pack<TP, 4> pp = *reinterpret_cast<const Pack<TP, 4>*>(p + i);
+    const Pack<TU, 4> up = *reinterpret_cast<const Pack<TU, 4>*>(u + i);
+    Pack<TP, 4> out;
+    #pragma unroll
+    for (int j = 0; j < 4; ++j) out.v[j] = static_cast<TP>(static_cast<float>(pp.v[j]) - lr * static_cast<float>(up.v[j]));
+    *reinterpret_cast<Pack<TP, 4>*>(p_out + i) = out;
+  }
+"""
+
+
 # One query per row and head against the first `length[0]` keys of a whole cache buffer, one block
 # per (row, head): scores into shared memory (a thread a key), their softmax, then the weighted sum
 # of values (a thread a 16-byte pack of a value row, the rows split over BLOCK / (D / N) groups).
@@ -630,6 +648,31 @@ def nesterov_momentum(grads: list[mx.array], velocities: list[mx.array], momentu
         grid=(blocks * NESTEROV_THREADS, 1, 1), threadgroup=(NESTEROV_THREADS, 1, 1),
         output_shapes=[grads[0].shape] * n + [(n, *grads[0].shape)], output_dtypes=[mx.float32] * n + [dtype])
     return list(outs[:n]), outs[n]
+
+
+def orthogonal_step_fits(params: list[mx.array], stack: mx.array) -> bool:
+    """Whether `orthogonal_step` takes this group: 1 to NESTEROV_MAX_ARRAYS float matrices of one type
+    and one shape, whose size is a multiple of 4, and their (n × rows × cols) float stack."""
+    if not 0 < len(params) <= NESTEROV_MAX_ARRAYS:
+        return False
+    shape, dtype = params[0].shape, params[0].dtype
+    return (dtype in FLOAT_TYPES and params[0].size % 4 == 0 and all(p.shape == shape and p.dtype == dtype for p in params)
+            and stack.shape == (len(params), *shape) and stack.dtype in FLOAT_TYPES)
+
+
+def orthogonal_step(params: list[mx.array], stack: mx.array, lr: mx.array) -> list[mx.array]:
+    """Muon's step over a group of same-shape matrices in one kernel: params[k] − lr·stack[k], in
+    fp32 arithmetic and the parameters' dtype, where MLX runs one kernel per matrix (120 a d20 step)."""
+    n = len(params)
+    p_names, o_names = tuple(f"p{i}" for i in range(n)), tuple(f"p_out{i}" for i in range(n))
+    start, blocks = matrix_group_start(n, params[0].size, "const TP* p; TP* p_out;",
+                                       lambda k: f"p = {p_names[k]}; p_out = {o_names[k]};")
+    kernel = _kernel("mlxchat_orthogonal_step", (*p_names, "stack", "scalars"), o_names, start + _ORTHOGONAL_STEP_SOURCE)
+    return list(kernel(
+        inputs=[*params, stack, lr.astype(mx.float32).reshape(1)],
+        template=[("TP", params[0].dtype), ("TU", stack.dtype), ("BLOCK", NESTEROV_THREADS)],
+        grid=(blocks * NESTEROV_THREADS, 1, 1), threadgroup=(NESTEROV_THREADS, 1, 1),
+        output_shapes=[params[0].shape] * n, output_dtypes=[params[0].dtype] * n))
 
 
 def decode_attention(q: mx.array, keys: mx.array, values: mx.array, length: mx.array, scale: float) -> mx.array:

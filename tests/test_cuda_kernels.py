@@ -210,6 +210,34 @@ def test_nesterov_momentum_kernel_equals_muons_arithmetic(dtype):
         np.testing.assert_allclose(np.array(stack[i].astype(mx.float32)), np.array(u), rtol=2**-8, atol=1e-6)  # bf16 rounding
 
 
+@needs_cuda
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_orthogonal_step_kernel_equals_muons_arithmetic(dtype):
+    """A group of parameters spanning several blocks with a partial last one, minus lr times their
+    slices of a bf16 stack, against the same arithmetic in MLX ops."""
+    shape, n = (96, cuda_kernels.NESTEROV_CHUNK // 64 + 4), 5
+    params = [mx.random.normal(shape, key=mx.random.key(i)).astype(dtype) for i in range(n)]
+    stack = mx.random.normal((n, *shape), key=mx.random.key(20)).astype(mx.bfloat16)
+    lr = mx.array(0.02) * 1.5
+    assert cuda_kernels.orthogonal_step_fits(params, stack)
+    new = cuda_kernels.orthogonal_step(params, stack, lr)
+    for p, x, q in zip(params, stack, new):
+        assert q.shape == shape and q.dtype == dtype
+        want = p.astype(mx.float32) - lr * x.astype(mx.float32)
+        np.testing.assert_allclose(np.array(q.astype(mx.float32)), np.array(want), rtol=2**-8 if dtype == mx.bfloat16 else 1e-6, atol=1e-6)
+
+
+def test_orthogonal_step_fits_one_dtype_and_shape():
+    p, x = mx.zeros((4, 8)), mx.zeros((2, 4, 8), mx.bfloat16)
+    assert cuda_kernels.orthogonal_step_fits([p, p], x)
+    assert not cuda_kernels.orthogonal_step_fits([p, p.astype(mx.bfloat16)], x)  # one dtype
+    assert not cuda_kernels.orthogonal_step_fits([p, mx.zeros((8, 4))], x)  # one shape
+    assert not cuda_kernels.orthogonal_step_fits([p], x)  # one slice of the stack each
+    assert not cuda_kernels.orthogonal_step_fits([mx.zeros((3, 5))], mx.zeros((1, 3, 5)))  # 4 a thread
+    assert not cuda_kernels.orthogonal_step_fits([p, p], x.astype(mx.int32))
+    assert not cuda_kernels.orthogonal_step_fits([], x)
+
+
 def test_nesterov_momentum_fits_one_dtype_and_shape():
     g, v = mx.zeros((4, 8), mx.bfloat16), mx.zeros((4, 8))
     assert cuda_kernels.nesterov_momentum_fits([g, g], [v, v])

@@ -111,9 +111,10 @@ def test_every_kernel_compiles_for_sm90_and_fits_its_block(monkeypatch, tmp_path
             cuda_kernels.sum_of_squares([mx.zeros((3, 5), dtype), mx.zeros((70000,), dtype)])
             matrices = [mx.zeros((1280, 5120), dtype)] * 20
             cuda_kernels.nesterov_momentum(matrices, [mx.zeros((1280, 5120))] * 20, mx.array(0.9), mx.array(1.0), mx.bfloat16)
+            cuda_kernels.orthogonal_step([mx.zeros((1280, 5120))] * 20, mx.zeros((20, 1280, 5120), dtype), mx.array(0.02))
     finally:
         cuda_kernels._kernel.cache_clear()
-    assert len(Recorder.launches) == 18
+    assert len(Recorder.launches) == 20
     assert_recorded_kernels_compile_and_fit(tmp_path)
 
 
