@@ -8,8 +8,9 @@ HBM's ~3.3 TB/s: `sum_of_squares` over the bf16 gradients 1.92 ms for 1.12 GB (0
 than MLX's 120 per-matrix kernels at 2.29 ms, so it was reverted). Loading ROUND packs (16-byte packs for
 the norm) before storing any did not help (fourteenth session: ROUND 1 was as fast as any). What ptxas
 showed instead: each kernel built its array-pointer table in every thread's stack (2.4 KB a thread), now
-replaced by `cuda_kernels._block_owner`'s tree of comparisons; this measures ROUND again with that fix,
-and the parameter step with it. Shapes are d20's Muon groups (80 of 1280×1280, 20 of 1280×5120, 20 of
+replaced by `cuda_kernels._block_owner`'s tree of comparisons. With the tree (fifteenth session, H100):
+`sum_of_squares` 0.78 ms, `nesterov_momentum` 2.81 ms, the parameter step 2.66 ms against MLX's 5.03, which
+brought it back as `cuda_kernels.orthogonal_step`. Shapes are d20's Muon groups (80 of 1280×1280, 20 of 1280×5120, 20 of
 5120×1280). Outputs are compared with ROUND 1's (the norm: relative difference, another summation
 order) or MLX's ops; nothing asserts. Times are the wall time of one `mx.eval` (host work included).
 """
@@ -28,30 +29,6 @@ from benchjson import write_json  # noqa: E402
 from loss_kernel import cuda_bench_args, median_ms  # noqa: E402
 
 from mlxchat import cuda_kernels as ck  # noqa: E402
-
-# Muon's parameter step p − lr·u over a group in one launch, after `cuda_kernels.matrix_group_start`.
-ORTHOGONAL_STEP = """
-  const size_t start = (size_t)(blockIdx.x - first) * CHUNK;
-  const size_t end = start + CHUNK < SIZE ? start + CHUNK : SIZE;
-  const TU* u = stack + (size_t)k * SIZE;
-  const float lr = scalars[0];
-  for (size_t base = start + 4 * threadIdx.x; base < end; base += 4 * BLOCK * ROUND) {
-    Pack<TP, 4> pp[ROUND];
-    Pack<TU, 4> up[ROUND];
-    load_round<ROUND>(pp, p, base, 4 * BLOCK, end);
-    load_round<ROUND>(up, u, base, 4 * BLOCK, end);
-    #pragma unroll
-    for (int r = 0; r < ROUND; ++r) {
-      const size_t i = base + 4 * BLOCK * r;
-      if (i < end) {
-        Pack<TP, 4> out;
-        #pragma unroll
-        for (int j = 0; j < 4; ++j) out.v[j] = static_cast<TP>(static_cast<float>(pp[r].v[j]) - lr * static_cast<float>(up[r].v[j]));
-        *reinterpret_cast<Pack<TP, 4>*>(p_out + i) = out;
-      }
-    }
-  }
-"""
 
 ROUNDS = (1, 2, 4, 8)  # packs a thread loads before it stores
 
@@ -80,18 +57,11 @@ def sum_of_squares(arrays, packs: int):
 
 
 def orthogonal_step(params, stack, lr, packs: int | None):
-    """Each params[k] − lr·stack[k]: one kernel over the group in rounds of `packs`, or MLX's ops per matrix (None)."""
-    n = len(params)
+    """Each params[k] − lr·stack[k]: `cuda_kernels.orthogonal_step` at ROUND = packs, or MLX's ops per matrix (None)."""
     if packs is None:
-        return [p - lr * x.squeeze(0).astype(p.dtype) for p, x in zip(params, mx.split(stack, n))]
-    threads = ck.NESTEROV_THREADS
-    p_names, o_names = tuple(f"p{i}" for i in range(n)), tuple(f"p_out{i}" for i in range(n))
-    start, blocks = ck.matrix_group_start(n, params[0].size, "const TP* p; TP* p_out;", lambda k: f"p = {p_names[k]}; p_out = {o_names[k]};")
-    kernel = ck._kernel("bench_orthogonal_step", (*p_names, "stack", "scalars"), o_names, start + ORTHOGONAL_STEP)
-    return list(kernel(inputs=[*params, stack, lr.astype(mx.float32).reshape(1)],
-                       template=[("TP", params[0].dtype), ("TU", stack.dtype), ("BLOCK", threads), ("ROUND", packs)],
-                       grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1),
-                       output_shapes=[params[0].shape] * n, output_dtypes=[params[0].dtype] * n))
+        return [p - lr * x.squeeze(0).astype(p.dtype) for p, x in zip(params, mx.split(stack, len(params)))]
+    with round_of("ORTHOGONAL_STEP_ROUND", packs):
+        return ck.orthogonal_step(params, stack, lr)
 
 
 def max_difference(a: list[mx.array], b: list[mx.array]) -> float:

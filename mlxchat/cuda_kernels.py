@@ -410,13 +410,21 @@ _ORTHOGONAL_STEP_SOURCE = """
   const size_t end = start + CHUNK < SIZE ? start + CHUNK : SIZE;
   const TU* u = stack + (size_t)k * SIZE;
   const float lr = scalars[0];
-  for (size_t i = start + 4 * threadIdx.x; i < end; i += 4 * BLOCK) {
-    const Pack<TP, 4> pp = *reinterpret_cast<const Pack<TP, 4>*>(p + i);
-    const Pack<TU, 4> up = *reinterpret_cast<const Pack<TU, 4>*>(u + i);
-    Pack<TP, 4> out;
+  for (size_t base = start + 4 * threadIdx.x; base < end; base += 4 * BLOCK * ROUND) {
+    Pack<TP, 4> pp[ROUND];
+    Pack<TU, 4> up[ROUND];
+    load_round<ROUND>(pp, p, base, 4 * BLOCK, end);
+    load_round<ROUND>(up, u, base, 4 * BLOCK, end);
     #pragma unroll
-    for (int j = 0; j < 4; ++j) out.v[j] = static_cast<TP>(static_cast<float>(pp.v[j]) - lr * static_cast<float>(up.v[j]));
-    *reinterpret_cast<Pack<TP, 4>*>(p_out + i) = out;
+    for (int r = 0; r < ROUND; ++r) {
+      const size_t i = base + 4 * BLOCK * r;
+      if (i < end) {
+        Pack<TP, 4> out;
+        #pragma unroll
+        for (int j = 0; j < 4; ++j) out.v[j] = static_cast<TP>(static_cast<float>(pp[r].v[j]) - lr * static_cast<float>(up[r].v[j]));
+        *reinterpret_cast<Pack<TP, 4>*>(p_out + i) = out;
+      }
+    }
   }
 """
 
@@ -570,8 +578,8 @@ def _block_owner(first_blocks: list[int], declarations: str, leaf) -> str:
 SUM_OF_SQUARES_THREADS = 256
 SUM_OF_SQUARES_CHUNK = 1 << 16  # elements a block sums: 256 KB of fp32, a few µs of a GPU's bandwidth
 SUM_OF_SQUARES_MAX_ARRAYS = KERNEL_POINTERS  # a pointer each
-# 16-byte packs a thread loads before it adds them up: 1, 2, 4 and 8 took 1.85 / 1.90 / 1.99 / 1.92 ms over d20's
-# gradients on an H100, pointer tables still in the stack (bench/group_kernels.py; 2-byte loads 2.41 ms)
+# 16-byte packs a thread loads before it adds them up: 1, 2, 4 and 8 took 0.78 / 0.81 / 0.55 / 0.80 ms over d20's
+# gradients on an H100 (bench/group_kernels.py, one run; pointer tables in the stack: 1.85–1.99 ms), 0.26 ms in the step
 SUM_OF_SQUARES_ROUND = 1
 
 
@@ -604,9 +612,11 @@ def sum_of_squares(arrays: list[mx.array]) -> mx.array:
 NESTEROV_THREADS = 256
 NESTEROV_CHUNK = 1 << 14  # elements a block updates: 16 per thread, 4 at a time
 NESTEROV_MAX_ARRAYS = 128  # three pointers each (gradient, velocity, new velocity): under KERNEL_POINTERS
-# packs a thread loads before it stores any: 1, 2, 4 and 8 took 4.73 / 5.03 / 4.77 / 5.35 ms for d20's groups
-# on an H100, pointer tables still in the stack (bench/group_kernels.py)
+# packs a thread loads before it stores any: 1, 2, 4 and 8 took 2.81 / 2.85 / 2.83 / 2.78 ms for d20's groups
+# on an H100 (bench/group_kernels.py; pointer tables in the stack: 4.73–5.35 ms)
 NESTEROV_ROUND = 1
+# the same for `orthogonal_step`: 2.66 / 2.25 / 2.55 / 2.54 ms for d20's groups on an H100 (MLX per matrix: 5.03 ms)
+ORTHOGONAL_STEP_ROUND = 1
 
 
 def matrix_group_start(n: int, size: int, pointers: str, leaf) -> tuple[str, int]:
@@ -662,7 +672,8 @@ def orthogonal_step_fits(params: list[mx.array], stack: mx.array) -> bool:
 
 def orthogonal_step(params: list[mx.array], stack: mx.array, lr: mx.array) -> list[mx.array]:
     """Muon's step over a group of same-shape matrices in one kernel: params[k] − lr·stack[k], in
-    fp32 arithmetic and the parameters' dtype, where MLX runs one kernel per matrix (120 a d20 step)."""
+    fp32 arithmetic and the parameters' dtype, where MLX runs one kernel per matrix (120 a d20 step:
+    5.03 ms against 2.66 for d20's groups on an H100, `bench/group_kernels.py`)."""
     n = len(params)
     p_names, o_names = tuple(f"p{i}" for i in range(n)), tuple(f"p_out{i}" for i in range(n))
     start, blocks = matrix_group_start(n, params[0].size, "const TP* p; TP* p_out;",
@@ -670,7 +681,7 @@ def orthogonal_step(params: list[mx.array], stack: mx.array, lr: mx.array) -> li
     kernel = _kernel("mlxchat_orthogonal_step", (*p_names, "stack", "scalars"), o_names, start + _ORTHOGONAL_STEP_SOURCE)
     return list(kernel(
         inputs=[*params, stack, lr.astype(mx.float32).reshape(1)],
-        template=[("TP", params[0].dtype), ("TU", stack.dtype), ("BLOCK", NESTEROV_THREADS)],
+        template=[("TP", params[0].dtype), ("TU", stack.dtype), ("BLOCK", NESTEROV_THREADS), ("ROUND", ORTHOGONAL_STEP_ROUND)],
         grid=(blocks * NESTEROV_THREADS, 1, 1), threadgroup=(NESTEROV_THREADS, 1, 1),
         output_shapes=[params[0].shape] * n, output_dtypes=[params[0].dtype] * n))
 
