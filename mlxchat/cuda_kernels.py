@@ -609,9 +609,11 @@ def sum_of_squares(arrays: list[mx.array]) -> mx.array:
     return partials.sum()
 
 
-NESTEROV_THREADS = 256
-NESTEROV_CHUNK = 1 << 14  # elements a block updates: 16 per thread, 4 at a time
-NESTEROV_MAX_ARRAYS = 128  # three pointers each (gradient, velocity, new velocity): under KERNEL_POINTERS
+# Muon's per-group kernels (`nesterov_momentum`, `orthogonal_step`): one launch for a group of same-shape
+# matrices, each block one chunk of one matrix (`matrix_group_start`).
+MATRIX_GROUP_THREADS = 256
+MATRIX_GROUP_CHUNK = 1 << 14  # elements a block updates: 16 per thread, 4 at a time
+MATRIX_GROUP_MAX_ARRAYS = 128  # at most three pointers each (gradient, velocity, new velocity): under KERNEL_POINTERS
 # packs a thread loads before it stores any: 1, 2, 4 and 8 took 2.81 / 2.85 / 2.83 / 2.78 ms for d20's groups
 # on an H100 (bench/group_kernels.py; pointer tables in the stack: 4.73–5.35 ms)
 NESTEROV_ROUND = 1
@@ -620,19 +622,19 @@ ORTHOGONAL_STEP_ROUND = 1
 
 
 def matrix_group_start(n: int, size: int, pointers: str, leaf) -> tuple[str, int]:
-    """The start of a kernel over a group of n same-size matrices, one NESTEROV_CHUNK of one matrix a
+    """The start of a kernel over a group of n same-size matrices, one MATRIX_GROUP_CHUNK of one matrix a
     block (Muon's per-group kernels): the constants SIZE and CHUNK, and the block's matrix k, its first
     block and `pointers` (declarations that leaf(k) sets); with the number of blocks the group needs."""
-    blocks_per = -(-size // NESTEROV_CHUNK)
+    blocks_per = -(-size // MATRIX_GROUP_CHUNK)
     owner = _block_owner([k * blocks_per for k in range(n)], f"{pointers} unsigned int first; int k;",
                          lambda k: f"{leaf(k)} first = {k * blocks_per}u; k = {k};")
-    return f"  constexpr size_t SIZE = {size};\n  constexpr int CHUNK = {NESTEROV_CHUNK};\n" + owner, n * blocks_per
+    return f"  constexpr size_t SIZE = {size};\n  constexpr int CHUNK = {MATRIX_GROUP_CHUNK};\n" + owner, n * blocks_per
 
 
 def nesterov_momentum_fits(grads: list[mx.array], velocities: list[mx.array]) -> bool:
-    """Whether `nesterov_momentum` takes this group: 1 to NESTEROV_MAX_ARRAYS gradients of one float
+    """Whether `nesterov_momentum` takes this group: 1 to MATRIX_GROUP_MAX_ARRAYS gradients of one float
     type and one shape, whose size is a multiple of 4, with fp32 velocities of that shape."""
-    if not 0 < len(grads) <= NESTEROV_MAX_ARRAYS or len(velocities) != len(grads):
+    if not 0 < len(grads) <= MATRIX_GROUP_MAX_ARRAYS or len(velocities) != len(grads):
         return False
     shape, dtype = grads[0].shape, grads[0].dtype
     return (dtype in FLOAT_TYPES and grads[0].size % 4 == 0 and all(g.shape == shape and g.dtype == dtype for g in grads)
@@ -654,16 +656,16 @@ def nesterov_momentum(grads: list[mx.array], velocities: list[mx.array], momentu
     scalars = mx.stack([momentum.astype(mx.float32), scale.astype(mx.float32)])
     outs = kernel(
         inputs=[*grads, *velocities, scalars],
-        template=[("TG", grads[0].dtype), ("TU", dtype), ("BLOCK", NESTEROV_THREADS), ("ROUND", NESTEROV_ROUND)],
-        grid=(blocks * NESTEROV_THREADS, 1, 1), threadgroup=(NESTEROV_THREADS, 1, 1),
+        template=[("TG", grads[0].dtype), ("TU", dtype), ("BLOCK", MATRIX_GROUP_THREADS), ("ROUND", NESTEROV_ROUND)],
+        grid=(blocks * MATRIX_GROUP_THREADS, 1, 1), threadgroup=(MATRIX_GROUP_THREADS, 1, 1),
         output_shapes=[grads[0].shape] * n + [(n, *grads[0].shape)], output_dtypes=[mx.float32] * n + [dtype])
     return list(outs[:n]), outs[n]
 
 
 def orthogonal_step_fits(params: list[mx.array], stack: mx.array) -> bool:
-    """Whether `orthogonal_step` takes this group: 1 to NESTEROV_MAX_ARRAYS float matrices of one type
+    """Whether `orthogonal_step` takes this group: 1 to MATRIX_GROUP_MAX_ARRAYS float matrices of one type
     and one shape, whose size is a multiple of 4, and their (n × rows × cols) float stack."""
-    if not 0 < len(params) <= NESTEROV_MAX_ARRAYS:
+    if not 0 < len(params) <= MATRIX_GROUP_MAX_ARRAYS:
         return False
     shape, dtype = params[0].shape, params[0].dtype
     return (dtype in FLOAT_TYPES and params[0].size % 4 == 0 and all(p.shape == shape and p.dtype == dtype for p in params)
@@ -681,8 +683,8 @@ def orthogonal_step(params: list[mx.array], stack: mx.array, lr: mx.array) -> li
     kernel = _kernel("mlxchat_orthogonal_step", (*p_names, "stack", "scalars"), o_names, start + _ORTHOGONAL_STEP_SOURCE)
     return list(kernel(
         inputs=[*params, stack, lr.astype(mx.float32).reshape(1)],
-        template=[("TP", params[0].dtype), ("TU", stack.dtype), ("BLOCK", NESTEROV_THREADS), ("ROUND", ORTHOGONAL_STEP_ROUND)],
-        grid=(blocks * NESTEROV_THREADS, 1, 1), threadgroup=(NESTEROV_THREADS, 1, 1),
+        template=[("TP", params[0].dtype), ("TU", stack.dtype), ("BLOCK", MATRIX_GROUP_THREADS), ("ROUND", ORTHOGONAL_STEP_ROUND)],
+        grid=(blocks * MATRIX_GROUP_THREADS, 1, 1), threadgroup=(MATRIX_GROUP_THREADS, 1, 1),
         output_shapes=[params[0].shape] * n, output_dtypes=[params[0].dtype] * n))
 
 

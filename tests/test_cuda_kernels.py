@@ -195,7 +195,7 @@ def test_global_norm_on_cuda_equals_mlx_clip_grad_norm():
 def test_nesterov_momentum_kernel_equals_muons_arithmetic(dtype):
     """A group of matrices spanning several blocks with a partial last one: new velocities and
     the stacked updates against Muon's formula in MLX ops."""
-    shape, n = (96, cuda_kernels.NESTEROV_CHUNK // 64 + 4), 5
+    shape, n = (96, cuda_kernels.MATRIX_GROUP_CHUNK // 64 + 4), 5
     grads = [mx.random.normal(shape, key=mx.random.key(i)).astype(dtype) for i in range(n)]
     vs = [mx.random.normal(shape, key=mx.random.key(10 + i)) for i in range(n)]
     m, scale = mx.array(0.9), mx.array(0.25)
@@ -215,7 +215,7 @@ def test_nesterov_momentum_kernel_equals_muons_arithmetic(dtype):
 def test_orthogonal_step_kernel_equals_muons_arithmetic(dtype):
     """A group of parameters spanning several blocks with a partial last one, minus lr times their
     slices of a bf16 stack, against the same arithmetic in MLX ops."""
-    shape, n = (96, cuda_kernels.NESTEROV_CHUNK // 64 + 4), 5
+    shape, n = (96, cuda_kernels.MATRIX_GROUP_CHUNK // 64 + 4), 5
     params = [mx.random.normal(shape, key=mx.random.key(i)).astype(dtype) for i in range(n)]
     stack = mx.random.normal((n, *shape), key=mx.random.key(20)).astype(mx.bfloat16)
     lr = mx.array(0.02) * 1.5
