@@ -631,14 +631,20 @@ def matrix_group_start(n: int, size: int, pointers: str, leaf) -> tuple[str, int
     return f"  constexpr size_t SIZE = {size};\n  constexpr int CHUNK = {MATRIX_GROUP_CHUNK};\n" + owner, n * blocks_per
 
 
-def nesterov_momentum_fits(grads: list[mx.array], velocities: list[mx.array]) -> bool:
-    """Whether `nesterov_momentum` takes this group: 1 to MATRIX_GROUP_MAX_ARRAYS gradients of one float
-    type and one shape, whose size is a multiple of 4, with fp32 velocities of that shape."""
-    if not 0 < len(grads) <= MATRIX_GROUP_MAX_ARRAYS or len(velocities) != len(grads):
+def _matrix_group_fits(arrays: list[mx.array]) -> bool:
+    """Whether a group kernel takes these: 1 to MATRIX_GROUP_MAX_ARRAYS arrays of one float type and
+    one shape, whose size is a multiple of 4 (a thread's pack)."""
+    if not 0 < len(arrays) <= MATRIX_GROUP_MAX_ARRAYS:
         return False
-    shape, dtype = grads[0].shape, grads[0].dtype
-    return (dtype in FLOAT_TYPES and grads[0].size % 4 == 0 and all(g.shape == shape and g.dtype == dtype for g in grads)
-            and all(v.shape == shape and v.dtype == mx.float32 for v in velocities))
+    shape, dtype = arrays[0].shape, arrays[0].dtype
+    return dtype in FLOAT_TYPES and arrays[0].size % 4 == 0 and all(a.shape == shape and a.dtype == dtype for a in arrays)
+
+
+def nesterov_momentum_fits(grads: list[mx.array], velocities: list[mx.array]) -> bool:
+    """Whether `nesterov_momentum` takes this group: gradients `_matrix_group_fits` takes, with fp32
+    velocities of their shape."""
+    return (_matrix_group_fits(grads) and len(velocities) == len(grads)
+            and all(v.shape == grads[0].shape and v.dtype == mx.float32 for v in velocities))
 
 
 def nesterov_momentum(grads: list[mx.array], velocities: list[mx.array], momentum: mx.array, scale: mx.array,
@@ -663,13 +669,10 @@ def nesterov_momentum(grads: list[mx.array], velocities: list[mx.array], momentu
 
 
 def orthogonal_step_fits(params: list[mx.array], stack: mx.array) -> bool:
-    """Whether `orthogonal_step` takes this group: 1 to MATRIX_GROUP_MAX_ARRAYS float matrices of one type
-    and one shape, whose size is a multiple of 4, and their (n × rows × cols) float stack."""
-    if not 0 < len(params) <= MATRIX_GROUP_MAX_ARRAYS:
-        return False
-    shape, dtype = params[0].shape, params[0].dtype
-    return (dtype in FLOAT_TYPES and params[0].size % 4 == 0 and all(p.shape == shape and p.dtype == dtype for p in params)
-            and stack.shape == (len(params), *shape) and stack.dtype in FLOAT_TYPES)
+    """Whether `orthogonal_step` takes this group: parameters `_matrix_group_fits` takes, and their
+    (n × rows × cols) float stack."""
+    return (_matrix_group_fits(params) and stack.shape == (len(params), *params[0].shape)
+            and stack.dtype in FLOAT_TYPES)
 
 
 def orthogonal_step(params: list[mx.array], stack: mx.array, lr: mx.array) -> list[mx.array]:

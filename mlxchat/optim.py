@@ -125,31 +125,26 @@ class NanoMuon(optim.Muon):
         self.state["step"] = self.step + 1
 
         members: list[tuple[mx.array, dict]] = []
+        params: list[mx.array] = []
 
-        def collect(gradient, state):
+        def collect(gradient, state, parameter):
             members.append((gradient, state))
+            params.append(parameter)
             return len(members) - 1
 
-        slots = tree_map(collect, gradients, self.state)
+        slots = tree_map(collect, gradients, self.state, parameters)
         if any(g.ndim != 2 for g, _ in members):
             raise ValueError("NanoMuon orthogonalises matrices only; give it 2-D parameters")
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (g, _) in enumerate(members):
             groups.setdefault(g.shape, []).append(i)
-        params: list[mx.array] = [None] * len(members)  # type: ignore[list-item]
-
-        def gather(slot, parameter):
-            params[slot] = parameter
-            return slot
-
-        tree_map(gather, slots, parameters)
         updated: list[mx.array] = [None] * len(members)  # type: ignore[list-item]
         for (rows, cols), group in groups.items():
             X = newton_schulz(self._nesterov_stack([members[i] for i in group], gradient_scale), self.ns_steps)
             lr = self.learning_rate.astype(mx.float32) * max(1, rows / cols) ** 0.5
             for i, p in zip(group, self._orthogonal_step([params[i] for i in group], X, lr)):
                 updated[i] = p
-        return tree_map(lambda slot, _: updated[slot], slots, parameters)
+        return tree_map(lambda slot: updated[slot], slots)
 
     @staticmethod
     def _orthogonal_step(params: list[mx.array], X: mx.array, lr: mx.array) -> list[mx.array]:
