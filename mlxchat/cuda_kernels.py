@@ -370,24 +370,41 @@ _SUM_OF_SQUARES_SOURCE = """
   if (threadIdx.x == 0) partials[blockIdx.x] = s;
 """
 
-# Muon's Nesterov momentum over a group of same-size matrices (`nesterov_momentum`): each block one
-# CHUNK of one matrix k (`matrix_group_start` sets k, its gradient g, velocity v and new velocity
-# v_out and its first block), 4 elements a pack and ROUND packs a thread at a time; scalars =
-# (momentum m, the gradients' clipping scale s).
-_NESTEROV_SOURCE = """
+def _matrix_group_pass(setup: str, loads: str, body: str) -> str:
+    """The loop Muon's per-group kernels share: a block's CHUNK of matrix k, 4 elements a pack, a thread
+    loading ROUND packs (`loads`, through `load_round`) before it stores any, since a load waiting
+    behind the previous pack's store is what held these kernels to half of HBM's rate. `setup` runs
+    once a block; `body` handles pack r, whose first element is i."""
+    return f"""
   const size_t start = (size_t)(blockIdx.x - first) * CHUNK;
   const size_t end = start + CHUNK < SIZE ? start + CHUNK : SIZE;
+{setup}
+  for (size_t base = start + 4 * threadIdx.x; base < end; base += 4 * BLOCK * ROUND) {{
+{loads}
+    #pragma unroll
+    for (int r = 0; r < ROUND; ++r) {{
+      const size_t i = base + 4 * BLOCK * r;
+      if (i < end) {{
+{body}
+      }}
+    }}
+  }}
+"""
+
+
+# Muon's Nesterov momentum over a group of same-size matrices (`nesterov_momentum`): matrix k's
+# gradient g, velocity v and new velocity v_out (`matrix_group_start` sets them); scalars =
+# (momentum m, the gradients' clipping scale s).
+_NESTEROV_SOURCE = _matrix_group_pass(
+    setup="""\
   TU* u = stack + (size_t)k * SIZE;
-  const float m = scalars[0], s = scalars[1];
-  for (size_t base = start + 4 * threadIdx.x; base < end; base += 4 * BLOCK * ROUND) {
+  const float m = scalars[0], s = scalars[1];""",
+    loads="""\
     Pack<TG, 4> gp[ROUND];
     Pack<float, 4> vp[ROUND];
     load_round<ROUND>(gp, g, base, 4 * BLOCK, end);
-    load_round<ROUND>(vp, v, base, 4 * BLOCK, end);
-    #pragma unroll
-    for (int r = 0; r < ROUND; ++r) {
-      const size_t i = base + 4 * BLOCK * r;
-      if (i < end) {
+    load_round<ROUND>(vp, v, base, 4 * BLOCK, end);""",
+    body="""\
         Pack<float, 4> vn;
         Pack<TU, 4> un;
         #pragma unroll
@@ -397,36 +414,24 @@ _NESTEROV_SOURCE = """
           un.v[j] = static_cast<TU>(gj * (1.0f - m) + vn.v[j] * m);
         }
         *reinterpret_cast<Pack<float, 4>*>(v_out + i) = vn;
-        *reinterpret_cast<Pack<TU, 4>*>(u + i) = un;
-      }
-    }
-  }
-"""
+        *reinterpret_cast<Pack<TU, 4>*>(u + i) = un;""")
 
 # Muon's parameter step over the same group (`orthogonal_step`): p ← p − lr·u for each matrix p and
 # its slice u of the Newton–Schulz stack, in fp32 arithmetic; the same blocks as the momentum pass.
-_ORTHOGONAL_STEP_SOURCE = """
-  const size_t start = (size_t)(blockIdx.x - first) * CHUNK;
-  const size_t end = start + CHUNK < SIZE ? start + CHUNK : SIZE;
+_ORTHOGONAL_STEP_SOURCE = _matrix_group_pass(
+    setup="""\
   const TU* u = stack + (size_t)k * SIZE;
-  const float lr = scalars[0];
-  for (size_t base = start + 4 * threadIdx.x; base < end; base += 4 * BLOCK * ROUND) {
+  const float lr = scalars[0];""",
+    loads="""\
     Pack<TP, 4> pp[ROUND];
     Pack<TU, 4> up[ROUND];
     load_round<ROUND>(pp, p, base, 4 * BLOCK, end);
-    load_round<ROUND>(up, u, base, 4 * BLOCK, end);
-    #pragma unroll
-    for (int r = 0; r < ROUND; ++r) {
-      const size_t i = base + 4 * BLOCK * r;
-      if (i < end) {
+    load_round<ROUND>(up, u, base, 4 * BLOCK, end);""",
+    body="""\
         Pack<TP, 4> out;
         #pragma unroll
         for (int j = 0; j < 4; ++j) out.v[j] = static_cast<TP>(static_cast<float>(pp[r].v[j]) - lr * static_cast<float>(up[r].v[j]));
-        *reinterpret_cast<Pack<TP, 4>*>(p_out + i) = out;
-      }
-    }
-  }
-"""
+        *reinterpret_cast<Pack<TP, 4>*>(p_out + i) = out;""")
 
 
 # One query per row and head against the first `length[0]` keys of a whole cache buffer, one block
