@@ -371,10 +371,10 @@ _SUM_OF_SQUARES_SOURCE = """
 """
 
 def _matrix_group_pass(setup: str, loads: str, body: str) -> str:
-    """The loop Muon's per-group kernels share: a block's CHUNK of matrix k, 4 elements a pack, a thread
-    loading ROUND packs (`loads`, through `load_round`) before it stores any, since a load waiting
-    behind the previous pack's store is what held these kernels to half of HBM's rate. `setup` runs
-    once a block; `body` handles pack r, whose first element is i."""
+    """The loop Muon's per-group kernels share, written once so that `bench/group_kernels.py`'s ROUND
+    varies both alike: a block's CHUNK of matrix k, 4 elements a pack, a thread loading ROUND packs
+    (`loads`, through `load_round`) before it stores any. `setup` runs once a block; `body` handles
+    pack r, whose first element is i."""
     return f"""
   const size_t start = (size_t)(blockIdx.x - first) * CHUNK;
   const size_t end = start + CHUNK < SIZE ? start + CHUNK : SIZE;
