@@ -29,6 +29,7 @@ from benchjson import write_json  # noqa: E402
 from loss_kernel import cuda_bench_args, median_ms  # noqa: E402
 
 from mlxchat import cuda_kernels as ck  # noqa: E402
+from mlxchat.optim import orthogonal_step_per_matrix  # noqa: E402
 
 ROUNDS = (1, 2, 4, 8)  # packs a thread loads before it stores
 
@@ -57,9 +58,10 @@ def sum_of_squares(arrays, packs: int):
 
 
 def orthogonal_step(params, stack, lr, packs: int | None):
-    """Each params[k] − lr·stack[k]: `cuda_kernels.orthogonal_step` at ROUND = packs, or MLX's ops per matrix (None)."""
+    """Each params[k] − lr·stack[k]: `cuda_kernels.orthogonal_step` at ROUND = packs, or Muon's portable
+    path, MLX's ops per matrix (None)."""
     if packs is None:
-        return [p - lr * x.squeeze(0).astype(p.dtype) for p, x in zip(params, mx.split(stack, len(params)))]
+        return orthogonal_step_per_matrix(params, stack, lr)
     with round_of("ORTHOGONAL_STEP_ROUND", packs):
         return ck.orthogonal_step(params, stack, lr)
 

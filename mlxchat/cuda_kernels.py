@@ -370,17 +370,19 @@ _SUM_OF_SQUARES_SOURCE = """
   if (threadIdx.x == 0) partials[blockIdx.x] = s;
 """
 
-def _matrix_group_pass(setup: str, loads: str, body: str) -> str:
+def _matrix_group_pass(setup: str, loads: tuple[tuple[str, str, str], ...], body: str) -> str:
     """The loop Muon's per-group kernels share, written once so that `bench/group_kernels.py`'s ROUND
-    varies both alike: a block's CHUNK of matrix k, 4 elements a pack, a thread loading ROUND packs
-    (`loads`, through `load_round`) before it stores any. `setup` runs once a block; `body` handles
-    pack r, whose first element is i."""
+    varies both alike: a block's CHUNK of matrix k, 4 elements a pack, a thread loading ROUND packs of
+    each input before it stores any (`loads`: element type, pack array, source pointer). `setup` runs
+    once a block; `body` handles pack r, whose first element is i."""
+    packs = "\n".join([f"    Pack<{t}, 4> {name}[ROUND];" for t, name, _ in loads]
+                       + [f"    load_round<ROUND>({name}, {src}, base, 4 * BLOCK, end);" for _, name, src in loads])
     return f"""
   const size_t start = (size_t)(blockIdx.x - first) * CHUNK;
   const size_t end = start + CHUNK < SIZE ? start + CHUNK : SIZE;
 {setup}
   for (size_t base = start + 4 * threadIdx.x; base < end; base += 4 * BLOCK * ROUND) {{
-{loads}
+{packs}
     #pragma unroll
     for (int r = 0; r < ROUND; ++r) {{
       const size_t i = base + 4 * BLOCK * r;
@@ -399,11 +401,7 @@ _NESTEROV_SOURCE = _matrix_group_pass(
     setup="""\
   TU* u = stack + (size_t)k * SIZE;
   const float m = scalars[0], s = scalars[1];""",
-    loads="""\
-    Pack<TG, 4> gp[ROUND];
-    Pack<float, 4> vp[ROUND];
-    load_round<ROUND>(gp, g, base, 4 * BLOCK, end);
-    load_round<ROUND>(vp, v, base, 4 * BLOCK, end);""",
+    loads=(("TG", "gp", "g"), ("float", "vp", "v")),
     body="""\
         Pack<float, 4> vn;
         Pack<TU, 4> un;
@@ -422,11 +420,7 @@ _ORTHOGONAL_STEP_SOURCE = _matrix_group_pass(
     setup="""\
   const TU* u = stack + (size_t)k * SIZE;
   const float lr = scalars[0];""",
-    loads="""\
-    Pack<TP, 4> pp[ROUND];
-    Pack<TU, 4> up[ROUND];
-    load_round<ROUND>(pp, p, base, 4 * BLOCK, end);
-    load_round<ROUND>(up, u, base, 4 * BLOCK, end);""",
+    loads=(("TP", "pp", "p"), ("TU", "up", "u")),
     body="""\
         Pack<TP, 4> out;
         #pragma unroll

@@ -149,12 +149,10 @@ class NanoMuon(optim.Muon):
     @staticmethod
     def _orthogonal_step(params: list[mx.array], X: mx.array, lr: mx.array) -> list[mx.array]:
         """Each parameter minus lr times its slice of the orthogonalised stack X. On CUDA one kernel
-        does a whole group (`cuda_kernels.orthogonal_step`); elsewhere MLX's ops per matrix, through
-        a split (an integer index X[j] is a gather kernel per matrix: 72 a d12 step on the H200,
-        2.2 ms; a split only views the stack)."""
+        does a whole group (`cuda_kernels.orthogonal_step`); elsewhere `orthogonal_step_per_matrix`."""
         if cuda_kernels.available() and cuda_kernels.orthogonal_step_fits(params, X):
             return cuda_kernels.orthogonal_step(params, X, lr)
-        return [p - lr.astype(p.dtype) * x.squeeze(0).astype(p.dtype) for p, x in zip(params, mx.split(X, len(params)))]
+        return orthogonal_step_per_matrix(params, X, lr)
 
     def _nesterov_stack(self, members: list[tuple[mx.array, dict]], scale: mx.array | None) -> mx.array:
         """Update each member's momentum v ← m·v + (1−m)·g and return the stack of their Nesterov
@@ -176,6 +174,14 @@ class NanoMuon(optim.Muon):
         for (_, state), v in zip(members, velocities):
             state["v"] = v
         return stack
+
+
+def orthogonal_step_per_matrix(params: list[mx.array], X: mx.array, lr: mx.array) -> list[mx.array]:
+    """Muon's parameter step in MLX ops, one matrix at a time (the portable path, and what
+    `bench/group_kernels.py` times the CUDA kernel against): through a split, since an integer index
+    X[j] is a gather kernel per matrix (72 a d12 step on the H200, 2.2 ms) where a split only views
+    the stack."""
+    return [p - lr.astype(p.dtype) * x.squeeze(0).astype(p.dtype) for p, x in zip(params, mx.split(X, len(params)))]
 
 
 def newton_schulz(X: mx.array, steps: int) -> mx.array:
