@@ -14,6 +14,7 @@ Imports nothing heavy: it runs before MLX, NumPy or Prefect are loaded.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import importlib.util
 import os
@@ -73,6 +74,19 @@ def slow_blas() -> bool:
 def warning_line(reason: str) -> str:
     return (f"warning: MLX is running on its slow reference BLAS ({reason}); matmuls are ~20x slower: "
             f"{INSTALL_HINT} (or run ./setup.sh)")
+
+
+def set_openblas_threads(threads: int) -> bool:
+    """Set the thread count of the OpenBLAS loaded in this process; False where none is loaded
+    (macOS's Accelerate, MLX's reference BLAS), which is then left as it is."""
+    if not openblas_loaded():
+        return False
+    try:
+        setter = ctypes.CDLL(None).openblas_set_num_threads
+    except AttributeError:  # loaded without its symbols in the global namespace
+        return False
+    setter(threads)
+    return True
 
 
 def ensure_fast_blas() -> None:

@@ -437,12 +437,15 @@ class GPT(nn.Module):
     ) -> mx.array:
         """Logits (B, T, V) without targets; with targets the loss (targets < 0 are ignored):
         'mean' over valid tokens — the training loss, whose head gradient is formed in the same
-        pass (`chunked_loss_sum`) — or 'none' for per-token losses (B, T), which evaluations use."""
+        pass (`chunked_loss_sum`) —, 'sum' (the same, for a shard of a batch whose mean the caller
+        forms: `cpu_shards`), or 'none' for per-token losses (B, T), which evaluations use."""
         h = self.hidden(idx, cache)
         if targets is None:
             return self.logits(h)
         if reduction == "none":
             return chunked_cross_entropy(self, h, targets)
+        if reduction == "sum":
+            return chunked_loss_sum(self, h, targets)
         valid = (targets >= 0).sum()
         return chunked_loss_sum(self, h, targets) / mx.maximum(valid, 1)
 

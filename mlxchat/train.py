@@ -29,6 +29,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from mlxchat import checkpoint as ckpt_lib
+from mlxchat import cpu_shards
 from mlxchat.common import MlxchatError, atomic_write_text, default_dtype, get_logger, seed_everything
 from mlxchat.dataloader import DataLoader
 from mlxchat.distributed import RankShare, agree, sum_over_ranks, world
@@ -178,6 +179,7 @@ class TrainStep:
     Across ranks, each accumulates its own micro-batches' gradients and the update averages
     them once (`nn.average_gradients`, inside the compiled graph): one all-reduce per step,
     not per micro-batch. The loss it returns is the mean over every rank's micro-batches.
+    On the CPU a micro-batch's rows are split across CPU streams, one per core (`cpu_shards`).
     """
 
     def __init__(self, model: GPT, optimizer, grad_accum_steps: int, grad_clip: float, world_size: int):
@@ -185,11 +187,12 @@ class TrainStep:
         self.model, self.optimizer = model, optimizer
         self.accum = grad_accum_steps
         state = [model.state, optimizer.state]
-        loss_and_grad = nn.value_and_grad(model, lambda m, x, y: m(x, y))
+        loss_and_grad = nn.value_and_grad(model, lambda m, x, y, count: m(x, y, reduction="sum") / count)
+        streams = cpu_shards.training_streams(world_size)
 
         self.world_size = world_size
         def grads_of(x, y):
-            return loss_and_grad(model, x, y)
+            return cpu_shards.sharded_loss_and_grad(lambda *batch: loss_and_grad(model, *batch), x, y, streams)
 
         def apply(grads):
             if world_size > 1:  # averaged in fp32, as nanochat's all-reduce of its fp32 .grad

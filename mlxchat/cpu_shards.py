@@ -1,0 +1,82 @@
+"""On the CPU, split each training micro-batch across CPU streams, one per core.
+
+Why: MLX's CPU backend runs every kernel but the BLAS GEMMs on one thread, its stream's (the
+softcapped loss's exp and tanh, the norms, relu², attention's softmax, the optimizer's
+elementwise passes), so on a 2-core machine one core idled through most of a d4 step. MLX runs
+each CPU stream on a thread of its own: rows of the batch differentiated on separate streams
+run side by side, and their gradients are summed in the same compiled graph.
+
+The loss stays nanochat's mean over the batch's valid targets: each shard returns its loss sum
+over that count, so the shards add up to it. One shard (a GPU, `world_size` > 1, or a 1-core
+machine) is the unsharded computation, op for op.
+
+BLAS: OpenBLAS serves concurrent callers from one thread pool, so two shards' 2-thread GEMMs
+queue behind each other; with more than one shard, each GEMM gets one thread (bench/README.md,
+eighteenth session: d4 step 1.08× with 2 BLAS threads, 1.20× with one).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import mlx.core as mx
+
+from mlxchat import blas
+from mlxchat.common import MlxchatError
+from mlxchat.optim import add_gradients
+
+SHARDS_ENV = "MLXCHAT_CPU_SHARDS"  # how many shards (1 turns sharding off); default: one per core
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def shard_count(world_size: int) -> int:
+    """How many shards the training step splits a micro-batch into: one per core on the CPU,
+    `$MLXCHAT_CPU_SHARDS` if set; 1 on a GPU and across ranks (each rank is its own process, and
+    `mlx.launch` puts several on one machine's cores)."""
+    if mx.default_device() != mx.cpu or world_size > 1:
+        return 1
+    forced = os.environ.get(SHARDS_ENV, "")
+    if not forced:
+        return cores()
+    if not forced.isdigit() or int(forced) < 1:
+        raise MlxchatError(f"{SHARDS_ENV}={forced!r}: expected a whole number >= 1 (or unset for one per core)")
+    return int(forced)
+
+
+def training_streams(world_size: int) -> list:
+    """The streams the training step's shards run on, the default one first; with more than one,
+    OpenBLAS is set to one thread (see the module's docstring)."""
+    count = shard_count(world_size)
+    if count > 1:
+        blas.set_openblas_threads(1)
+    return [mx.default_stream(mx.default_device())] + [mx.new_stream(mx.cpu) for _ in range(count - 1)]
+
+
+def sharded_loss_and_grad(loss_and_grad: Callable, x: mx.array, y: mx.array, streams: list):
+    """(mean loss over y's valid targets, its gradients) of the batch (x, y), its rows split over
+    `streams`: `loss_and_grad(x, y, count)` gives a shard's loss sum / count and its gradients.
+
+    Shards are contiguous rows, the first ones a row longer where the rows do not divide evenly;
+    there are never more shards than rows. Their gradients are summed in fp32
+    (`optim.add_gradients`: the block matrices' arrive in the compute dtype)."""
+    count = mx.maximum((y >= 0).sum(), 1)
+    shards = min(len(streams), x.shape[0])
+    if shards == 1:
+        return loss_and_grad(x, y, count)
+    base, extra = divmod(x.shape[0], shards)
+    losses, total, start = [], None, 0
+    for i, stream in enumerate(streams[:shards]):
+        stop = start + base + (i < extra)
+        with mx.stream(stream):
+            loss, grads = loss_and_grad(x[start:stop], y[start:stop], count)
+        losses.append(loss)
+        total = add_gradients(total, grads)
+        start = stop
+    return sum(losses[1:], losses[0]), total

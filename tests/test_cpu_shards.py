@@ -1,0 +1,79 @@
+"""The training step's batch split across CPU streams gives the whole batch's loss and update."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlxchat import cpu_shards
+from mlxchat.common import MlxchatError
+from mlxchat.gpt import GPT, GPTConfig
+from mlxchat.optim import OptimConfig, build_optimizer
+from mlxchat.train import TrainStep
+
+CFG = GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+
+
+def _model() -> GPT:
+    model = GPT(CFG)
+    model.init_weights(0)
+    return model
+
+
+def _batch(rows: int):
+    x = mx.random.randint(0, 64, (rows, 16), key=mx.random.key(1))
+    y = mx.random.randint(0, 64, (rows, 16), key=mx.random.key(2))
+    # ignored targets spread unevenly over the rows, as SFT's masks: the mean is over valid ones
+    ignored = mx.random.uniform(key=mx.random.key(3), shape=y.shape) < mx.linspace(0.0, 0.9, rows)[:, None]
+    return x, mx.where(ignored, -1, y)
+
+
+@pytest.mark.parametrize("rows, shards", [(4, 2), (3, 2), (5, 3), (1, 2)])
+def test_sharded_loss_and_gradients_equal_the_whole_batchs(rows, shards):
+    model = _model()
+    x, y = _batch(rows)
+    whole = nn.value_and_grad(model, lambda m, x, y: m(x, y))
+    summed = nn.value_and_grad(model, lambda m, x, y, count: m(x, y, reduction="sum") / count)
+    streams = [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(shards - 1)]
+    loss, grads = cpu_shards.sharded_loss_and_grad(lambda *b: summed(model, *b), x, y, streams)
+    ref_loss, ref_grads = whole(model, x, y)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    ref = dict(tree_flatten(ref_grads))
+    for name, g in tree_flatten(grads):
+        assert g.dtype == mx.float32, name
+        np.testing.assert_allclose(np.array(g), np.array(ref[name]), atol=1e-6, rtol=1e-5, err_msg=name)
+
+
+def test_a_sharded_train_step_gives_the_unsharded_update(monkeypatch):
+    """TrainStep compiles the shards, their sum, clipping and Muon into one graph over two streams."""
+    x, y = _batch(4)
+    results = []
+    for shards in ("1", "2"):
+        monkeypatch.setenv(cpu_shards.SHARDS_ENV, shards)
+        model = _model()
+        opt = build_optimizer(model, OptimConfig(), 10)
+        opt.init(model.trainable_parameters())
+        step = TrainStep(model, opt, 1, 1.0, 1)
+        for _ in range(2):
+            loss, norm = step(iter([(x, y)]))
+        results.append((loss, norm, dict(tree_flatten(model.parameters()))))
+    (loss1, norm1, p1), (loss2, norm2, p2) = results
+    assert loss2 == pytest.approx(loss1, rel=1e-5) and norm2 == pytest.approx(norm1, rel=1e-4)
+    for name in p1:
+        np.testing.assert_allclose(np.array(p2[name]), np.array(p1[name]), atol=1e-5, err_msg=name)
+
+
+def test_shard_count_is_one_per_core_on_the_cpu_and_one_across_ranks(monkeypatch):
+    monkeypatch.delenv(cpu_shards.SHARDS_ENV, raising=False)
+    assert cpu_shards.shard_count(1) == cpu_shards.cores()
+    assert cpu_shards.shard_count(2) == 1
+    monkeypatch.setenv(cpu_shards.SHARDS_ENV, "3")
+    assert cpu_shards.shard_count(1) == 3
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_bad_shard_count_is_named(monkeypatch, value):
+    monkeypatch.setenv(cpu_shards.SHARDS_ENV, value)
+    with pytest.raises(MlxchatError, match=f"MLXCHAT_CPU_SHARDS='{value}': expected a whole number >= 1"):
+        cpu_shards.shard_count(1)
