@@ -113,11 +113,14 @@ class NanoMuon(optim.Muon):
     def momentum(self, value):
         self.state["momentum"] = mx.array(value)
 
-    def apply_gradients(self, gradients: dict, parameters: dict, gradient_scale: mx.array | None = None):
+    def apply_gradients(self, gradients: dict, parameters: dict, gradient_scale: mx.array | None = None,
+                        streams: list | None = None):
         """`Optimizer.apply_gradients` with `Muon.apply_single`'s arithmetic, per shape group: the
         momentum update of every member, then one batched Newton–Schulz. `gradient_scale`
         (clipping's, `NanoOptimizer.clip_and_update`) multiplies the gradients inside the momentum
-        pass, so a clipped gradient is never written out."""
+        pass, so a clipped gradient is never written out. With several `streams` (the CPU's,
+        `cpu_shards`) each group's matrices are dealt out among them, each share's chain on its
+        own stream: the same values, on every core."""
         if not self._initialized:
             self.init(gradients)
         for param, scheduler in self._schedulers.items():
@@ -139,11 +142,15 @@ class NanoMuon(optim.Muon):
         for i, (g, _) in enumerate(members):
             groups.setdefault(g.shape, []).append(i)
         updated: list[mx.array] = [None] * len(members)  # type: ignore[list-item]
+        streams = streams or [mx.default_stream(mx.default_device())]
         for (rows, cols), group in groups.items():
-            X = newton_schulz(self._nesterov_stack([members[i] for i in group], gradient_scale), self.ns_steps)
             lr = self.learning_rate.astype(mx.float32) * max(1, rows / cols) ** 0.5
-            for i, p in zip(group, self._orthogonal_step([params[i] for i in group], X, lr)):
-                updated[i] = p
+            for k, stream in enumerate(streams[: len(group)]):
+                share = group[k :: len(streams)]
+                with mx.stream(stream):
+                    X = newton_schulz(self._nesterov_stack([members[i] for i in share], gradient_scale), self.ns_steps)
+                    for i, p in zip(share, self._orthogonal_step([params[i] for i in share], X, lr)):
+                        updated[i] = p
         return tree_map(lambda slot: updated[slot], slots)
 
     @staticmethod
@@ -206,18 +213,22 @@ class NanoOptimizer(optim.MultiOptimizer):
     """nanochat's three optimizers (`build_optimizer`), updated through `clip_and_update`, which
     hands clipping's scale to Muon's momentum pass instead of scaling every gradient first."""
 
-    def clip_and_update(self, model: nn.Module, gradients: dict, max_norm: float) -> mx.array:
+    def clip_and_update(self, model: nn.Module, gradients: dict, max_norm: float, streams: list | None = None) -> mx.array:
         """Global-norm clipping at `max_norm` (0: none; nanochat clips at 1.0, with the formula
-        of `optim.clip_grad_norm`), then one update; returns the norm before clipping."""
+        of `optim.clip_grad_norm`), then one update; returns the norm before clipping. Given
+        several `streams` (the CPU's, `cpu_shards`), the AdamW groups take turns on them and Muon
+        deals its matrices out among them."""
+        streams = streams or [mx.default_stream(mx.default_device())]
         norm = global_norm(gradients)
         scale = mx.minimum(max_norm / (norm + 1e-6), 1.0) if max_norm > 0 else None
         tree: dict = {}
-        for opt, grads in zip(self.optimizers, self._split_dictionary(gradients)):
+        for k, (opt, grads) in enumerate(zip(self.optimizers, self._split_dictionary(gradients))):
             if isinstance(opt, NanoMuon):
-                tree = tree_merge(tree, opt.apply_gradients(grads, model, gradient_scale=scale))
+                tree = tree_merge(tree, opt.apply_gradients(grads, model, gradient_scale=scale, streams=streams))
             else:
-                scaled = grads if scale is None else tree_map(lambda g: g * scale, grads)
-                tree = tree_merge(tree, opt.apply_gradients(scaled, model))
+                with mx.stream(streams[k % len(streams)]):
+                    scaled = grads if scale is None else tree_map(lambda g: g * scale, grads)
+                    tree = tree_merge(tree, opt.apply_gradients(scaled, model))
         model.update(tree)
         return norm
 

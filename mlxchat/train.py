@@ -197,7 +197,7 @@ class TrainStep:
         def apply(grads):
             if world_size > 1:  # averaged in fp32, as nanochat's all-reduce of its fp32 .grad
                 grads = nn.average_gradients(add_gradients(None, grads))
-            return optimizer.clip_and_update(model, grads, grad_clip)
+            return optimizer.clip_and_update(model, grads, grad_clip, streams)
 
         def fused(x, y):
             loss, grads = grads_of(x, y)

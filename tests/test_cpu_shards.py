@@ -77,3 +77,21 @@ def test_a_bad_shard_count_is_named(monkeypatch, value):
     monkeypatch.setenv(cpu_shards.SHARDS_ENV, value)
     with pytest.raises(MlxchatError, match=f"MLXCHAT_CPU_SHARDS='{value}': expected a whole number >= 1"):
         cpu_shards.shard_count(1)
+
+
+def test_the_update_dealt_over_streams_is_the_one_stream_update():
+    """Muon's groups dealt out over two streams and the AdamW groups taking turns: the same values."""
+    x, y = _batch(4)
+    results = []
+    for streams in (None, [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)]):
+        model = _model()
+        _, g = nn.value_and_grad(model, lambda m, x, y: m(x, y))(model, x, y)
+        opt = build_optimizer(model, OptimConfig(), 10)
+        opt.init(model.trainable_parameters())
+        norm = opt.clip_and_update(model, g, 0.5, streams)
+        mx.eval(model.parameters(), opt.state)
+        results.append((norm.item(), dict(tree_flatten(model.parameters()))))
+    (norm1, p1), (norm2, p2) = results
+    assert norm1 == norm2
+    for name in p1:
+        assert mx.array_equal(p1[name], p2[name]).item(), name
