@@ -80,10 +80,11 @@ def run_step(args, stage: str) -> dict:
     mx.eval(batches)
     it = (batches[i % len(batches)] for i in range(10**9))
     times = []
-    for _ in range(len(widths) if args.widths else args.warmup + args.steps):
-        t0 = time.perf_counter()
-        step(it)
-        times.append(time.perf_counter() - t0)
+    with step.running():  # as train_loop runs its steps
+        for _ in range(len(widths) if args.widths else args.warmup + args.steps):
+            t0 = time.perf_counter()
+            step(it)
+            times.append(time.perf_counter() - t0)
     if args.widths:  # replayed SFT widths, the loop's warm-up steps first: left out of both
         return summarize_tokens(times[args.warmup:], [args.batch * w for w in widths[args.warmup:]])
     return summarize(times[args.warmup:], args.batch * args.seq_len)

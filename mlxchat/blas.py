@@ -76,17 +76,25 @@ def warning_line(reason: str) -> str:
             f"{INSTALL_HINT} (or run ./setup.sh)")
 
 
-def set_openblas_threads(threads: int) -> bool:
-    """Set the thread count of the OpenBLAS loaded in this process; False where none is loaded
-    (macOS's Accelerate, MLX's reference BLAS), which is then left as it is."""
+def _openblas_function(name: str):
+    """A function of the OpenBLAS loaded in this process, or None (macOS's Accelerate, MLX's
+    reference BLAS, or one loaded without its symbols in the global namespace)."""
     if not openblas_loaded():
-        return False
-    try:
-        setter = ctypes.CDLL(None).openblas_set_num_threads
-    except AttributeError:  # loaded without its symbols in the global namespace
-        return False
-    setter(threads)
-    return True
+        return None
+    return getattr(ctypes.CDLL(None), name, None)
+
+
+def openblas_threads() -> int | None:
+    """How many threads the loaded OpenBLAS runs a GEMM on; None where none is loaded."""
+    getter = _openblas_function("openblas_get_num_threads")
+    return getter() if getter else None
+
+
+def set_openblas_threads(threads: int) -> None:
+    """Set the loaded OpenBLAS's thread count; nothing where none is loaded."""
+    setter = _openblas_function("openblas_set_num_threads")
+    if setter:
+        setter(threads)
 
 
 def ensure_fast_blas() -> None:

@@ -11,12 +11,13 @@ over that count, so the shards add up to it. One shard (a GPU, `world_size` > 1,
 machine) is the unsharded computation, op for op.
 
 BLAS: OpenBLAS serves concurrent callers from one thread pool, so two shards' 2-thread GEMMs
-queue behind each other; with more than one shard, each GEMM gets one thread (bench/README.md,
-eighteenth session: d4 step 1.08× with 2 BLAS threads, 1.20× with one).
+queue behind each other; while the steps run (`OneBlasThreadPerShard`), each GEMM gets one
+thread (bench/README.md, seventeenth session: the d4 step ~1.19× faster than with two).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable
 
@@ -51,12 +52,44 @@ def shard_count(world_size: int) -> int:
 
 
 def training_streams(world_size: int) -> list:
-    """The streams the training step's shards run on, the default one first; with more than one,
-    OpenBLAS is set to one thread (see the module's docstring)."""
+    """The streams the training step's shards run on, the default one first."""
     count = shard_count(world_size)
-    if count > 1:
-        blas.set_openblas_threads(1)
     return [mx.default_stream(mx.default_device())] + [mx.new_stream(mx.cpu) for _ in range(count - 1)]
+
+
+class OneBlasThreadPerShard:
+    """Inside it, OpenBLAS runs each GEMM on one thread while there are several shards (see the
+    module's docstring); as before outside it, and inside `paused()`, so evaluations and later
+    stages in the same process keep every thread for their GEMMs. Queued work on every stream is
+    waited for at each change: a GEMM in flight must not see the count change under it."""
+
+    def __init__(self, streams: list):
+        self.streams = streams
+        self.previous = None
+
+    def _set(self, threads: int) -> None:
+        for stream in self.streams:
+            mx.synchronize(stream)
+        blas.set_openblas_threads(threads)
+
+    def __enter__(self):
+        self.previous = blas.openblas_threads() if len(self.streams) > 1 else None
+        if self.previous not in (None, 1):
+            self._set(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous not in (None, 1):
+            self._set(self.previous)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Every BLAS thread back for the block (an evaluation between steps)."""
+        self.__exit__()
+        try:
+            yield
+        finally:
+            self.__enter__()
 
 
 def sharded_loss_and_grad(loss_and_grad: Callable, x: mx.array, y: mx.array, streams: list):

@@ -188,7 +188,7 @@ class TrainStep:
         self.accum = grad_accum_steps
         state = [model.state, optimizer.state]
         loss_and_grad = nn.value_and_grad(model, lambda m, x, y, count: m(x, y, reduction="sum") / count)
-        streams = cpu_shards.training_streams(world_size)
+        self.streams = streams = cpu_shards.training_streams(world_size)
 
         self.world_size = world_size
         def grads_of(x, y):
@@ -236,6 +236,10 @@ class TrainStep:
             loss = mx.distributed.all_sum(loss) / self.world_size
         mx.async_eval(loss, norm, self.model.parameters(), self.optimizer.state)
         return loss, norm
+
+    def running(self) -> cpu_shards.OneBlasThreadPerShard:
+        """The context the steps run in: OpenBLAS at one thread a shard while it is open."""
+        return cpu_shards.OneBlasThreadPerShard(self.streams)
 
     def __call__(self, batches) -> tuple[float, float]:
         """One optimizer step, waited for: (mean loss, grad norm) as floats."""
@@ -523,7 +527,7 @@ def train_loop(
 
     prefetched = Prefetched(make_loader("train", loader_state))
     train_batches = RankShare(prefetched)
-    with StopRequested() as stop, contextlib.closing(prefetched):
+    with StopRequested() as stop, contextlib.closing(prefetched), step_fn.running() as blas_threads:
         # One step runs ahead: step k+1 is loaded and queued before step k's loss is read, so the
         # device never waits for the host (batch loading, logging) between steps.
         queued = None
@@ -566,7 +570,8 @@ def train_loop(
                 stopping = sum_over_ranks([stop.requested])[0] > 0
             last_step = step == p.num_iterations
             if cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0):
-                evaluate(ctx, make_loader, step)
+                with blas_threads.paused():
+                    evaluate(ctx, make_loader, step)
             if last_step or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or stopping:
                 last_ckpt = save(ctx, step, train_batches.state_dict())
             if stopping:

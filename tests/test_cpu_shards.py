@@ -95,3 +95,36 @@ def test_the_update_dealt_over_streams_is_the_one_stream_update():
     assert norm1 == norm2
     for name in p1:
         assert mx.array_equal(p1[name], p2[name]).item(), name
+
+
+def test_blas_runs_one_thread_a_shard_while_the_steps_run_and_all_of_them_otherwise(monkeypatch):
+    """The count is set only inside TrainStep.running(), restored for an evaluation (`paused`) and
+    after it, so later stages in the same process keep every BLAS thread."""
+    calls = []
+    threads = {"n": 2}
+    monkeypatch.setattr(cpu_shards.blas, "openblas_threads", lambda: threads["n"])
+    monkeypatch.setattr(cpu_shards.blas, "set_openblas_threads", lambda n: (calls.append(n), threads.update(n=n)))
+    streams = [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)]
+    with cpu_shards.OneBlasThreadPerShard(streams) as running:
+        assert threads["n"] == 1
+        with running.paused():
+            assert threads["n"] == 2
+        assert threads["n"] == 1
+    assert threads["n"] == 2 and calls == [1, 2, 1, 2]
+    with cpu_shards.OneBlasThreadPerShard(streams[:1]):  # one shard: BLAS keeps its threads
+        assert threads["n"] == 2
+    assert calls == [1, 2, 1, 2]
+
+
+def test_the_real_openblas_thread_count_is_read_and_set():
+    from mlxchat import blas
+
+    before = blas.openblas_threads()
+    if before is None:
+        pytest.skip("no OpenBLAS loaded in this process (MLX's own BLAS or Accelerate)")
+    try:
+        blas.set_openblas_threads(1)
+        assert blas.openblas_threads() == 1
+    finally:
+        blas.set_openblas_threads(before)
+    assert blas.openblas_threads() == before
