@@ -18,6 +18,7 @@ thread (bench/README.md, seventeenth session: the d4 step ~1.19× faster than wi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Callable
 
@@ -53,8 +54,14 @@ def shard_count(world_size: int) -> int:
 
 def training_streams(world_size: int) -> list:
     """The streams the training step's shards run on, the default one first."""
-    count = shard_count(world_size)
-    return [mx.default_stream(mx.default_device())] + [mx.new_stream(mx.cpu) for _ in range(count - 1)]
+    return [mx.default_stream(mx.default_device()), *_extra_cpu_streams(shard_count(world_size) - 1)]
+
+
+@functools.cache
+def _extra_cpu_streams(count: int) -> tuple:
+    """Made once a process: each CPU stream is a thread that lives as long as the process, and
+    every stage (and test) builds a TrainStep of its own."""
+    return tuple(mx.new_stream(mx.cpu) for _ in range(count))
 
 
 class OneBlasThreadPerShard:
