@@ -30,7 +30,7 @@ def _batch(rows: int):
 
 
 @pytest.mark.parametrize("rows, shards", [(4, 2), (3, 2), (5, 3), (1, 2)])
-def test_sharded_loss_and_gradients_equal_the_whole_batchs(rows, shards):
+def test_sharded_loss_and_gradients_equal_the_whole_batch(rows, shards):
     model = _model()
     x, y = _batch(rows)
     whole = nn.value_and_grad(model, lambda m, x, y: m(x, y))
