@@ -26,6 +26,7 @@ import mlx.core as mx
 
 from mlxchat import blas
 from mlxchat.common import MlxchatError
+from mlxchat.gpt import valid_target_count
 from mlxchat.optim import add_gradients
 
 SHARDS_ENV = "MLXCHAT_CPU_SHARDS"  # how many shards (1 turns sharding off); default: one per core
@@ -106,7 +107,7 @@ def sharded_loss_and_grad(loss_and_grad: Callable, x: mx.array, y: mx.array, str
     Shards are contiguous rows, the first ones a row longer where the rows do not divide evenly;
     there are never more shards than rows. Their gradients are summed in fp32
     (`optim.add_gradients`: the block matrices' arrive in the compute dtype)."""
-    count = mx.maximum((y >= 0).sum(), 1)
+    count = valid_target_count(y)
     shards = min(len(streams), x.shape[0])
     if shards == 1:
         return loss_and_grad(x, y, count)

@@ -444,10 +444,13 @@ class GPT(nn.Module):
             return self.logits(h)
         if reduction == "none":
             return chunked_cross_entropy(self, h, targets)
-        if reduction == "sum":
-            return chunked_loss_sum(self, h, targets)
-        valid = (targets >= 0).sum()
-        return chunked_loss_sum(self, h, targets) / mx.maximum(valid, 1)
+        loss = chunked_loss_sum(self, h, targets)
+        return loss if reduction == "sum" else loss / valid_target_count(targets)
+
+
+def valid_target_count(targets: mx.array) -> mx.array:
+    """The training loss's denominator: how many targets are not ignored (< 0), at least 1."""
+    return mx.maximum((targets >= 0).sum(), 1)
 
 
 def loss_kernel() -> str:

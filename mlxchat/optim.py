@@ -142,7 +142,7 @@ class NanoMuon(optim.Muon):
         for i, (g, _) in enumerate(members):
             groups.setdefault(g.shape, []).append(i)
         updated: list[mx.array] = [None] * len(members)  # type: ignore[list-item]
-        streams = streams or [mx.default_stream(mx.default_device())]
+        streams = streams_or_default(streams)
         for (rows, cols), group in groups.items():
             lr = self.learning_rate.astype(mx.float32) * max(1, rows / cols) ** 0.5
             for k, stream in enumerate(streams[: len(group)]):
@@ -183,6 +183,11 @@ class NanoMuon(optim.Muon):
         return stack
 
 
+def streams_or_default(streams: list | None) -> list:
+    """The streams an update spreads over (`cpu_shards`' on the CPU), or the default one."""
+    return streams or [mx.default_stream(mx.default_device())]
+
+
 def orthogonal_step_per_matrix(params: list[mx.array], X: mx.array, lr: mx.array) -> list[mx.array]:
     """Muon's parameter step in MLX ops, one matrix at a time (the portable path, and what
     `bench/group_kernels.py` times the CUDA kernel against): through a split, since an integer index
@@ -218,7 +223,7 @@ class NanoOptimizer(optim.MultiOptimizer):
         of `optim.clip_grad_norm`), then one update; returns the norm before clipping. Given
         several `streams` (the CPU's, `cpu_shards`), the AdamW groups take turns on them and Muon
         deals its matrices out among them."""
-        streams = streams or [mx.default_stream(mx.default_device())]
+        streams = streams_or_default(streams)
         norm = global_norm(gradients)
         scale = mx.minimum(max_norm / (norm + 1e-6), 1.0) if max_norm > 0 else None
         tree: dict = {}

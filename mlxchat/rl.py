@@ -31,7 +31,7 @@ import numpy as np
 
 from mlxchat import checkpoint as ckpt_lib
 from mlxchat.common import MlxchatError, default_dtype, get_logger
-from mlxchat.gpt import GPT, GPTConfig
+from mlxchat.gpt import GPT, GPTConfig, valid_target_count
 from mlxchat.optim import OptimConfig, WithOptim, add_gradients, build_optimizer
 from mlxchat.rundir import METRICS_FILE, run_dir
 
@@ -156,7 +156,7 @@ def policy_gradient_step(model, optimizer, batch: list[Rollouts], device_batch_s
         passes = n // device_batch_size
         for b0 in range(0, n, device_batch_size):
             targets = ro.targets[b0:b0 + device_batch_size]
-            normalizer = mx.maximum((targets >= 0).sum(), 1).astype(mx.float32) * passes * len(batch)
+            normalizer = valid_target_count(targets).astype(mx.float32) * passes * len(batch)
             loss, grads = loss_and_grad(model, ro.inputs[b0:b0 + device_batch_size], targets,
                                         ro.advantages[b0:b0 + device_batch_size], normalizer)
             total = add_gradients(total, grads)
