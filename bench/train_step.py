@@ -32,7 +32,9 @@ one on Metal, the portable one on CPU), ours-ckpt (`ours` with `mx.checkpoint` p
 MFU = FLOPs/token (nanochat's estimate, 6·N + attention) × tok/s / peak. On CUDA the peak is
 the device's dense bf16 rate (H100/H200: 989 TFLOP/s, nanochat's figure). On CPU it is measured
 here: the best fp32 `mx.matmul` rate of a 2048³ product, so CPU MFU is "fraction of what a big
-GEMM reaches on this machine". Peak memory is `mx.get_peak_memory()` (MLX) or
+GEMM reaches on this machine". The roofline line divides that peak by the step's FLOPs per token,
+Muon's Newton–Schulz included: no implementation of this step runs faster, so a ratio against
+another one cannot exceed roofline ÷ its tok/s. Peak memory is `mx.get_peak_memory()` (MLX) or
 `torch.cuda.max_memory_allocated()` (torch on CUDA), reset after the warm-up steps, so it is the
 steady-state peak of a training step including weights and optimizer state. torch on CPU has no
 allocator statistics: its column shows the process's max RSS, marked "(rss)".
@@ -321,12 +323,30 @@ def run_mlx(args, variant: str) -> dict:
         "losses": warm + losses,
         "warmup_step_times_s": warm_times,
         "flops_per_token": model.estimate_flops(),
+        "update_flops_per_step": newton_schulz_flops(model),
         "num_params": model.num_params(),
         "device_name": mlx_device_name(mx),
         "framework": f"mlx {mx.__version__}" + (" + cuDNN attention extension" if attention == "cudnn-extension" else ""),
         "loss_kernel": loss_kernel(),
         "attention": attention,  # a failed extension build falls back to MLX's with only a warning: say which ran
     }
+
+
+def newton_schulz_flops(model, steps: int = 5) -> int:
+    """FLOPs of Muon's Newton–Schulz in one update (`optim.newton_schulz`: per iteration on an m×n
+    matrix, m ≤ n, the Gram product 2m²n, its square 2m³, the product back 2m²n). nanochat's 6·N
+    leaves the update out; on a small model it is a fifth of the step's work, so the roofline
+    below counts it."""
+    from mlx.utils import tree_flatten
+
+    from mlxchat.optim import param_group
+
+    total = 0
+    for name, p in tree_flatten(model.parameters()):
+        if param_group(name) == "matrix":
+            m, n = sorted(p.shape)
+            total += steps * (4 * m * m * n + 2 * m**3)
+    return total
 
 
 def run_peak(args) -> dict:
@@ -552,6 +572,17 @@ def main(argv=None) -> dict:
         print(f"{v:<15} {r['tok_per_s']:>10,.0f} {r['tok_per_s_median']:>10,.0f} {mfu:>7} {mem:>14} "
               f"{'' if ratio is None else f'{ratio:.2f}':>8}  {loss:<17} {r['framework']}")
     print(f"('ours ×' = ours tok/s ÷ that row's; MFU against {peak / 1e12:.3f} TFLOP/s: {peak_src})")
+    roofline = None
+    if peak and "update_flops_per_step" in base:
+        # the most tok/s any implementation of this step reaches at the peak: what a ratio can be
+        tokens = args.batch * args.seq_len
+        flops = base["flops_per_token"] + base["update_flops_per_step"] / tokens
+        roofline = peak / flops
+        print(f"roofline: {roofline:,.0f} tok/s at the peak ({base['flops_per_token'] / 1e6:.1f} MFLOP/token "
+              f"forward+backward + {base['update_flops_per_step'] / tokens / 1e6:.1f} Newton–Schulz); "
+              f"ours reaches {base['tok_per_s'] / roofline:.0%} of it"
+              + "".join(f", {v} {r['tok_per_s'] / roofline:.0%}" for v, r in results.items()
+                        if v != "ours" and "tok_per_s" in r))
     for v, r in results.items():
         if "kernel_profile" in r:
             print_profile(v, r["kernel_profile"])
@@ -565,6 +596,7 @@ def main(argv=None) -> dict:
         "platform": platform.platform(),
         "peak_flops": peak,
         "peak_flops_source": peak_src,
+        "roofline_tok_per_s": roofline,
         "results": results,
         "ratios_ours_over": {v: base["tok_per_s"] / r["tok_per_s"] for v, r in results.items()
                              if "tok_per_s" in r and "tok_per_s" in base and v != "ours"},
