@@ -1,18 +1,21 @@
-"""On the CPU, split each training micro-batch across CPU streams, one per core.
+"""On the CPU, split each training micro-batch, and each evaluation forward, across CPU streams,
+one per core.
 
 Why: MLX's CPU backend runs every kernel but the BLAS GEMMs on one thread, its stream's (the
 softcapped loss's exp and tanh, the norms, relu², attention's softmax, the optimizer's
 elementwise passes), so on a 2-core machine one core idled through most of a d4 step. MLX runs
 each CPU stream on a thread of its own: rows of the batch differentiated on separate streams
-run side by side, and their gradients are summed in the same compiled graph.
+run side by side, and their gradients are summed in the same compiled graph. Evaluation forwards
+(CORE's losses, bpb's sums) are split the same way; their rows are independent.
 
 The loss stays nanochat's mean over the batch's valid targets: each shard returns its loss sum
 over that count, so the shards add up to it. One shard (a GPU, `world_size` > 1, or a 1-core
 machine) is the unsharded computation, op for op.
 
 BLAS: OpenBLAS serves concurrent callers from one thread pool, so two shards' 2-thread GEMMs
-queue behind each other; while the steps run (`OneBlasThreadPerShard`), each GEMM gets one
-thread (bench/README.md, seventeenth session: the d4 step ~1.19× faster than with two).
+queue behind each other; while sharded steps or evaluations run (`OneBlasThreadPerShard`), each
+GEMM gets one thread (bench/README.md, seventeenth session: the d4 step ~1.19× faster than with
+two; eighteenth: the smoke CORE evaluation 1.3× faster sharded).
 """
 
 from __future__ import annotations
@@ -53,8 +56,8 @@ def shard_count(world_size: int) -> int:
     return int(forced)
 
 
-def training_streams(world_size: int) -> list:
-    """The streams the training step's shards run on, the default one first."""
+def shard_streams(world_size: int) -> list:
+    """The streams a batch's shards run on, the default one first."""
     return [mx.default_stream(mx.default_device()), *_extra_cpu_streams(shard_count(world_size) - 1)]
 
 
@@ -100,24 +103,36 @@ class OneBlasThreadPerShard:
             self.__enter__()
 
 
-def sharded_loss_and_grad(loss_and_grad: Callable, x: mx.array, y: mx.array, streams: list):
-    """(mean loss over y's valid targets, its gradients) of the batch (x, y), its rows split over
-    `streams`: `loss_and_grad(x, y, count)` gives a shard's loss sum / count and its gradients.
+def on_row_shards(fn: Callable, arrays: tuple, streams: list) -> list:
+    """`fn(*shard)` for each shard of `arrays`' rows, each on its stream, in row order.
 
     Shards are contiguous rows, the first ones a row longer where the rows do not divide evenly;
-    there are never more shards than rows. Their gradients are summed in fp32
-    (`optim.add_gradients`: the block matrices' arrive in the compute dtype)."""
-    count = valid_target_count(y)
-    shards = min(len(streams), x.shape[0])
+    there are never more shards than rows. One shard is `fn(*arrays)` itself, op for op."""
+    rows = arrays[0].shape[0]
+    shards = min(len(streams), rows)
     if shards == 1:
-        return loss_and_grad(x, y, count)
-    base, extra = divmod(x.shape[0], shards)
-    losses, total, start = [], None, 0
+        return [fn(*arrays)]
+    base, extra = divmod(rows, shards)
+    outputs, start = [], 0
     for i, stream in enumerate(streams[:shards]):
         stop = start + base + (i < extra)
         with mx.stream(stream):
-            loss, grads = loss_and_grad(x[start:stop], y[start:stop], count)
-        losses.append(loss)
-        total = add_gradients(total, grads)
+            outputs.append(fn(*(a[start:stop] for a in arrays)))
         start = stop
+    return outputs
+
+
+def sharded_loss_and_grad(loss_and_grad: Callable, x: mx.array, y: mx.array, streams: list):
+    """(mean loss over y's valid targets, its gradients) of the batch (x, y), its rows split over
+    `streams`: `loss_and_grad(x, y, count)` gives a shard's loss sum / count and its gradients.
+    The shards' gradients are summed in fp32 (`optim.add_gradients`: the block matrices' arrive
+    in the compute dtype)."""
+    count = valid_target_count(y)
+    parts = on_row_shards(lambda x, y: loss_and_grad(x, y, count), (x, y), streams)
+    if len(parts) == 1:
+        return parts[0]
+    total = None
+    for _, grads in parts:
+        total = add_gradients(total, grads)
+    losses = [loss for loss, _ in parts]
     return sum(losses[1:], losses[0]), total

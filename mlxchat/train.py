@@ -188,7 +188,7 @@ class TrainStep:
         self.accum = grad_accum_steps
         state = [model.state, optimizer.state]
         loss_and_grad = nn.value_and_grad(model, lambda m, x, y, count: m(x, y, reduction="sum") / count)
-        self.streams = streams = cpu_shards.training_streams(world_size)
+        self.streams = streams = cpu_shards.shard_streams(world_size)
 
         self.world_size = world_size
         def grads_of(x, y):

@@ -1,4 +1,5 @@
-"""The training step's batch split across CPU streams gives the whole batch's loss and update."""
+"""The training step's batch split across CPU streams gives the whole batch's loss and update, and
+the evaluations' forwards split the same way give the whole batch's numbers."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -8,6 +9,7 @@ from mlx.utils import tree_flatten
 
 from mlxchat import cpu_shards
 from mlxchat.common import MlxchatError
+from mlxchat.evaluation import bpb, core
 from mlxchat.gpt import GPT, GPTConfig
 from mlxchat.optim import OptimConfig, build_optimizer
 from mlxchat.train import TrainStep
@@ -15,9 +17,11 @@ from mlxchat.train import TrainStep
 CFG = GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
 
 
-def _model() -> GPT:
+def _model(random_head: bool = False) -> GPT:
     model = GPT(CFG)
     model.init_weights(0)
+    if random_head:  # nanochat's zero head gives every token the same loss: nothing to tell shards apart
+        model.lm_head.weight = mx.random.normal(model.lm_head.weight.shape, key=mx.random.key(4))
     return model
 
 
@@ -128,3 +132,51 @@ def test_the_real_openblas_thread_count_is_read_and_set():
     finally:
         blas.set_openblas_threads(before)
     assert blas.openblas_threads() == before
+
+
+@pytest.mark.parametrize("rows, shards", [(5, 2), (5, 3), (1, 2)])
+def test_cores_sharded_forward_gives_the_whole_batchs_losses_and_predictions(rows, shards):
+    model = _model(random_head=True)
+    x, _ = _batch(rows)
+    ids = [r[: 16 - i] for i, r in enumerate(x.tolist())]  # ragged rows, right-padded by _forward
+    streams = [mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(shards - 1)]
+    losses, preds = core._forward(model, ids, 0, streams)
+    ref_losses, ref_preds = core._forward(model, ids, 0)
+    assert len(losses) == rows and preds == ref_preds
+    np.testing.assert_allclose(np.array(losses), np.array(ref_losses), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("evaluate", ["bpb", "loss"])
+def test_bpb_and_the_validation_loss_sharded_equal_the_unsharded(monkeypatch, evaluate):
+    """Each batch's sums are added over the shards; rows 5 over 3 shards leave them uneven."""
+    batches = [_batch(5) for _ in range(2)]
+    token_bytes = mx.arange(64) % 4  # some tokens count no bytes, as special tokens
+    results = []
+    for shards in ("1", "3"):
+        monkeypatch.setenv(cpu_shards.SHARDS_ENV, shards)
+        if evaluate == "bpb":
+            results.append(bpb.evaluate_bpb(_model(random_head=True), iter(batches), 2, token_bytes))
+        else:
+            results.append(bpb.evaluate_loss(_model(random_head=True), iter(batches), 2))
+    assert results[1] == pytest.approx(results[0], rel=1e-6)
+
+
+def test_core_runs_its_forwards_with_one_blas_thread_a_shard(monkeypatch):
+    """evaluate_task holds OneBlasThreadPerShard around its forwards and gives the threads back."""
+    seen, threads = [], {"n": 2}
+    monkeypatch.setenv(cpu_shards.SHARDS_ENV, "2")
+    monkeypatch.setattr(cpu_shards.blas, "openblas_threads", lambda: threads["n"])
+    monkeypatch.setattr(cpu_shards.blas, "set_openblas_threads", lambda n: threads.update(n=n))
+    forward = core._forward
+    monkeypatch.setattr(core, "_forward", lambda *a: (seen.append((threads["n"], len(a[3]))), forward(*a))[1])
+
+    class Tok:
+        bos_id = 0
+
+        def encode(self, texts, prepend=None):
+            return [[prepend or 0] + [1 + ord(c) % 60 for c in t] for t in texts]
+
+    data = [{"context": "ab", "continuation": "cd"}, {"context": "ef", "continuation": "g"}]
+    meta = {"task_type": "language_modeling", "num_fewshot": 0, "continuation_delimiter": " "}
+    core.evaluate_task(_model(), Tok(), data, meta)
+    assert seen and all(s == (1, 2) for s in seen) and threads["n"] == 2

@@ -9,7 +9,8 @@ what was actually measured: "CORE" only for all 22 official tasks, else "CORE-pa
 Prompts, few-shot sampling (random.Random(1234 + idx), the item itself excluded), the
 left-truncation and the scoring follow nanochat's core_eval.py so numbers are comparable.
 Unlike nanochat, several examples share one forward pass: rows are padded on the right,
-and a causal model's losses at the real positions do not depend on the padding.
+and a causal model's losses at the real positions do not depend on the padding. On the CPU a
+forward's rows are split over the cores (`cpu_shards`).
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from pathlib import Path
 import mlx.core as mx
 import yaml
 
+from mlxchat import cpu_shards
 from mlxchat.common import MlxchatError, get_logger, read_json
-from mlxchat.distributed import my_share, sum_over_ranks
+from mlxchat.distributed import my_share, sum_over_ranks, world
 from mlxchat.evaluation.pack import CORE_TASKS
 
 log = get_logger(__name__)
@@ -93,16 +95,21 @@ def build_example(idx: int, data: list[dict], meta: dict, tokenizer, max_seq_len
     return tokens, spans
 
 
-def _forward(model, rows: list[list[int]], pad_id: int):
-    """Per-position next-token losses and argmax predictions of right-padded rows."""
+def _forward(model, rows: list[list[int]], pad_id: int, streams: list | None = None):
+    """Per-position next-token losses and argmax predictions of right-padded rows, the rows
+    split over `streams` (default: the current stream alone)."""
     width = max(len(r) for r in rows)
     ids = mx.array([r + [pad_id] * (width - len(r)) for r in rows], dtype=mx.int32)
-    logits = model(ids).astype(mx.float32)
-    targets = mx.concatenate([ids[:, 1:], ids[:, :1]], axis=1)
-    losses = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    preds = mx.argmax(logits, axis=-1)
-    mx.eval(losses, preds)
-    return losses.tolist(), preds.tolist()
+
+    def scored(ids):
+        logits = model(ids).astype(mx.float32)
+        targets = mx.concatenate([ids[:, 1:], ids[:, :1]], axis=1)
+        losses = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return losses, mx.argmax(logits, axis=-1)
+
+    parts = cpu_shards.on_row_shards(scored, (ids,), streams or [mx.default_stream(mx.default_device())])
+    mx.eval(parts)
+    return [row for losses, _ in parts for row in losses.tolist()], [row for _, preds in parts for row in preds.tolist()]
 
 
 def _score(meta: dict, item: dict, rows, spans, losses, preds) -> bool:
@@ -122,11 +129,12 @@ def evaluate_task(model, tokenizer, data: list[dict], meta: dict, batch_tokens: 
     Data-parallel ranks score every world-th example and add up their counts: each example's
     few-shot draw depends only on its index, so the split changes no answer."""
     correct, pending, pending_tokens = 0, [], 0
+    streams = cpu_shards.shard_streams(world().size())
 
     def flush():
         nonlocal correct
         rows = [r for _, toks, _ in pending for r in toks]
-        losses, preds = _forward(model, rows, tokenizer.bos_id)
+        losses, preds = _forward(model, rows, tokenizer.bos_id, streams)
         at = 0
         for idx, toks, spans in pending:
             n = len(toks)
@@ -134,16 +142,17 @@ def evaluate_task(model, tokenizer, data: list[dict], meta: dict, batch_tokens: 
             at += n
         pending.clear()
 
-    for idx in my_share(len(data)):
-        toks, spans = build_example(idx, data, meta, tokenizer, max_seq_len)
-        size = len(toks) * max(len(t) for t in toks)
-        if pending and pending_tokens + size > batch_tokens:
+    with cpu_shards.OneBlasThreadPerShard(streams):
+        for idx in my_share(len(data)):
+            toks, spans = build_example(idx, data, meta, tokenizer, max_seq_len)
+            size = len(toks) * max(len(t) for t in toks)
+            if pending and pending_tokens + size > batch_tokens:
+                flush()
+                pending_tokens = 0
+            pending.append((idx, toks, spans))
+            pending_tokens += size
+        if pending:
             flush()
-            pending_tokens = 0
-        pending.append((idx, toks, spans))
-        pending_tokens += size
-    if pending:
-        flush()
     return sum_over_ranks([correct])[0] / len(data) if data else 0.0
 
 
