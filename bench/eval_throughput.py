@@ -7,13 +7,17 @@ against one example per forward, at several depths, in one run.
 DIR must hold the eval pack (`mlxchat --home DIR data prepare-evals`) and the smoke corpus
 (`mlxchat --home DIR data prepare-smoke`); a 4,096-token tokenizer is trained on the corpus.
 Models are randomly initialised: throughput does not depend on what they learned. Prints
-examples/s and the batched / one-by-one ratio; `--json` writes the numbers.
+examples/s and the batched / one-by-one ratio; on the CPU also CORE scoring one example per
+forward (what `eval_batching` picks there) and bpb (tokens/s) with each forward's rows split over the cores (`cpu_shards`, the default) against one
+shard (`MLXCHAT_CPU_SHARDS=1`, the code before the split). `--json` writes the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
 import sys
 import time
@@ -26,6 +30,22 @@ def timed(fn) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
+
+
+@contextlib.contextmanager
+def shards(count: str | None):
+    """`MLXCHAT_CPU_SHARDS` set to `count` (None: unset, one shard a core) for the block."""
+    from mlxchat.cpu_shards import SHARDS_ENV
+
+    before = os.environ.pop(SHARDS_ENV, None)
+    if count is not None:
+        os.environ[SHARDS_ENV] = count
+    try:
+        yield
+    finally:
+        os.environ.pop(SHARDS_ENV, None)
+        if before is not None:
+            os.environ[SHARDS_ENV] = before
 
 
 def main() -> None:
@@ -41,7 +61,7 @@ def main() -> None:
 
     from mlxchat import dataset
     from mlxchat.conversations import ARC
-    from mlxchat.evaluation import core
+    from mlxchat.evaluation import bpb, core
     from mlxchat.evaluation.chatcore import run_categorical_eval
     from mlxchat.gpt import GPT, GPTConfig
     from mlxchat.tokenizer import Tokenizer
@@ -75,6 +95,17 @@ def main() -> None:
         for name, batch in (("categorical_batched", 16), ("categorical_one_by_one", 1)):
             seconds, _ = timed(lambda: run_categorical_eval(arc, model, tok, batch_size=batch))
             row[name] = len(arc) / seconds
+        if mx.default_device() == mx.cpu:
+            ids = mx.random.randint(0, tok.vocab_size, (4, 8, 1024), key=mx.random.key(0))
+            token_bytes = mx.array(tok.token_bytes())
+            for label, count in (("sharded", None), ("one_shard", "1")):
+                with shards(count):
+                    bpb.evaluate_bpb(model, iter([(ids[0], ids[0])]), 1, token_bytes)  # compile
+                    seconds, _ = timed(lambda: bpb.evaluate_bpb(model, iter(zip(ids, ids)), len(ids), token_bytes))
+                    row[f"bpb_{label}"] = ids.size / seconds
+                    if label == "one_shard":
+                        seconds, _ = timed(lambda: core.evaluate_task(model, tok, data, meta, batch_tokens=1))
+                        row["core_one_by_one_one_shard"] = len(data) / seconds
         results["depths"][depth] = row
         print(f"d{depth} ({row['params'] / 1e6:.1f}M params), {args.examples} examples, {results['device']}")
         print(f"  CORE-style ({args.core_task}): batched {row['core_batched']:.2f} ex/s, one-by-one "
@@ -82,6 +113,12 @@ def main() -> None:
         print(f"  categorical (ARC-Easy):  batched {row['categorical_batched']:.2f} ex/s, one-by-one "
               f"{row['categorical_one_by_one']:.2f} ex/s, ratio "
               f"{row['categorical_batched'] / row['categorical_one_by_one']:.2f}x")
+        if "bpb_sharded" in row:
+            print(f"  CPU shards: CORE one-by-one {row['core_one_by_one']:.2f} against "
+                  f"{row['core_one_by_one_one_shard']:.2f} ex/s one shard "
+                  f"({row['core_one_by_one'] / row['core_one_by_one_one_shard']:.2f}x); bpb "
+                  f"{row['bpb_sharded']:,.0f} against {row['bpb_one_shard']:,.0f} tok/s "
+                  f"({row['bpb_sharded'] / row['bpb_one_shard']:.2f}x)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
