@@ -651,20 +651,44 @@ def _softcap_softmax_gradient(p: mx.array, t: mx.array, targets: mx.array, g: mx
     return ((p - onehot) * g[:, None] * (1 - t * t)).astype(dtype)
 
 
+# exp(SOFTCAP·t) for t in [−1, 1] as P(t)^(2^5): P is e^(SOFTCAP·t / 32)'s Taylor polynomial of
+# degree 8, its coefficients folded with the 1/32 (`_softcap_exp`).
+_SOFTCAP_EXP_SQUARINGS = 5
+_SOFTCAP_EXP_TAYLOR = [(SOFTCAP / 2**_SOFTCAP_EXP_SQUARINGS) ** k / math.factorial(k) for k in range(9)]
+
+
+def _softcap_exp(t: mx.array) -> mx.array:
+    """exp(SOFTCAP·t) for t = tanh(·) in [−1, 1], within 4.2e-6 relative of float64 (MLX's fp32
+    `exp` of the rounded product: 1.4e-6), from multiply-adds and squares alone.
+
+    Why: MLX's CPU `exp` is one libm call a lane on Linux, ~11.6 ns an element on a 2-core EPYC;
+    this compiles into the surrounding elementwise kernel at ~1 ns with nothing materialised
+    (bench/README.md, eighteenth session). The bounded range is what allows it: |SOFTCAP·t / 32| ≤
+    0.47, where the truncation (0.47⁹/9!) is 1e-8 and the five squarings scale the rounding by 32."""
+    p = _SOFTCAP_EXP_TAYLOR[-1]
+    for c in reversed(_SOFTCAP_EXP_TAYLOR[:-1]):
+        p = p * t + c
+    for _ in range(_SOFTCAP_EXP_SQUARINGS):
+        p = mx.square(p)
+    return p
+
+
 @mx.compile
 def _portable_losses_and_dlogits(z: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
-    """One chunk's losses and d Σ losses / d z from MLX ops, with one tanh and one exp a logit: the
-    training loss on the CPU, where `_portable_losses` then `_portable_dlogits` computed both twice.
+    """One chunk's losses and d Σ losses / d z from MLX ops, with one tanh and one exp a logit (the
+    exp as `_softcap_exp`): the training loss on the CPU, where `_portable_losses` then
+    `_portable_dlogits` computed both twice.
 
     Why: without Apple's Accelerate, MLX's CPU kernels run one lane at a time (`mlx/backend/cpu/simd`
-    on Linux: tanh ~10–18 ns a logit on a 2-core EPYC), so the transcendentals were most of a d4 step
-    there: one 2048 × 8192 chunk took 876 ms as the two passes, 475 ms so. As in the CUDA kernel, the
-    softcap bounds the logits to ±SOFTCAP, so the sum of their exps needs no running maximum (at most
-    vocab·e^SOFTCAP: 2e11 at 65,536, far inside fp32). Ignored rows (targets < 0) give 0 and zeros."""
+    on Linux: tanh ~8–20 ns a logit on a 2-core EPYC, exp ~12), so the transcendentals were most of
+    a d4 step there: one 2048 × 8192 chunk took 876 ms as the two passes, 475 ms so. As in the CUDA
+    kernel, the softcap bounds the logits to ±SOFTCAP, so the sum of their exps needs no running
+    maximum (at most vocab·e^SOFTCAP: 2e11 at 65,536, far inside fp32). Ignored rows (targets < 0)
+    give 0 and zeros."""
     valid = targets >= 0
     safe = mx.where(valid, targets, 0)
     t = mx.tanh(z.astype(mx.float32) / SOFTCAP)
-    e = mx.exp(SOFTCAP * t)
+    e = _softcap_exp(t)
     total = e.sum(axis=-1, keepdims=True)
     picked = SOFTCAP * mx.take_along_axis(t, safe[:, None], axis=-1)[:, 0]
     losses = mx.where(valid, mx.log(total[:, 0]) - picked, 0.0)
