@@ -7,9 +7,10 @@ against one example per forward, at several depths, in one run.
 DIR must hold the eval pack (`mlxchat --home DIR data prepare-evals`) and the smoke corpus
 (`mlxchat --home DIR data prepare-smoke`); a 4,096-token tokenizer is trained on the corpus.
 Models are randomly initialised: throughput does not depend on what they learned. Prints
-examples/s and the batched / one-by-one ratio; on the CPU also CORE scoring one example per
-forward (what `eval_batching` picks there) and bpb (tokens/s) with each forward's rows split over the cores (`cpu_shards`, the default) against one
-shard (`MLXCHAT_CPU_SHARDS=1`, the code before the split). `--json` writes the numbers.
+examples/s and the batched / one-by-one ratio. On the CPU it also times CORE scoring one example
+per forward (what `eval_batching` picks there) and bpb (tokens/s), each forward's rows split over
+the cores (`cpu_shards`, the default) against one shard (`MLXCHAT_CPU_SHARDS=1`, the code before
+the split). `--json` writes the numbers.
 """
 
 from __future__ import annotations
