@@ -673,21 +673,49 @@ def _softcap_exp(t: mx.array) -> mx.array:
     return p
 
 
+# tanh(u) ≈ u·P(u²)/Q(u²) for |u| ≤ 9 (`_softcap_tanh`): degrees 6 and 3 in u², fitted here by
+# iteratively reweighted least squares towards the least maximum error on [0, 9] (3.5e-8 in float64).
+_TANH_P = (
+    0.9999999944740242, 0.1310789850118707, 0.0031306760771658195, 1.143470718368673e-05,
+    -2.136671958106557e-08, 5.828297208177085e-11, -9.899134799774532e-14,
+)
+_TANH_Q = (1.0, 0.4644122858592348, 0.024601485665477926, 0.00025851120826541826)
+
+
+def _softcap_tanh(z: mx.array) -> mx.array:
+    """tanh(z / SOFTCAP) within 4.3e-7 absolute of float64, from multiply-adds, one divide and
+    two clips.
+
+    Why: MLX's CPU `tanh` is one libm call a lane on Linux, 8–20 ns an element on a 2-core EPYC,
+    the loss's largest cost after `_softcap_exp`; this is ~4 ns. The polynomials go by Estrin's
+    scheme (powers s², s⁴ shared) rather than Horner's: MLX's CPU compiler splits a chain deeper
+    than its fusion limit into kernels that keep chunk-sized temporaries (bench/README.md,
+    eighteenth session). u² is capped at 81, where the ratio is tanh(9) = 1 in fp32, so larger |u|
+    gives |u|/9 > 1, clipped to ±1; NaN stays NaN."""
+    s = mx.minimum(z * z * (1 / SOFTCAP**2), 81.0)
+    s2 = s * s
+    p = (_TANH_P[0] + _TANH_P[1] * s) + s2 * (_TANH_P[2] + _TANH_P[3] * s) + s2 * s2 * (
+        (_TANH_P[4] + _TANH_P[5] * s) + s2 * _TANH_P[6])
+    q = (_TANH_Q[0] + _TANH_Q[1] * s) + s2 * (_TANH_Q[2] + _TANH_Q[3] * s)
+    return mx.clip(z * (1 / SOFTCAP) * p / q, -1.0, 1.0)
+
+
 @mx.compile
 def _portable_losses_and_dlogits(z: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
-    """One chunk's losses and d Σ losses / d z from MLX ops, with one tanh and one exp a logit (the
-    exp as `_softcap_exp`): the training loss on the CPU, where `_portable_losses` then
-    `_portable_dlogits` computed both twice.
+    """One chunk's losses and d Σ losses / d z from MLX ops, with one tanh and one exp a logit
+    (`_softcap_tanh`, `_softcap_exp`: arithmetic, not libm): the training loss on the CPU, where
+    `_portable_losses` then `_portable_dlogits` computed both twice.
 
     Why: without Apple's Accelerate, MLX's CPU kernels run one lane at a time (`mlx/backend/cpu/simd`
     on Linux: tanh ~8–20 ns a logit on a 2-core EPYC, exp ~12), so the transcendentals were most of
-    a d4 step there: one 2048 × 8192 chunk took 876 ms as the two passes, 475 ms so. As in the CUDA
-    kernel, the softcap bounds the logits to ±SOFTCAP, so the sum of their exps needs no running
+    a d4 step there: one 2048 × 8192 chunk took 876 ms as the two passes, 475 ms so, and the
+    arithmetic forms took the d4 step from ~2,150 to ~2,390 tok/s at the same peak (bench/README.md,
+    eighteenth session). As in the CUDA kernel, the softcap bounds the logits to ±SOFTCAP, so the sum of their exps needs no running
     maximum (at most vocab·e^SOFTCAP: 2e11 at 65,536, far inside fp32). Ignored rows (targets < 0)
     give 0 and zeros."""
     valid = targets >= 0
     safe = mx.where(valid, targets, 0)
-    t = mx.tanh(z.astype(mx.float32) / SOFTCAP)
+    t = _softcap_tanh(z.astype(mx.float32))
     e = _softcap_exp(t)
     total = e.sum(axis=-1, keepdims=True)
     picked = SOFTCAP * mx.take_along_axis(t, safe[:, None], axis=-1)[:, 0]

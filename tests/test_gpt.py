@@ -318,3 +318,16 @@ def test_the_cpu_losss_exp_of_the_softcap_is_within_float32_rounding():
     exact = np.exp(SOFTCAP * np.array(t, dtype=np.float64))
     assert (np.abs(np.array(_softcap_exp(t), dtype=np.float64) - exact) / exact).max() < 4.5e-6
     assert mx.isnan(_softcap_exp(mx.array([math.nan]))).item()
+
+
+def test_the_cpu_losss_tanh_of_the_softcap_is_within_float32_rounding():
+    """`gpt._softcap_tanh` (tanh(z / SOFTCAP) by a rational function, the CPU training loss's
+    tanh) against float64 over logits far past where tanh saturates: within 4.5e-7 absolute, ±1
+    at ±inf, NaN kept."""
+    from mlxchat.gpt import SOFTCAP, _softcap_tanh
+
+    z = mx.concatenate([mx.linspace(-400.0, 400.0, 4_000_001), mx.array([0.0, 1e-30, -1e-30, 1e30, -1e30])])
+    exact = np.tanh(np.array(z, dtype=np.float64) / SOFTCAP)
+    assert np.abs(np.array(_softcap_tanh(z), dtype=np.float64) - exact).max() < 4.5e-7
+    assert _softcap_tanh(mx.array([-math.inf, math.inf])).tolist() == [-1.0, 1.0]
+    assert mx.isnan(_softcap_tanh(mx.array([math.nan]))).item()
