@@ -687,7 +687,7 @@ def _softcap_tanh(z: mx.array) -> mx.array:
     two clips.
 
     Why: MLX's CPU `tanh` is one libm call a lane on Linux, 8–20 ns an element on a 2-core EPYC,
-    the loss's largest cost after `_softcap_exp`; this is ~4 ns. The polynomials go by Estrin's
+    the loss's largest cost once its exp was `_softcap_exp`; this is ~4 ns. The polynomials go by Estrin's
     scheme (powers s², s⁴ shared) rather than Horner's: MLX's CPU compiler splits a chain deeper
     than its fusion limit into kernels that keep chunk-sized temporaries (bench/README.md,
     eighteenth session). u² is capped at 81, where the ratio is tanh(9) = 1 in fp32, so larger |u|
@@ -710,9 +710,9 @@ def _portable_losses_and_dlogits(z: mx.array, targets: mx.array) -> tuple[mx.arr
     on Linux: tanh ~8–20 ns a logit on a 2-core EPYC, exp ~12), so the transcendentals were most of
     a d4 step there: one 2048 × 8192 chunk took 876 ms as the two passes, 475 ms so, and the
     arithmetic forms took the d4 step from ~2,150 to ~2,390 tok/s at the same peak (bench/README.md,
-    eighteenth session). As in the CUDA kernel, the softcap bounds the logits to ±SOFTCAP, so the sum of their exps needs no running
-    maximum (at most vocab·e^SOFTCAP: 2e11 at 65,536, far inside fp32). Ignored rows (targets < 0)
-    give 0 and zeros."""
+    eighteenth session). As in the CUDA kernel, the softcap bounds the logits to ±SOFTCAP, so the
+    sum of their exps needs no running maximum (at most vocab·e^SOFTCAP: 2e11 at 65,536, far inside
+    fp32). Ignored rows (targets < 0) give 0 and zeros."""
     valid = targets >= 0
     safe = mx.where(valid, targets, 0)
     t = _softcap_tanh(z.astype(mx.float32))
