@@ -30,7 +30,7 @@ import mlx.core as mx
 from mlxchat import blas
 from mlxchat.common import MlxchatError
 from mlxchat.gpt import valid_target_count
-from mlxchat.optim import add_gradients
+from mlxchat.optim import add_gradients, streams_or_default
 
 SHARDS_ENV = "MLXCHAT_CPU_SHARDS"  # how many shards (1 turns sharding off); default: one per core
 
@@ -103,11 +103,13 @@ class OneBlasThreadPerShard:
             self.__enter__()
 
 
-def on_row_shards(fn: Callable, arrays: tuple, streams: list) -> list:
-    """`fn(*shard)` for each shard of `arrays`' rows, each on its stream, in row order.
+def on_row_shards(fn: Callable, arrays: tuple, streams: list | None) -> list:
+    """`fn(*shard)` for each shard of `arrays`' rows, each on its stream (None: the default
+    stream alone), in row order.
 
     Shards are contiguous rows, the first ones a row longer where the rows do not divide evenly;
     there are never more shards than rows. One shard is `fn(*arrays)` itself, op for op."""
+    streams = streams_or_default(streams)
     rows = arrays[0].shape[0]
     shards = min(len(streams), rows)
     if shards == 1:

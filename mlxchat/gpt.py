@@ -687,10 +687,10 @@ def _softcap_tanh(z: mx.array) -> mx.array:
     two clips.
 
     Why: MLX's CPU `tanh` is one libm call a lane on Linux, 8–20 ns an element on a 2-core EPYC,
-    the loss's largest cost once its exp was `_softcap_exp`; this is ~4 ns. The polynomials go by Estrin's
-    scheme (powers s², s⁴ shared) rather than Horner's: MLX's CPU compiler splits a chain deeper
-    than its fusion limit into kernels that keep chunk-sized temporaries (bench/README.md,
-    eighteenth session). u² is capped at 81, where the ratio is tanh(9) = 1 in fp32, so larger |u|
+    the loss's largest cost once its exp was `_softcap_exp`; this is ~4 ns. The polynomials go
+    by Estrin's scheme (powers s², s⁴ shared) rather than Horner's: MLX's CPU compiler splits a
+    chain deeper than its fusion limit into kernels that keep chunk-sized temporaries
+    (bench/README.md, eighteenth session). u² is capped at 81, where the ratio is tanh(9) = 1 in fp32, so larger |u|
     gives |u|/9 > 1, clipped to ±1; NaN stays NaN."""
     s = mx.minimum(z * z * (1 / SOFTCAP**2), 81.0)
     s2 = s * s

@@ -184,7 +184,7 @@ class NanoMuon(optim.Muon):
 
 
 def streams_or_default(streams: list | None) -> list:
-    """The streams an update spreads over (`cpu_shards`' on the CPU), or the default one."""
+    """The streams work is spread over (`cpu_shards`' on the CPU), or the default one alone."""
     return streams or [mx.default_stream(mx.default_device())]
 
 

@@ -107,7 +107,7 @@ def _forward(model, rows: list[list[int]], pad_id: int, streams: list | None = N
         losses = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         return losses, mx.argmax(logits, axis=-1)
 
-    parts = cpu_shards.on_row_shards(scored, (ids,), streams or [mx.default_stream(mx.default_device())])
+    parts = cpu_shards.on_row_shards(scored, (ids,), streams)
     mx.eval(parts)
     return [row for losses, _ in parts for row in losses.tolist()], [row for _, preds in parts for row in preds.tolist()]
 
