@@ -463,8 +463,9 @@ def loss_kernel() -> str:
     softcapped logits, and a backward that is one elementwise pass over the logits (the
     log-sum-exp comes from the forward's loss, so no softmax reduction is recomputed).
     'portable': MLX ops only, which is what the CPU runs (there `mx.fast.cross_entropy` falls back to
-    the same unfused ops): the training loss forms a chunk's losses and gradient together
-    (`_portable_losses_and_dlogits`), per-token losses take logsumexp and softmax in the backward.
+    the same unfused ops), the softcap's tanh and the exps as arithmetic: the training loss forms a
+    chunk's losses and gradient together (`_portable_losses_and_dlogits`), per-token losses
+    recompute them in the backward (`_portable_losses`, `_portable_dlogits`).
     `MLXCHAT_LOSS=cuda|fused|portable` overrides the choice (benchmarks, tests)."""
     forced = os.environ.get(LOSS_ENV, "")
     if forced:
@@ -498,9 +499,9 @@ def chunked_cross_entropy(model: "GPT", h: mx.array, targets: mx.array) -> mx.ar
     chunk = _chunk_rows(model, rows, kernel)
     head = model.lm_head
     if kernel == "portable" and chunk >= rows:
-        return _token_losses(head, h2, t2).reshape(B, T)
+        return token_losses(head(h2), t2).reshape(B, T)
     if not isinstance(head, CastLinear):  # e.g. a quantized head: checkpointed autodiff per chunk
-        chunk_fn = nn.utils.checkpoint(head, lambda hh, tt: _token_losses(head, hh, tt))
+        chunk_fn = nn.utils.checkpoint(head, lambda hh, tt: token_losses(head(hh), tt))
         parts = [chunk_fn(h2[s : s + chunk], t2[s : s + chunk]) for s in range(0, rows, chunk)]
         return mx.concatenate(parts).reshape(B, T)
     return _sequential_chunk_losses(chunk, kernel)(h2, t2, head.weight).reshape(B, T)
@@ -631,19 +632,6 @@ def _loss_sum_with_gradient(chunk: int, kernel: str):
     return loss_sum
 
 
-def _portable_losses(z: mx.array, targets: mx.array) -> mx.array:
-    return _losses_of_logits(_softcap(z), targets)
-
-
-def _portable_dlogits(z: mx.array, targets: mx.array, cotangent: mx.array, losses: mx.array) -> mx.array:
-    """d loss / d z for one chunk from MLX ops: softmax of the softcapped logits − onehot."""
-    valid = targets >= 0
-    t = mx.tanh(z.astype(mx.float32) / SOFTCAP)
-    p = mx.softmax(SOFTCAP * t, axis=-1, precise=True)
-    g = mx.where(valid, cotangent, 0.0).astype(mx.float32)
-    return _softcap_softmax_gradient(p, t, mx.where(valid, targets, 0), g, z.dtype)
-
-
 def _softcap_softmax_gradient(p: mx.array, t: mx.array, targets: mx.array, g: mx.array, dtype: mx.Dtype) -> mx.array:
     """d loss / d z = (softmax − onehot(targets))·g[row]·(1 − tanh²), given the softmax p of the
     softcapped logits and t = tanh(z / SOFTCAP) (d softcap(z)/dz = 1 − t²), in `dtype`."""
@@ -724,6 +712,56 @@ def _portable_losses_and_dlogits(z: mx.array, targets: mx.array) -> tuple[mx.arr
 
 
 @mx.compile
+def _portable_losses(z: mx.array, targets: mx.array) -> mx.array:
+    """Per-position losses of the head's raw outputs z (..., vocab) against targets (...; < 0
+    ignored, giving 0), the softcap's tanh and the log-sum-exp's exp as arithmetic
+    (`_softcap_tanh`, `_softcap_exp`): per-token losses on the CPU (CORE, bpb, SFT's validation
+    loss, RL).
+
+    Why: there MLX's `tanh` and `exp` are libm calls a lane, 8–20 ns a logit each, which at d4
+    with an 8,192 vocabulary cost more than the forward's GEMMs. The softcap bounds the logits to
+    ±SOFTCAP, so no running maximum is needed (see `_portable_losses_and_dlogits`); the target's
+    logit is softcapped on its own so that only the exps are materialised. Compiled for each shape
+    (CORE's rows change width with every example: ~25 ms a new one at 2 × 120 × 8,192, against 67
+    for MLX's ops), not shapeless, whose kernels ran 4.5× slower here."""
+    valid = targets >= 0
+    safe = mx.where(valid, targets, 0)
+    t = _softcap_tanh(z.astype(mx.float32))
+    picked = _softcap_tanh(mx.take_along_axis(z, safe[..., None], axis=-1)[..., 0].astype(mx.float32))
+    return mx.where(valid, mx.log(_softcap_exp(t).sum(axis=-1)) - SOFTCAP * picked, 0.0)
+
+
+@mx.compile
+def _portable_dlogits(z: mx.array, targets: mx.array, cotangent: mx.array, losses: mx.array) -> mx.array:
+    """d loss / d z for one chunk in one elementwise pass over z, with `_portable_losses`'s
+    arithmetic tanh and exp: the forward's loss gives the log-sum-exp back (as `_fused_dlogits`),
+    so the softmax needs no reduction. Ignored rows get lse = +inf, i.e. a zero gradient."""
+    valid = targets >= 0
+    safe = mx.where(valid, targets, 0)
+    picked = _softcap_tanh(mx.take_along_axis(z, safe[:, None], axis=-1).astype(mx.float32))
+    lse = mx.where(valid[:, None], losses[:, None] + SOFTCAP * picked, mx.inf)
+    t = _softcap_tanh(z.astype(mx.float32))
+    p = _softcap_exp(t) * mx.exp(-lse)
+    g = mx.where(valid, cotangent, 0.0).astype(mx.float32)
+    return _softcap_softmax_gradient(p, t, safe, g, z.dtype)
+
+
+@mx.custom_function
+def _portable_token_losses(z: mx.array, targets: mx.array) -> mx.array:
+    """`_portable_losses` of one chunk of rows under autodiff: its vjp is `_portable_dlogits`,
+    so only z is kept for the backward, not the softcap's and log-sum-exp's intermediates."""
+    return _portable_losses(z, targets)
+
+
+@_portable_token_losses.vjp
+def _portable_token_losses_vjp(primals, cotangent, output):
+    z, targets = primals
+    rows = (-1, z.shape[-1])
+    dz = _portable_dlogits(z.reshape(rows), targets.reshape(-1), cotangent.reshape(-1), output.reshape(-1))
+    return dz.reshape(z.shape), mx.zeros_like(targets)
+
+
+@mx.compile
 def _fused_losses(z: mx.array, targets: mx.array) -> mx.array:
     """One chunk's losses: the softcap (fused with the cast into one elementwise kernel by
     mx.compile) feeding `mx.fast.cross_entropy`; ignored targets (< 0) give 0."""
@@ -767,9 +805,15 @@ def _losses_of_logits(logits: mx.array, targets: mx.array) -> mx.array:
     targets = mx.stop_gradient(targets)
     valid = targets >= 0
     safe = mx.where(valid, targets, 0)
-    picked = mx.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]
+    picked = mx.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     return mx.where(valid, mx.logsumexp(logits, axis=-1) - picked, 0.0)
 
 
-def _token_losses(head: nn.Module, h: mx.array, targets: mx.array) -> mx.array:
-    return _losses_of_logits(_softcap(head(h)), targets)
+def token_losses(z: mx.array, targets: mx.array) -> mx.array:
+    """Per-position losses (targets < 0 give 0) of the head's raw outputs z (..., vocab), under
+    autodiff too: on the CPU ('portable') with arithmetic tanh and exp (`_portable_token_losses`),
+    elsewhere the softcapped fp32 logits' log-sum-exp. CORE scores its rows with it, taking the
+    argmax of z itself (the softcap is monotonic)."""
+    if loss_kernel() == "portable":
+        return _portable_token_losses(z, targets)
+    return _losses_of_logits(_fused_softcap(z), targets)

@@ -3,6 +3,7 @@
 import json
 
 import mlx.core as mx
+import numpy as np
 import pytest
 import yaml
 from mlx.utils import tree_flatten, tree_unflatten
@@ -27,21 +28,30 @@ class CharTokenizer:
         return ([prepend] if prepend is not None else []) + [ord(c) for c in text]
 
 
-class RepeatModel:
+class HeadlessModel:
+    """A stand-in whose `hidden` states are already its head's outputs (CORE reads `hidden` and
+    `lm_head`, then softcaps), so a subclass sets its logits directly."""
+
+    @staticmethod
+    def lm_head(h):
+        return h
+
+
+class RepeatModel(HeadlessModel):
     """Logits that predict the current character again: a context ending in the continuation's
     first character makes that continuation cheaper (what schema scoring must notice)."""
 
-    def __call__(self, ids):
+    def hidden(self, ids):
         return (ids[..., None] == mx.arange(256)).astype(mx.float32) * 5.0
 
 
-class FavourModel:
+class FavourModel(HeadlessModel):
     """Logits that always predict the character `fav`: it 'prefers' continuations made of it."""
 
     def __init__(self, fav: str, vocab: int = 256):
         self.fav, self.vocab = ord(fav), vocab
 
-    def __call__(self, ids):
+    def hidden(self, ids):
         b, t = ids.shape
         return mx.broadcast_to((mx.arange(self.vocab) == self.fav).astype(mx.float32) * 5.0, (b, t, self.vocab))
 
@@ -148,6 +158,22 @@ def test_batched_equals_one_by_one(model, tok):
     for a, b, row in zip(alone, together, rows):
         assert b[: len(row) - 1] == pytest.approx(a[: len(row) - 1], abs=1e-4)
     assert core.evaluate_task(model, tok, data, m, batch_tokens=1) == core.evaluate_task(model, tok, data, m, batch_tokens=1 << 20)
+
+
+def test_forward_scores_rows_as_the_models_softcapped_logits():
+    """CORE's forward gives each position's loss under the model's own (softcapped) logits and its
+    argmax: what nanochat scores, though the losses come from the head's raw outputs."""
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    model.init_weights(0)
+    model.lm_head.weight = mx.random.normal(model.lm_head.weight.shape, key=mx.random.key(3))  # not nanochat's zeros
+    rows = [[5, 17, 99, 250, 3, 3, 42], [8, 1, 2]]
+    losses, preds = core._forward(model, rows, 0)
+    for row, loss, pred in zip(rows, losses, preds):
+        logits = np.array(model(mx.array([row]))[0], dtype=np.float64)
+        log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        expected = [-log_probs[i, row[i + 1]] for i in range(len(row) - 1)]
+        assert loss[: len(row) - 1] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+        assert pred[: len(row)] == logits.argmax(-1).tolist()
 
 
 def test_left_truncation_keeps_the_continuation():

@@ -331,3 +331,36 @@ def test_the_cpu_losss_tanh_of_the_softcap_is_within_float32_rounding():
     assert np.abs(np.array(_softcap_tanh(z), dtype=np.float64) - exact).max() < 4.5e-7
     assert _softcap_tanh(mx.array([-math.inf, math.inf])).tolist() == [-1.0, 1.0]
     assert mx.isnan(_softcap_tanh(mx.array([math.nan]))).item()
+
+
+@pytest.mark.parametrize("kernel", ["fused", "portable"])
+def test_per_token_losses_equal_the_softcapped_log_sum_exp_in_float64(monkeypatch, kernel):
+    """`gpt.token_losses` (CORE's, bpb's and RL's per-token losses; on the CPU with the arithmetic
+    tanh and exp) against float64 on logits from tiny to far past the softcap, (rows, T, vocab)
+    as CORE passes them, ignored targets giving 0."""
+    monkeypatch.setenv(gpt.LOSS_ENV, kernel)
+    z = mx.random.normal((3, 5, 300), key=mx.random.key(6)) * mx.array([0.01, 10.0, 400.0])[:, None, None]
+    targets = mx.random.randint(0, 300, (3, 5), key=mx.random.key(7))
+    targets[1, 2] = -1
+    capped = gpt.SOFTCAP * np.tanh(np.array(z, dtype=np.float64) / gpt.SOFTCAP)
+    picked = np.take_along_axis(capped, np.maximum(np.array(targets), 0)[..., None], axis=-1)[..., 0]
+    lse = capped.max(-1) + np.log(np.exp(capped - capped.max(-1, keepdims=True)).sum(-1))
+    exact = np.where(np.array(targets) >= 0, lse - picked, 0.0)
+    losses = gpt.token_losses(z, targets)
+    assert losses.shape == (3, 5) and losses[1, 2].item() == 0.0
+    np.testing.assert_allclose(np.array(losses, dtype=np.float64), exact, rtol=2e-6, atol=2e-5)
+
+
+def test_per_token_losses_of_three_dimensional_logits_differentiate_as_the_reference(monkeypatch):
+    """The CPU's per-token losses under autodiff (RL's use) on (rows, T, vocab) logits: the hand-written
+    backward equals autodiff through the softcapped log-sum-exp, a weight per position."""
+    monkeypatch.setenv(gpt.LOSS_ENV, "portable")
+    z = mx.random.normal((2, 4, 50), key=mx.random.key(8)) * 20
+    targets = mx.random.randint(0, 50, (2, 4), key=mx.random.key(9))
+    targets[0, 1] = -1
+    weights = mx.random.normal((2, 4), key=mx.random.key(10))
+    (ours,), (dz,) = mx.vjp(lambda a: gpt.token_losses(a, targets), [z], [weights])
+    (ref,), (ref_dz,) = mx.vjp(lambda a: gpt._losses_of_logits(gpt._softcap(a), targets), [z], [weights])
+    np.testing.assert_allclose(np.array(ours), np.array(ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(dz), np.array(ref_dz), rtol=1e-5, atol=1e-6)
+    assert float(mx.abs(dz[0, 1]).max()) == 0.0

@@ -27,6 +27,7 @@ from mlxchat import cpu_shards
 from mlxchat.common import MlxchatError, get_logger, read_json
 from mlxchat.distributed import my_share, sum_over_ranks, world
 from mlxchat.evaluation.pack import CORE_TASKS
+from mlxchat.gpt import token_losses
 
 log = get_logger(__name__)
 
@@ -102,10 +103,9 @@ def _forward(model, rows: list[list[int]], pad_id: int, streams: list | None = N
     ids = mx.array([r + [pad_id] * (width - len(r)) for r in rows], dtype=mx.int32)
 
     def scored(ids):
-        logits = model(ids).astype(mx.float32)
+        z = model.lm_head(model.hidden(ids))
         targets = mx.concatenate([ids[:, 1:], ids[:, :1]], axis=1)
-        losses = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return losses, mx.argmax(logits, axis=-1)
+        return token_losses(z, targets), mx.argmax(z, axis=-1)
 
     parts = cpu_shards.on_row_shards(scored, (ids,), streams)
     mx.eval(parts)
