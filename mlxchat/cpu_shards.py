@@ -20,7 +20,6 @@ two; eighteenth: the smoke CORE evaluation 1.3× faster sharded).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from typing import Callable
@@ -70,9 +69,10 @@ def _extra_cpu_streams(count: int) -> tuple:
 
 class OneBlasThreadPerShard:
     """Inside it, OpenBLAS runs each GEMM on one thread while there are several shards (see the
-    module's docstring); as before outside it, and inside `paused()`, so evaluations and later
-    stages in the same process keep every thread for their GEMMs. Queued work on every stream is
-    waited for at each change: a GEMM in flight must not see the count change under it."""
+    module's docstring); as before outside it, so later stages in the same process keep every
+    thread for their GEMMs. Nested, it changes nothing: a training loop's evaluations (bpb's sums,
+    sharded too) run inside the loop's at its count. Queued work on every stream is waited for at
+    each change: a GEMM in flight must not see the count change under it."""
 
     def __init__(self, streams: list):
         self.streams = streams
@@ -92,15 +92,6 @@ class OneBlasThreadPerShard:
     def __exit__(self, *exc):
         if self.previous not in (None, 1):
             self._set(self.previous)
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Every BLAS thread back for the block (an evaluation between steps)."""
-        self.__exit__()
-        try:
-            yield
-        finally:
-            self.__enter__()
 
 
 def on_row_shards(fn: Callable, arrays: tuple, streams: list | None) -> list:

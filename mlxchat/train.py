@@ -527,7 +527,7 @@ def train_loop(
 
     prefetched = Prefetched(make_loader("train", loader_state))
     train_batches = RankShare(prefetched)
-    with StopRequested() as stop, contextlib.closing(prefetched), step_fn.running() as blas_threads:
+    with StopRequested() as stop, contextlib.closing(prefetched), step_fn.running():
         # One step runs ahead: step k+1 is loaded and queued before step k's loss is read, so the
         # device never waits for the host (batch loading, logging) between steps.
         queued = None
@@ -570,8 +570,7 @@ def train_loop(
                 stopping = sum_over_ranks([stop.requested])[0] > 0
             last_step = step == p.num_iterations
             if cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0):
-                with blas_threads.paused():
-                    evaluate(ctx, make_loader, step)
+                evaluate(ctx, make_loader, step)
             if last_step or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or stopping:
                 last_ckpt = save(ctx, step, train_batches.state_dict())
             if stopping:
