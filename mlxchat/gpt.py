@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxchat import cuda_kernels, cudnn_attention
+from mlxchat import arithmetic, cuda_kernels, cudnn_attention
 from mlxchat.common import MlxchatError
 
 SOFTCAP = 15.0
@@ -639,59 +639,10 @@ def _softcap_softmax_gradient(p: mx.array, t: mx.array, targets: mx.array, g: mx
     return ((p - onehot) * g[:, None] * (1 - t * t)).astype(dtype)
 
 
-# exp(SOFTCAP·t) for t in [−1, 1] as P(t)^(2^5): P is e^(SOFTCAP·t / 32)'s Taylor polynomial of
-# degree 8, its coefficients folded with the 1/32 (`_softcap_exp`).
-_SOFTCAP_EXP_SQUARINGS = 5
-_SOFTCAP_EXP_TAYLOR = [(SOFTCAP / 2**_SOFTCAP_EXP_SQUARINGS) ** k / math.factorial(k) for k in range(9)]
-
-
-def _softcap_exp(t: mx.array) -> mx.array:
-    """exp(SOFTCAP·t) for t = tanh(·) in [−1, 1], within 4.2e-6 relative of float64 (MLX's fp32
-    `exp` of the rounded product: 1.4e-6), from multiply-adds and squares alone.
-
-    Why: MLX's CPU `exp` is one libm call a lane on Linux, ~11.6 ns an element on a 2-core EPYC;
-    this compiles into the surrounding elementwise kernel at ~1 ns with nothing materialised
-    (bench/README.md, eighteenth session). The bounded range is what allows it: |SOFTCAP·t / 32| ≤
-    0.47, where the truncation (0.47⁹/9!) is 1e-8 and the five squarings scale the rounding by 32."""
-    p = _SOFTCAP_EXP_TAYLOR[-1]
-    for c in reversed(_SOFTCAP_EXP_TAYLOR[:-1]):
-        p = p * t + c
-    for _ in range(_SOFTCAP_EXP_SQUARINGS):
-        p = mx.square(p)
-    return p
-
-
-# tanh(u) ≈ u·P(u²)/Q(u²) for |u| ≤ 9 (`_softcap_tanh`): degrees 6 and 3 in u², fitted here by
-# iteratively reweighted least squares towards the least maximum error on [0, 9] (3.5e-8 in float64).
-_TANH_P = (
-    0.9999999944740242, 0.1310789850118707, 0.0031306760771658195, 1.143470718368673e-05,
-    -2.136671958106557e-08, 5.828297208177085e-11, -9.899134799774532e-14,
-)
-_TANH_Q = (1.0, 0.4644122858592348, 0.024601485665477926, 0.00025851120826541826)
-
-
-def _softcap_tanh(z: mx.array) -> mx.array:
-    """tanh(z / SOFTCAP) within 4.3e-7 absolute of float64, from multiply-adds, one divide and
-    two clips.
-
-    Why: MLX's CPU `tanh` is one libm call a lane on Linux, 8–20 ns an element on a 2-core EPYC,
-    the loss's largest cost once its exp was `_softcap_exp`; this is ~4 ns. The polynomials go
-    by Estrin's scheme (powers s², s⁴ shared) rather than Horner's: MLX's CPU compiler splits a
-    chain deeper than its fusion limit into kernels that keep chunk-sized temporaries
-    (bench/README.md, eighteenth session). u² is capped at 81, where the ratio is tanh(9) = 1 in fp32, so larger |u|
-    gives |u|/9 > 1, clipped to ±1; NaN stays NaN."""
-    s = mx.minimum(z * z * (1 / SOFTCAP**2), 81.0)
-    s2 = s * s
-    p = (_TANH_P[0] + _TANH_P[1] * s) + s2 * (_TANH_P[2] + _TANH_P[3] * s) + s2 * s2 * (
-        (_TANH_P[4] + _TANH_P[5] * s) + s2 * _TANH_P[6])
-    q = (_TANH_Q[0] + _TANH_Q[1] * s) + s2 * (_TANH_Q[2] + _TANH_Q[3] * s)
-    return mx.clip(z * (1 / SOFTCAP) * p / q, -1.0, 1.0)
-
-
 @mx.compile
 def _portable_losses_and_dlogits(z: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
     """One chunk's losses and d Σ losses / d z from MLX ops, with one tanh and one exp a logit
-    (`_softcap_tanh`, `_softcap_exp`: arithmetic, not libm): the training loss on the CPU, where
+    (`arithmetic.tanh`, `arithmetic.exp`, not libm): the training loss on the CPU, where
     `_portable_losses` then `_portable_dlogits` computed both twice.
 
     Why: without Apple's Accelerate, MLX's CPU kernels run one lane at a time (`mlx/backend/cpu/simd`
@@ -703,8 +654,8 @@ def _portable_losses_and_dlogits(z: mx.array, targets: mx.array) -> tuple[mx.arr
     fp32). Ignored rows (targets < 0) give 0 and zeros."""
     valid = targets >= 0
     safe = mx.where(valid, targets, 0)
-    t = _softcap_tanh(z.astype(mx.float32))
-    e = _softcap_exp(t)
+    t = arithmetic.tanh(z.astype(mx.float32), 1 / SOFTCAP)
+    e = arithmetic.exp(t, SOFTCAP)
     total = e.sum(axis=-1, keepdims=True)
     picked = SOFTCAP * mx.take_along_axis(t, safe[:, None], axis=-1)[:, 0]
     losses = mx.where(valid, mx.log(total[:, 0]) - picked, 0.0)
@@ -715,7 +666,7 @@ def _portable_losses_and_dlogits(z: mx.array, targets: mx.array) -> tuple[mx.arr
 def _portable_losses(z: mx.array, targets: mx.array) -> mx.array:
     """Per-position losses of the head's raw outputs z (..., vocab) against targets (...; < 0
     ignored, giving 0), the softcap's tanh and the log-sum-exp's exp as arithmetic
-    (`_softcap_tanh`, `_softcap_exp`): per-token losses on the CPU (CORE, bpb, SFT's validation
+    (`arithmetic.tanh`, `arithmetic.exp`): per-token losses on the CPU (CORE, bpb, SFT's validation
     loss, RL).
 
     Why: there MLX's `tanh` and `exp` are libm calls a lane, 8–20 ns a logit each, which at d4
@@ -726,9 +677,9 @@ def _portable_losses(z: mx.array, targets: mx.array) -> mx.array:
     for MLX's ops), not shapeless, whose kernels ran 4.5× slower here."""
     valid = targets >= 0
     safe = mx.where(valid, targets, 0)
-    t = _softcap_tanh(z.astype(mx.float32))
-    picked = _softcap_tanh(mx.take_along_axis(z, safe[..., None], axis=-1)[..., 0].astype(mx.float32))
-    return mx.where(valid, mx.log(_softcap_exp(t).sum(axis=-1)) - SOFTCAP * picked, 0.0)
+    t = arithmetic.tanh(z.astype(mx.float32), 1 / SOFTCAP)
+    picked = arithmetic.tanh(mx.take_along_axis(z, safe[..., None], axis=-1)[..., 0].astype(mx.float32), 1 / SOFTCAP)
+    return mx.where(valid, mx.log(arithmetic.exp(t, SOFTCAP).sum(axis=-1)) - SOFTCAP * picked, 0.0)
 
 
 @mx.compile
@@ -738,10 +689,10 @@ def _portable_dlogits(z: mx.array, targets: mx.array, cotangent: mx.array, losse
     so the softmax needs no reduction. Ignored rows get lse = +inf, i.e. a zero gradient."""
     valid = targets >= 0
     safe = mx.where(valid, targets, 0)
-    picked = _softcap_tanh(mx.take_along_axis(z, safe[:, None], axis=-1).astype(mx.float32))
+    picked = arithmetic.tanh(mx.take_along_axis(z, safe[:, None], axis=-1).astype(mx.float32), 1 / SOFTCAP)
     lse = mx.where(valid[:, None], losses[:, None] + SOFTCAP * picked, mx.inf)
-    t = _softcap_tanh(z.astype(mx.float32))
-    p = _softcap_exp(t) * mx.exp(-lse)
+    t = arithmetic.tanh(z.astype(mx.float32), 1 / SOFTCAP)
+    p = arithmetic.exp(t, SOFTCAP) * mx.exp(-lse)
     g = mx.where(valid, cotangent, 0.0).astype(mx.float32)
     return _softcap_softmax_gradient(p, t, safe, g, z.dtype)
 
