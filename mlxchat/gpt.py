@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxchat import arithmetic, cuda_kernels, cudnn_attention
+from mlxchat import arithmetic, cpu_attention, cuda_kernels, cudnn_attention
 from mlxchat.common import MlxchatError
 
 SOFTCAP = 15.0
@@ -249,11 +249,14 @@ class KeyPrefix:
 
 def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> mx.array:
     """`mx.fast.scaled_dot_product_attention`; causal attention through cuDNN with a top-left mask
-    where that extension runs (`cudnn_attention`: MLX's own asks cuDNN for a slower one); and a
+    where that extension runs (`cudnn_attention`: MLX's own asks cuDNN for a slower one), on the CPU
+    with an arithmetic softmax (`cpu_attention`: q and k are QK-normed, so the scores are bounded); and a
     KeyPrefix mask: one CUDA kernel that reads only the prefix (`cuda_kernels.decode_attention`)
     where it fits, else the same prefix as a bool mask."""
     if isinstance(mask, str) and mask == "causal" and cudnn_attention.runs_for(q, k, v):
         return cudnn_attention.causal(q, k, v, scale)
+    if cpu_attention.runs_for(q, k, mask):
+        return cpu_attention.causal(q, k, v, scale)
     if isinstance(mask, KeyPrefix):
         if cuda_kernels.available() and cuda_kernels.decode_attention_fits(q, k):
             return cuda_kernels.decode_attention(q, k, v, mask.length, scale)
