@@ -8,6 +8,15 @@ import pytest
 from mlxchat import cpu_attention, gpt
 
 
+@pytest.fixture(autouse=True)
+def on_the_cpu():
+    """What it replaces is the CPU's attention: on a GPU machine too, these tests run there."""
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(device)
+
+
 def _qkv(heads: int, kv_heads: int, T: int, D: int, key: int):
     """q, k as the model hands them over: rotated and RMS-normed, so every score is within ±√D;
     k correlated with q, so some rows' softmax is sharp."""
