@@ -21,10 +21,14 @@ Rows (each the median of --reps, after a warm-up; GPU time by the host clock aft
                behaviour note MLX selects (SUPPORTS_CUDA_GRAPH_NATIVE_API): which of MLX's two
                departures costs the time. Measured (`gpu_attention_backward_d20_s8.json`): the mask, with the
                same plan on both (engine 2 under cuDNN 9.14, engine 6 under 9.19; KERNEL_CFG 26); the note costs nothing.
+  ours cpu     `mlxchat.cpu_attention.causal` (two GEMMs around an arithmetic softmax; nineteenth session),
+               where it runs: on the CPU in fp32 (`--dtype float32`); `mlx causal / ours` is the speedup.
 The backward's share is (forward + backward) - forward. Nothing asserts; on a machine without CUDA the
-torch rows say so and the MLX rows run on the default device.
+torch rows say so and the MLX rows run on the default device. q and k are RMS-normed, as the model's are.
 
     python bench/attention_backward.py --batch 32 --heads 10 --seq-len 2048 --head-dim 128 --json OUT
+    LD_PRELOAD=.../libopenblas.so.0 python bench/attention_backward.py --batch 4 --heads 2 --seq-len 256 \
+        --head-dim 128 --dtype float32 --json OUT    # the CPU's d4 training shard
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -71,16 +76,24 @@ def time_it(fn, reps: int, sync) -> float:
 
 
 def mlx_rows(args) -> dict:
+    from mlxchat import cpu_attention
+
     b, h, t, d = args.batch, args.heads, args.seq_len, args.head_dim
+    dtype = getattr(mx, args.dtype)
     keys = mx.random.split(mx.random.key(0), 4)
-    q, k, v, do = (mx.random.normal((b, t, h, d), key=key).astype(mx.bfloat16).transpose(0, 2, 1, 3) for key in keys)
-    bias = mx.where(mx.arange(t)[:, None] >= mx.arange(t)[None, :], 0.0, -float("inf")).astype(mx.bfloat16)
+    q, k, v, do = (mx.random.normal((b, t, h, d), key=key).astype(dtype).transpose(0, 2, 1, 3) for key in keys)
+    q, k = (mx.fast.rms_norm(x, None, 1e-6) for x in (q, k))
+    bias = mx.where(mx.arange(t)[:, None] >= mx.arange(t)[None, :], 0.0, -float("inf")).astype(dtype)
     mx.eval(q, k, v, do, bias)
     scale = d ** -0.5
     rows = {}
-    for name, mask in (("mlx causal", "causal"), ("mlx bias", bias)):
-        def fwd(q, k, v, mask=mask):
-            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    attentions = {name: lambda q, k, v, mask=mask: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+                  for name, mask in (("mlx causal", "causal"), ("mlx bias", bias))}
+    if cpu_attention.runs_for(q, k, "causal"):
+        attentions["ours cpu"] = lambda q, k, v: cpu_attention.causal(q, k, v, scale)
+    else:
+        rows["ours cpu"] = {"error": "runs on the CPU in fp32 only (--dtype float32)"}
+    for name, fwd in attentions.items():
         grads = mx.compile(lambda q, k, v, do, fwd=fwd: mx.vjp(fwd, (q, k, v), (do,))[1])
         f = time_it(lambda fwd=fwd: fwd(q, k, v), args.reps, mx.eval)
         fb = time_it(lambda grads=grads: grads(q, k, v, do), args.reps, mx.eval)
@@ -177,7 +190,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     rows = {**mlx_rows(args), "torch cudnn": torch_row(args), **cudnn_rows(args)}
     fwd_flops, bwd_flops = flops(args.batch, args.heads, args.seq_len, args.head_dim)
-    print(f"B {args.batch} | H {args.heads} | T {args.seq_len} | D {args.head_dim} | bf16 | {mx.default_device()}")
+    print(f"B {args.batch} | H {args.heads} | T {args.seq_len} | D {args.head_dim} | {args.dtype} | {mx.default_device()}")
     for name, r in rows.items():
         if "error" in r:
             print(f"  {name:<12} {r['error']}")
@@ -186,10 +199,15 @@ def main(argv=None) -> dict:
             print(f"  {name:<26} backward {r['backward_ms']:7.3f} ms ({bwd_flops / r['backward_ms'] / 1e9:6.1f} TFLOP/s)   "
                   f"{r['plan']}, cuDNN {r['cudnn']}")
             continue
-        print(f"  {name:<12} forward {r['forward_ms']:7.3f} ms ({fwd_flops / r['forward_ms'] / 1e9:6.1f} TFLOP/s)   "
-              f"backward {r['backward_ms']:7.3f} ms ({bwd_flops / max(r['backward_ms'], 1e-9) / 1e9:6.1f} TFLOP/s)")
+        print(f"  {name:<12} forward {r['forward_ms']:7.3f} ms ({fwd_flops / r['forward_ms'] / 1e9:8.3f} TFLOP/s)   "
+              f"backward {r['backward_ms']:7.3f} ms ({bwd_flops / max(r['backward_ms'], 1e-9) / 1e9:8.3f} TFLOP/s)")
+    if "forward_ms" in rows["ours cpu"]:
+        mlx, ours = rows["mlx causal"], rows["ours cpu"]
+        rows["mlx causal / ours"] = {key: mlx[key] / ours[key] for key in ("forward_ms", "forward_backward_ms")}
+        print(f"  mlx causal / ours cpu: forward {rows['mlx causal / ours']['forward_ms']:.2f}x, "
+              f"forward + backward {rows['mlx causal / ours']['forward_backward_ms']:.2f}x")
     report = {"device": mx.device_info().get("device_name", "?"), "mlx": mx.__version__,
-              "config": vars(args) | {"dtype": "bfloat16"}, "results": rows,
+              "config": vars(args), "results": rows,
               "command": "python bench/attention_backward.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     write_json(args.json, report)
     return report

@@ -45,6 +45,16 @@ def test_attention_backward_times_both_masks_at_a_tiny_size(tmp_path):
     for name in ("mlx causal", "mlx bias"):
         assert rows[name]["forward_backward_ms"] > 0 and rows[name]["forward_ms"] > 0
     assert "error" in rows["torch cudnn"] or rows["torch cudnn"]["backward_ms"] != 0
+    assert "error" in rows["ours cpu"]  # bf16: the CPU's arithmetic attention does not run
+
+
+def test_attention_backward_times_the_cpus_attention_in_float32(tmp_path):
+    out = tmp_path / "attention.json"
+    subprocess.run([sys.executable, str(REPO / "bench" / "attention_backward.py"), "--batch", "1", "--heads", "2",
+                    "--seq-len", "64", "--head-dim", "32", "--reps", "1", "--dtype", "float32", "--json", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    rows = json.loads(out.read_text())["results"]
+    assert rows["ours cpu"]["forward_backward_ms"] > 0 and rows["mlx causal / ours"]["forward_ms"] > 0
 
 
 def test_step_timeline_splits_a_steps_wall_time_around_its_kernels():
