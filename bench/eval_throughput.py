@@ -7,7 +7,8 @@ against one example per forward, at several depths, in one run.
 DIR must hold the eval pack (`mlxchat --home DIR data prepare-evals`) and the smoke corpus
 (`mlxchat --home DIR data prepare-smoke`); a 4,096-token tokenizer is trained on the corpus.
 Models are randomly initialised: throughput does not depend on what they learned. Prints
-examples/s and the batched / one-by-one ratio. On the CPU it also times CORE scoring one example
+examples/s and the batched / one-by-one ratio, also for greedy generation (ChatCORE's generative
+tasks: 8 problems decoded together against one at a time). On the CPU it also times CORE scoring one example
 per forward (what `eval_batching` picks there) and bpb (tokens/s), each forward's rows split over
 the cores (`cpu_shards`, the default) against one shard (`MLXCHAT_CPU_SHARDS=1`, the code before
 the split). `--json` writes the numbers.
@@ -49,12 +50,33 @@ def shards(count: str | None):
             os.environ[SHARDS_ENV] = before
 
 
+class Generated:
+    """A task's conversations as a generative task whose answers are never right: every problem
+    decodes its whole budget on both sides (greedy; `run_generative_eval`)."""
+
+    eval_type = "generative"
+
+    def __init__(self, task):
+        self.task = task
+
+    def __len__(self):
+        return len(self.task)
+
+    def __getitem__(self, i):
+        return self.task[i]
+
+    def evaluate(self, conversation, completion) -> bool:
+        return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--home", required=True)
     ap.add_argument("--depths", type=int, nargs="+", default=[4, 12])
     ap.add_argument("--examples", type=int, default=48)
     ap.add_argument("--core-task", default="hellaswag_zeroshot", help="a multiple-choice task of the pack")
+    ap.add_argument("--gen-problems", type=int, default=16, help="ARC-Easy prompts for greedy generation")
+    ap.add_argument("--gen-tokens", type=int, default=32, help="new tokens a generated answer")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -63,7 +85,7 @@ def main() -> None:
     from mlxchat import dataset
     from mlxchat.conversations import ARC
     from mlxchat.evaluation import bpb, core
-    from mlxchat.evaluation.chatcore import run_categorical_eval
+    from mlxchat.evaluation.chatcore import run_categorical_eval, run_generative_eval
     from mlxchat.gpt import GPT, GPTConfig
     from mlxchat.tokenizer import Tokenizer
 
@@ -80,11 +102,14 @@ def main() -> None:
     random.Random(1337).shuffle(data)
     data = data[: args.examples]
     arc = ARC.from_pack(home, "ARC-Easy", stop=args.examples)
+    generated = Generated(ARC.from_pack(home, "ARC-Easy", stop=args.gen_problems))
 
     results = {"device": str(mx.default_device()), "examples": args.examples, "core_task": args.core_task, "depths": {}}
     for depth in args.depths:
         model = GPT(GPTConfig.from_depth(depth, vocab_size=tok.vocab_size, sequence_len=2048))
         model.init_weights(0)
+        # nanochat's zero head makes every logit equal: greedy decoding would repeat token 0
+        model.lm_head.weight = mx.random.normal(model.lm_head.weight.shape, key=mx.random.key(0)) * 0.02
         mx.eval(model.parameters())
         row = {"params": model.num_params()}
         # warm up the compiled shapes once, so neither side pays first-call costs
@@ -96,6 +121,11 @@ def main() -> None:
         for name, batch in (("categorical_batched", 16), ("categorical_one_by_one", 1)):
             seconds, _ = timed(lambda: run_categorical_eval(arc, model, tok, batch_size=batch))
             row[name] = len(arc) / seconds
+        for name, batch in (("generative_batched", 8), ("generative_one_by_one", 1)):
+            run_generative_eval(generated, model, tok, max_new_tokens=2, max_problems=batch, batch_size=batch)  # compile
+            seconds, _ = timed(lambda: run_generative_eval(generated, model, tok, max_new_tokens=args.gen_tokens,
+                                                           batch_size=batch))
+            row[name] = len(generated) / seconds
         if mx.default_device() == mx.cpu:
             ids = mx.random.randint(0, tok.vocab_size, (4, 8, 1024), key=mx.random.key(0))
             token_bytes = mx.array(tok.token_bytes())
@@ -114,6 +144,9 @@ def main() -> None:
         print(f"  categorical (ARC-Easy):  batched {row['categorical_batched']:.2f} ex/s, one-by-one "
               f"{row['categorical_one_by_one']:.2f} ex/s, ratio "
               f"{row['categorical_batched'] / row['categorical_one_by_one']:.2f}x")
+        print(f"  generative (ARC-Easy prompts, greedy, {args.gen_tokens} tokens): batched (8) "
+              f"{row['generative_batched']:.2f} ex/s, one-by-one {row['generative_one_by_one']:.2f} ex/s, ratio "
+              f"{row['generative_batched'] / row['generative_one_by_one']:.2f}x")
         if "bpb_sharded" in row:
             print(f"  CPU shards: CORE one-by-one {row['core_one_by_one']:.2f} against "
                   f"{row['core_one_by_one_one_shard']:.2f} ex/s one shard "

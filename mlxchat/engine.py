@@ -99,7 +99,11 @@ class FixedKVCache:
     write position as an array, so every step has the same shapes and the same graph, which
     `mx.compile` traces once per generation. Its mask is the written prefix (`KeyPrefix`): on CUDA
     one kernel reads only that prefix; elsewhere the price is attending over the whole buffer (the
-    prompt plus `max_tokens`), with the positions not yet written masked out."""
+    prompt plus `max_tokens`), with the positions not yet written masked out.
+
+    The offset is one position for every row, or one per row (B,) where the rows continue prompts
+    of different lengths (`generate_prompts`): each row then writes at its own position (a scatter
+    instead of a slice update), rotates its query at it and sees its own prefix."""
 
     def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
         self.keys, self.values, self.offset = keys, values, offset
@@ -108,9 +112,14 @@ class FixedKVCache:
         return KeyPrefix(self.offset + T)  # one query: T is 1 here
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        start = self.offset.reshape(1)
-        self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
-        self.values = mx.slice_update(self.values, values, start, axes=(2,))
+        if self.offset.ndim == 0:
+            start = self.offset.reshape(1)
+            self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
+            self.values = mx.slice_update(self.values, values, start, axes=(2,))
+        else:
+            at = mx.broadcast_to(self.offset.reshape(-1, 1, 1, 1), keys.shape)
+            self.keys = mx.put_along_axis(self.keys, at, keys, axis=2)
+            self.values = mx.put_along_axis(self.values, at, values, axis=2)
         self.offset = self.offset + keys.shape[2]
         return self.keys, self.values
 
@@ -188,10 +197,47 @@ def generate(
         for layer in cache:
             layer.repeat_batch(num_samples)
         logits = mx.repeat(logits, num_samples, axis=0)
-    rows = [_Row(list(tokens)) for _ in range(num_samples)]
-    stop = set(stop_tokens)
     decode = (_compiled_decode if compiled and isinstance(model, nn.Module) else _eager_decode)(
         model, cache, temperature, top_k)
+    rows = [_Row(list(tokens)) for _ in range(num_samples)]
+    yield from _decode_rows(decode, logits, rows, max_tokens, temperature, top_k, seed, stop_tokens, tool, with_forced)
+
+
+def generate_prompts(model: nn.Module, prompts: list[list[int]], max_tokens: int, stop_tokens: Sequence[int] = (),
+                     tool: Tool | None = None, with_forced: bool = False) -> Iterator[list[int]]:
+    """`generate` of several prompts at once, greedy, one row each: per step, the next token of
+    every row (with `with_forced`, a pair as `generate`'s). Each row is what `generate` gives its
+    prompt alone at temperature 0, up to the rounding of batched matmuls.
+
+    Why: on the CPU and on a GPU alike a decode step costs nearly the same for one row as for
+    eight (its time is launches and weight reads), so greedy evaluations that decode one prompt
+    at a time (ChatCORE's generative tasks) leave most of it unused. Each prompt is prefilled
+    alone, as `generate` does, and its keys and values copied into its row of one buffer; the
+    compiled decode step then runs with an offset per row (`FixedKVCache`)."""
+    if not prompts:
+        raise MlxchatError("generate_prompts needs at least one prompt")
+    for tokens in prompts:
+        _check_arguments(tokens, max_tokens, 0.0, None, 1)
+    cache = make_cache(model, len(prompts), max(len(t) for t in prompts) + max_tokens)
+    logits = []
+    for i, tokens in enumerate(prompts):
+        alone = make_cache(model, 1, len(tokens))
+        logits.append(_prefill_logits(model, tokens, alone))
+        for layer, own in zip(cache, alone):
+            layer.keys[i : i + 1, :, : len(tokens)] = own.keys[:, :, : len(tokens)]
+            layer.values[i : i + 1, :, : len(tokens)] = own.values[:, :, : len(tokens)]
+    for layer in cache:
+        layer.offset = [len(t) for t in prompts]
+    decode = _compiled_decode(model, cache, 0.0, None)
+    rows = [_Row(list(tokens)) for tokens in prompts]
+    yield from _decode_rows(decode, mx.concatenate(logits), rows, max_tokens, 0.0, None, 0, stop_tokens, tool, with_forced)
+
+
+def _decode_rows(decode: "Decode", logits: mx.array, rows: list["_Row"], max_tokens: int, temperature: float,
+                 top_k: int | None, seed: int, stop_tokens: Sequence[int], tool: Tool | None,
+                 with_forced: bool) -> Iterator[list[int]]:
+    """The decode loop of `generate` and `generate_prompts`, from the prefilled logits (B, V)."""
+    stop = set(stop_tokens)
     sampled, key = _sample(logits, mx.random.key(seed), temperature, top_k)
     for step in range(max_tokens):
         # Without a tool every row's next input is its sampled token, so from the second token on
@@ -280,12 +326,26 @@ def generate_batch(model, tokens: list[int], max_tokens: int, return_masks: bool
     Takes `generate`'s keyword arguments. With `return_masks`, also each row's mask as
     nanochat's engine returns it: 1 for a sampled token, 0 for one the tool forced (RL trains
     only on what the model chose)."""
-    stop = set(kwargs.get("stop_tokens", ()))
-    num_samples = kwargs.get("num_samples", 1)
-    results: list[list[int]] = [[] for _ in range(num_samples)]
-    masks: list[list[int]] = [[] for _ in range(num_samples)]
-    finished = [False] * num_samples
-    for column, forced in generate(model, tokens, max_tokens, with_forced=True, **kwargs):
+    columns = generate(model, tokens, max_tokens, with_forced=True, **kwargs)
+    return _cut_at_stop(columns, kwargs.get("num_samples", 1), set(kwargs.get("stop_tokens", ())), return_masks)
+
+
+def complete_prompts(model: nn.Module, prompts: list[list[int]], max_tokens: int, stop_tokens: Sequence[int] = (),
+                     tool: Tool | None = None) -> list[list[int]]:
+    """Each prompt's greedy continuation (prompt excluded), cut before its first stop token:
+    `generate_batch(model, prompt, max_tokens, temperature=0.0, ...)` for each prompt, decoded
+    together (`generate_prompts`)."""
+    columns = generate_prompts(model, prompts, max_tokens, stop_tokens, tool, with_forced=True)
+    return _cut_at_stop(columns, len(prompts), set(stop_tokens), False)
+
+
+def _cut_at_stop(columns, rows: int, stop: set[int], return_masks: bool):
+    """Each row's tokens from `(column, forced)` steps up to its first stop token, and with
+    `return_masks` their masks (1 sampled, 0 forced)."""
+    results: list[list[int]] = [[] for _ in range(rows)]
+    masks: list[list[int]] = [[] for _ in range(rows)]
+    finished = [False] * rows
+    for column, forced in columns:
         for i, token in enumerate(column):
             if finished[i]:
                 continue

@@ -241,8 +241,9 @@ def _qkv_vjp(primals, cotangents, outputs):
 
 @dataclass(frozen=True)
 class KeyPrefix:
-    """An attention mask that shows every query the first `length` keys (an int32 array) and no
-    others: the compiled decode step's, over a whole cache buffer of which only a prefix is written."""
+    """An attention mask that shows every query the first `length` keys (an int32 array: one length,
+    or one per row) and no others: the compiled decode step's, over a whole cache buffer of which
+    only a prefix is written."""
 
     length: mx.array
 
@@ -258,9 +259,9 @@ def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Any) -> mx
     if cpu_attention.runs_for(q, k, mask):
         return cpu_attention.causal(q, k, v, scale)
     if isinstance(mask, KeyPrefix):
-        if cuda_kernels.available() and cuda_kernels.decode_attention_fits(q, k):
+        if mask.length.ndim == 0 and cuda_kernels.available() and cuda_kernels.decode_attention_fits(q, k):
             return cuda_kernels.decode_attention(q, k, v, mask.length, scale)
-        mask = mx.arange(k.shape[2]) < mask.length
+        mask = mx.arange(k.shape[2]) < mask.length.reshape(-1, 1, 1, 1)  # one length, or one a row
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 

@@ -195,6 +195,18 @@ def test_generative_greedy_defaults_and_max_problems(model, tokenizer):
     assert result.answers[0] == [tokenizer.decode(greedy)]
 
 
+def test_greedy_problems_decoded_together_equal_one_at_a_time(model, tokenizer):
+    """batch_size > 1 decodes greedy problems side by side (`engine.complete_prompts`; 7 prompts of
+    different lengths in batches of 3, 3 and 1): the same completions and outcomes as one at a time."""
+    answers = [a[0] for a in run_generative_eval(TargetTask(["?"] * 7), model, tokenizer, max_new_tokens=8).answers]
+    assert len(set(answers)) > 1, "the model should not be degenerate"
+    targets = [a if i % 2 == 0 else "never produced" for i, a in enumerate(answers)]
+    one = run_generative_eval(TargetTask(targets), model, tokenizer, max_new_tokens=8, batch_size=1)
+    together = run_generative_eval(TargetTask(targets), model, tokenizer, max_new_tokens=8, batch_size=3)
+    assert together.answers == one.answers and [a[0] for a in one.answers] == answers
+    assert together.outcomes == one.outcomes and (together.passed, together.total) == (4, 7)
+
+
 def test_generative_passes_the_tool_to_the_engine(model, tokenizer):
     """A tool that forces the tokens of 'ok' after the first sampled token shows up in the
     completion the task sees."""

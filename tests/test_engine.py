@@ -7,7 +7,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxchat import engine
 from mlxchat.common import MlxchatError
-from mlxchat.engine import KVCache, generate, generate_batch, make_cache, render_samples_markdown, sample_prompts
+from mlxchat.engine import KVCache, complete_prompts, generate, generate_batch, make_cache, render_samples_markdown, sample_prompts
 from mlxchat.gpt import GPT, GPTConfig
 
 TINY = GPTConfig(sequence_len=128, vocab_size=256, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
@@ -166,6 +166,35 @@ def test_tool_forces_tokens_into_the_row_and_the_cache(model):
     assert out[: len(head) + 3] == head + forced
     resumed = full_forward_greedy(model, PROMPT + head + forced, 12 - len(head) - 3)
     assert out[len(head) + 3 :] == resumed
+
+
+@pytest.fixture(scope="module")
+def sharp_model(model):
+    """The tiny model with a head 20× larger: its greedy choices have margins far above the
+    rounding by which a batched matmul differs from a single row's."""
+    sharp = GPT(TINY)
+    sharp.update(tree_unflatten(tree_flatten(model.parameters())))
+    sharp.lm_head.weight = model.lm_head.weight * 20
+    mx.eval(sharp.parameters())
+    return sharp
+
+
+def test_prompts_decoded_together_continue_as_each_alone(sharp_model):
+    """`complete_prompts`: prompts of different lengths in one batch, each row writing, rotating and
+    attending at its own position, give each prompt's greedy continuation alone; a tool's forced
+    tokens and the stop tokens act on their own row."""
+    prompts = [PROMPT, [5], PROMPT[:3] + [9] * 8, [200, 3]]
+    alone = [generate_batch(sharp_model, p, 10, temperature=0.0)[0] for p in prompts]
+    assert len({tuple(a) for a in alone}) == len(prompts)  # rows that differ: a mixed-up row would show
+    assert complete_prompts(sharp_model, prompts, 10) == alone
+    trigger, forced, stop = alone[0][2], [200, 201, 202], alone[1][4]
+
+    def tool(tokens):
+        return forced if tokens[-1] == trigger and forced[1] not in tokens else []
+
+    alone = [generate_batch(sharp_model, p, 10, temperature=0.0, tool=tool, stop_tokens=(stop,))[0] for p in prompts]
+    assert forced[1] in alone[0] and len(alone[1]) == 4  # the tool fired in row 0, row 1 stopped early
+    assert complete_prompts(sharp_model, prompts, 10, stop_tokens=(stop,), tool=tool) == alone
 
 
 def test_bad_arguments_are_one_line_errors(model):

@@ -32,11 +32,12 @@ import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from mlxchat.common import MlxchatError
 from mlxchat.distributed import my_share, sum_over_ranks
-from mlxchat.engine import Tool, generate_batch
+from mlxchat.engine import Tool, complete_prompts, generate_batch
 from mlxchat.evaluation.sandbox import run_program
 
 # nanochat's chat_eval: the tasks ChatCORE averages and their chance-level accuracy.
@@ -137,50 +138,54 @@ def run_generative_eval(
     max_problems: int | None = None,
     tool: Tool | None = None,
     seed: int = 42,
+    batch_size: int = 1,
 ) -> TaskResult:
     """Sample `num_samples` completions per problem; solved if any passes `task.evaluate`.
 
     Defaults are nanochat's chat_eval ones (greedy, 512 new tokens, top_k 50, one sample).
     `tool` is the calculator (`mlxchat.calculator.calculator_tool`): nanochat's engine runs
     it in every generation, so it is passed for every generative task, not only GSM8K.
+    Greedy single samples (the default) decode `batch_size` problems together
+    (`engine.complete_prompts`): each the same completion as alone, up to the rounding of
+    batched matmuls. Sampling stays one problem at a time: its draws are seeded per problem.
     """
     n = _num_problems(task, max_problems)
     stop = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_id)
     result = TaskResult()
-    for i in my_share(n):
-        conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        rows = generate_batch(
-            model,
-            prompt,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            seed=seed,
-            num_samples=num_samples,
-            stop_tokens=stop,
-            tool=tool,
-        )
-        completions = [tokenizer.decode(row) for row in rows]
-        outcomes = [bool(task.evaluate(conversation, c)) for c in completions]
-        result.add(completions, any(outcomes))
+    mine = my_share(n)
+    together = batch_size if temperature == 0.0 and num_samples == 1 and isinstance(model, nn.Module) else 1
+    for start in range(0, len(mine), together):
+        conversations = [task[i] for i in mine[start : start + together]]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        if together > 1:
+            rows_per_problem = [[row] for row in complete_prompts(model, prompts, max_new_tokens, stop, tool)]
+        else:
+            rows_per_problem = [generate_batch(model, prompts[0], max_new_tokens, temperature=temperature, top_k=top_k,
+                                               seed=seed, num_samples=num_samples, stop_tokens=stop, tool=tool)]
+        for conversation, rows in zip(conversations, rows_per_problem):
+            completions = [tokenizer.decode(row) for row in rows]
+            outcomes = [bool(task.evaluate(conversation, c)) for c in completions]
+            result.add(completions, any(outcomes))
     return result.over_ranks()
 
 
-def run_task_eval(task, model, tokenizer, batch_size: int = 8, **generative) -> TaskResult:
-    """Dispatch on the task's `eval_type`; `generative` holds run_generative_eval's options
-    (max_problems applies to both)."""
+def run_task_eval(task, model, tokenizer, batch_size: int = 8, decode_batch: int = 8, **generative) -> TaskResult:
+    """Dispatch on the task's `eval_type`: categorical tasks take `batch_size` prompts a forward,
+    generative ones decode `decode_batch` greedy problems together; `generative` holds
+    run_generative_eval's options (max_problems applies to both)."""
     if task.eval_type == "categorical":
         return run_categorical_eval(task, model, tokenizer, batch_size, generative.get("max_problems"))
     if task.eval_type == "generative":
-        return run_generative_eval(task, model, tokenizer, **generative)
+        return run_generative_eval(task, model, tokenizer, batch_size=decode_batch, **generative)
     raise MlxchatError(f"task {type(task).__name__} has eval_type {task.eval_type!r}; expected categorical or generative")
 
 
-def evaluate_chat(tasks: dict, model, tokenizer, batch_size: int = 8, **generative) -> dict[str, TaskResult]:
+def evaluate_chat(tasks: dict, model, tokenizer, batch_size: int = 8, decode_batch: int = 8,
+                  **generative) -> dict[str, TaskResult]:
     """Every task of `tasks` (name -> task), in order, as nanochat's chat_eval runs them.
     ChatCORE follows from the accuracies once all six tasks are there (`chatcore`)."""
-    return {name: run_task_eval(task, model, tokenizer, batch_size, **generative) for name, task in tasks.items()}
+    return {name: run_task_eval(task, model, tokenizer, batch_size, decode_batch, **generative)
+            for name, task in tasks.items()}
 
 
 def centered_accuracy(task_name: str, accuracy: float) -> float:
@@ -279,11 +284,11 @@ def score_chat(model, tok, max_per_task: int = -1, max_new_tokens: int = 512, ba
     from mlxchat.evaluation import eval_batching
 
     tasks, skipped = chat_tasks(root)
-    batch_size = batch_size or eval_batching()[1]
+    _, categorical_rows, decode_rows = eval_batching()
     t0 = time.time()
     limit = max_per_task if max_per_task > 0 else None
-    outcome = evaluate_chat(tasks, model, tok, batch_size, max_problems=limit, max_new_tokens=max_new_tokens,
-                            tool=calculator_tool(tok))
+    outcome = evaluate_chat(tasks, model, tok, batch_size or categorical_rows, decode_rows, max_problems=limit,
+                            max_new_tokens=max_new_tokens, tool=calculator_tool(tok))
     results = {name: r.accuracy for name, r in outcome.items()}
     return {
         "max_per_task": max_per_task, "results": results, "problems": {name: r.total for name, r in outcome.items()},
