@@ -11,6 +11,10 @@ queued on the device before the current tokens are read back, so the host's per-
 (sampling bookkeeping, stop checks, the caller's) overlaps the model's; each decode step, the
 forward and the sampling, is one compiled function over a fixed-size cache.
 
+Greedy continuations of several prompts decode together (`generate_prompts`, ChatCORE's
+generative tasks): each prompt is prefilled alone, and each row then writes, rotates and attends
+at its own position.
+
 Tool use (nanochat's calculator) plugs in through `tool`: after each sampled token it sees the
 row's tokens so far and returns tokens to force into that row next (e.g. `<|output_start|>`,
 the result, `<|output_end|>`); forced tokens go through the model like sampled ones, so the
@@ -216,6 +220,8 @@ def generate_prompts(model: nn.Module, prompts: list[list[int]], max_tokens: int
     compiled decode step then runs with an offset per row (`FixedKVCache`)."""
     if not prompts:
         raise MlxchatError("generate_prompts needs at least one prompt")
+    if not isinstance(model, nn.Module):
+        raise MlxchatError("generate_prompts decodes an mlx.nn model (a GPT); decode any other one prompt at a time (generate)")
     for tokens in prompts:
         _check_arguments(tokens, max_tokens, 0.0, None, 1)
     cache = make_cache(model, len(prompts), max(len(t) for t in prompts) + max_tokens)

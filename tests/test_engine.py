@@ -202,6 +202,12 @@ def test_bad_arguments_are_one_line_errors(model):
         next(generate(model, PROMPT, 4, temperature=-1.0))
     with pytest.raises(MlxchatError, match="non-empty"):
         next(generate(model, [], 4))
+    with pytest.raises(MlxchatError, match="at least one prompt"):
+        complete_prompts(model, [], 4)
+    with pytest.raises(MlxchatError, match="non-empty"):
+        complete_prompts(model, [PROMPT, []], 4)
+    with pytest.raises(MlxchatError, match="one prompt at a time"):
+        complete_prompts(lambda idx, cache=None: idx, [PROMPT], 4)
 
 
 class _ByteTokenizer:

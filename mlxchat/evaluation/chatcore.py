@@ -15,7 +15,9 @@ the last message being the assistant's reference answer; categorical tasks add
   lm_head (`model.hidden`, then `model.logits`).
 - generative (GSM8K, HumanEval, SpellingBee): `num_samples` completions per problem through
   the engine, stopped at <|assistant_end|> or <|bos|>, optionally with the calculator
-  tool; a problem counts as solved if any sample is correct (pass@k).
+  tool; a problem counts as solved if any sample is correct (pass@k). Greedy single samples (the
+  default) decode several problems together (`engine.complete_prompts`): the same completions
+  as one at a time, up to the rounding of batched matmuls, in a fraction of the steps.
 
 Data-parallel ranks take every world-th problem and add up their counts; sampling is seeded
 per problem and answers do not depend on the batch, so the split changes no outcome.
