@@ -12,12 +12,17 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_memory_breakdown_runs_every_part(tmp_path):
-    out = tmp_path / "rows.json"
-    subprocess.run([sys.executable, str(REPO / "bench" / "memory_breakdown.py"), "--depth", "1", "--batch", "1",
-                    "--seq-len", "64", "--vocab", "256", "--dtype", "float32", "--reps", "1", "--json", str(out)],
+def run_bench(tmp_path, script: str, *args: str) -> dict:
+    """bench/<script> run with `args` and `--json`: the report it writes."""
+    out = tmp_path / "report.json"
+    subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--json", str(out)],
                    check=True, capture_output=True, text=True, timeout=600)
-    rows = json.loads(out.read_text())["rows"]
+    return json.loads(out.read_text())
+
+
+def test_memory_breakdown_runs_every_part(tmp_path):
+    rows = run_bench(tmp_path, "memory_breakdown.py", "--depth", "1", "--batch", "1", "--seq-len", "64", "--vocab", "256",
+                     "--dtype", "float32", "--reps", "1")["rows"]
     assert len(rows) >= 10
     assert [r["part"] for r in rows if r["error"]] == []
 
@@ -37,11 +42,8 @@ def test_sft_steady_state_drops_the_compiling_steps_on_both_sides():
 
 
 def test_attention_backward_times_both_masks_at_a_tiny_size(tmp_path):
-    out = tmp_path / "attention.json"
-    subprocess.run([sys.executable, str(REPO / "bench" / "attention_backward.py"), "--batch", "1", "--heads", "2",
-                    "--seq-len", "128", "--head-dim", "32", "--reps", "1", "--json", str(out)],
-                   check=True, capture_output=True, text=True, timeout=600)
-    rows = json.loads(out.read_text())["results"]
+    rows = run_bench(tmp_path, "attention_backward.py", "--batch", "1", "--heads", "2", "--seq-len", "128",
+                     "--head-dim", "32", "--reps", "1")["results"]
     for name in ("mlx causal", "mlx bias"):
         assert rows[name]["forward_backward_ms"] > 0 and rows[name]["forward_ms"] > 0
     assert "error" in rows["torch cudnn"] or rows["torch cudnn"]["backward_ms"] != 0
@@ -49,11 +51,8 @@ def test_attention_backward_times_both_masks_at_a_tiny_size(tmp_path):
 
 
 def test_attention_backward_times_the_cpus_attention_in_float32(tmp_path):
-    out = tmp_path / "attention.json"
-    subprocess.run([sys.executable, str(REPO / "bench" / "attention_backward.py"), "--batch", "1", "--heads", "2",
-                    "--seq-len", "64", "--head-dim", "32", "--reps", "1", "--dtype", "float32", "--json", str(out)],
-                   check=True, capture_output=True, text=True, timeout=600)
-    rows = json.loads(out.read_text())["results"]
+    rows = run_bench(tmp_path, "attention_backward.py", "--batch", "1", "--heads", "2", "--seq-len", "64",
+                     "--head-dim", "32", "--reps", "1", "--dtype", "float32")["results"]
     assert rows["ours cpu"]["forward_backward_ms"] > 0 and rows["mlx causal / ours"]["forward_ms"] > 0
 
 
