@@ -239,7 +239,7 @@ def generate_prompts(model: nn.Module, prompts: list[list[int]], max_tokens: int
     yield from _decode_rows(decode, mx.concatenate(logits), rows, max_tokens, 0.0, None, 0, stop_tokens, tool, with_forced)
 
 
-def _decode_rows(decode: "Decode", logits: mx.array, rows: list["_Row"], max_tokens: int, temperature: float,
+def _decode_rows(decode: Decode, logits: mx.array, rows: list[_Row], max_tokens: int, temperature: float,
                  top_k: int | None, seed: int, stop_tokens: Sequence[int], tool: Tool | None,
                  with_forced: bool) -> Iterator[list[int]]:
     """The decode loop of `generate` and `generate_prompts`, from the prefilled logits (B, V)."""

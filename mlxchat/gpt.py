@@ -639,8 +639,8 @@ def _loss_sum_with_gradient(chunk: int, kernel: str):
 def _softcap_softmax_gradient(p: mx.array, t: mx.array, targets: mx.array, g: mx.array, dtype: mx.Dtype) -> mx.array:
     """d loss / d z = (softmax − onehot(targets))·g[row]·(1 − tanh²), given the softmax p of the
     softcapped logits and t = tanh(z / SOFTCAP) (d softcap(z)/dz = 1 − t²), in `dtype`."""
-    onehot = mx.arange(p.shape[-1])[None, :] == targets[:, None]
-    return ((p - onehot) * g[:, None] * (1 - t * t)).astype(dtype)
+    onehot = mx.arange(p.shape[-1]) == targets[..., None]
+    return ((p - onehot) * g[..., None] * (1 - t * t)).astype(dtype)
 
 
 @mx.compile
@@ -690,11 +690,12 @@ def _portable_losses(z: mx.array, targets: mx.array) -> mx.array:
 def _portable_dlogits(z: mx.array, targets: mx.array, cotangent: mx.array, losses: mx.array) -> mx.array:
     """d loss / d z for one chunk in one elementwise pass over z, with `_portable_losses`'s
     arithmetic tanh and exp: the forward's loss gives the log-sum-exp back (as `_fused_dlogits`),
-    so the softmax needs no reduction. Ignored rows get lse = +inf, i.e. a zero gradient."""
+    so the softmax needs no reduction. Ignored rows get lse = +inf, i.e. a zero gradient. Any
+    leading shape (rows, or CORE's and RL's batch × positions)."""
     valid = targets >= 0
     safe = mx.where(valid, targets, 0)
-    picked = arithmetic.tanh(mx.take_along_axis(z, safe[:, None], axis=-1).astype(mx.float32), 1 / SOFTCAP)
-    lse = mx.where(valid[:, None], losses[:, None] + SOFTCAP * picked, mx.inf)
+    picked = arithmetic.tanh(mx.take_along_axis(z, safe[..., None], axis=-1).astype(mx.float32), 1 / SOFTCAP)
+    lse = mx.where(valid[..., None], losses[..., None] + SOFTCAP * picked, mx.inf)
     t = arithmetic.tanh(z.astype(mx.float32), 1 / SOFTCAP)
     p = arithmetic.exp(t, SOFTCAP) * mx.exp(-lse)
     g = mx.where(valid, cotangent, 0.0).astype(mx.float32)
@@ -711,9 +712,7 @@ def _portable_token_losses(z: mx.array, targets: mx.array) -> mx.array:
 @_portable_token_losses.vjp
 def _portable_token_losses_vjp(primals, cotangent, output):
     z, targets = primals
-    rows = (-1, z.shape[-1])
-    dz = _portable_dlogits(z.reshape(rows), targets.reshape(-1), cotangent.reshape(-1), output.reshape(-1))
-    return dz.reshape(z.shape), mx.zeros_like(targets)
+    return _portable_dlogits(z, targets, cotangent, output), mx.zeros_like(targets)
 
 
 @mx.compile
